@@ -1,0 +1,170 @@
+// bernoulli_kl_div_with_logits: op schema + CPU kernel. One elementwise kernel family serves both the
+// sigmoid-Bernoulli KL (subtract_entropy=true) and binary_cross_entropy_with_logits (subtract_entropy=false,
+// optional pos_weight): they share the cross-entropy term and the gradient w.r.t. the input.
+//
+// With z = input / T, target probability p and log-weight lw = 1 + (pos_weight - 1) p, all from logits:
+//   BCE(z, p)         = (1 - p) z + lw * softplus(-z)                          (torch's own form)
+//   KL, p given       = BCE(z, p) + p log p + (1 - p) log(1 - p)                (0 log 0 = 0)
+//   KL, p = sig(u)    = (1 - p)(z - u) + softplus(-z) - softplus(-u)             (exactly 0 when z == u)
+//   dL/dz             = lw * sigmoid(z) - pos_weight * p
+// Every term is multiplied by the optional weight.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace kl_ext {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline Vec<T> softplus_neg(const Vec<T>& z, const Vec<T>& e_abs) {
+  // softplus(-z) = max(-z, 0) + log1p(exp(-|z|))
+  return at::vec::maximum(Vec<T>(T(0)) - z, Vec<T>(T(0))) + e_abs.log1p();
+}
+
+template <typename T>
+inline Vec<T> sigmoid_from(const Vec<T>& z, const Vec<T>& e_abs) {
+  // e_abs = exp(-|z|): sigmoid without overflow for either sign.
+  const Vec<T> one(T(1)), d = one / (one + e_abs);
+  return Vec<T>::blendv(e_abs * d, d, z >= Vec<T>(T(0)));
+}
+
+template <typename T>
+inline Vec<T> xlogx(const Vec<T>& p) {
+  return Vec<T>::blendv(Vec<T>(T(0)), p * p.log(), p > Vec<T>(T(0)));
+}
+
+template <typename scalar_t>
+void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w, int64_t w_numel,
+                        const at::opmath_type<scalar_t>* pw, int64_t pw_numel, at::opmath_type<scalar_t>* loss, bool elementwise, scalar_t* gx, scalar_t* gt, int64_t N,
+                        int64_t C, bool target_logits, double temperature, bool subtract_entropy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V_t = Vec<acc_t>;
+  constexpr int64_t L = V_t::size();
+  const int64_t np = (C + L - 1) / L * L;
+  const acc_t inv_t = acc_t(1.0 / temperature);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    // Staging: z, target (p or u), weight, pos_weight, loss, gx, gt rows in acc_t.
+    std::vector<acc_t> buf(7 * np, acc_t(0));
+    acc_t *zb = buf.data(), *tb = zb + np, *wb = tb + np, *pwb = wb + np, *lb = pwb + np, *gxb = lb + np,
+          *gtb = gxb + np;
+    auto load = [&](const scalar_t* src, acc_t* dst) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(src, src + C, dst);
+      else at::vec::convert(src, dst, C);
+    };
+    auto load_factor = [&](const acc_t* f, int64_t numel, int64_t r, acc_t* dst) {
+      const acc_t* src = f + (numel == C ? 0 : r * C);
+      std::copy(src, src + C, dst);
+    };
+    if (w == nullptr) std::fill(wb, wb + np, acc_t(1));
+    if (pw == nullptr) std::fill(pwb, pwb + np, acc_t(1));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * C;
+      load(x + off, zb);
+      load(t + off, tb);
+      if (w != nullptr && (w_numel != C || r == begin)) load_factor(w, w_numel, r, wb);
+      if (pw != nullptr && (pw_numel != C || r == begin)) load_factor(pw, pw_numel, r, pwb);
+      V_t vsum(0);
+      for (int64_t i = 0; i < np; i += L) {
+        const V_t z = V_t::loadu(zb + i) * V_t(inv_t), wv = V_t::loadu(wb + i), pwv = V_t::loadu(pwb + i);
+        const V_t ez = (V_t(0) - z.abs()).exp();
+        const V_t spz = softplus_neg(z, ez);
+        V_t p, l, u, spu;
+        if (target_logits) {
+          u = V_t::loadu(tb + i) * V_t(inv_t);
+          const V_t eu = (V_t(0) - u.abs()).exp();
+          p = sigmoid_from(u, eu);
+          spu = softplus_neg(u, eu);
+          l = (V_t(1) - p) * (z - u) + spz - spu;
+        } else {
+          p = V_t::loadu(tb + i);
+          const V_t lw = V_t(1) + (pwv - V_t(1)) * p;
+          l = (V_t(1) - p) * z + lw * spz;
+          if (subtract_entropy) l = l + xlogx(p) + xlogx(V_t(1) - p);
+        }
+        l = l * wv;
+        if (i + L > C) l = V_t::set(V_t(0), l, C - i);  // keep the padding out of the row sum
+        vsum += l;
+        if (elementwise) l.store(lb + i);
+        if (gx != nullptr) {
+          const V_t lw = V_t(1) + (pwv - V_t(1)) * p;
+          (wv * (lw * sigmoid_from(z, ez) - pwv * p) * V_t(inv_t)).store(gxb + i);
+        }
+        if (gt != nullptr) {
+          V_t g;
+          if (target_logits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
+          else if (subtract_entropy) g = p.log() - (V_t(1) - p).log() - z;
+          else g = (pwv - V_t(1)) * spz - z;
+          (wv * g).store(gtb + i);
+        }
+      }
+      if (elementwise) std::copy(lb, lb + C, loss + off);
+      else loss[r] = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return a + b; }, vsum);
+      auto store = [&](const acc_t* src, scalar_t* dst) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(src, src + C, dst);
+        else at::vec::convert(src, dst, C);
+      };
+      if (gx != nullptr) store(gxb, gx + off);
+      if (gt != nullptr) store(gtb, gt + off);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type, double temperature,
+    bool subtract_entropy, bool elementwise, bool grad_input, bool grad_target) {
+  check_rows(input, target);
+  check_factor(weight, input, "weight");
+  check_factor(pos_weight, input, "pos_weight");
+  const TargetType tt = parse_target_type(std::string(target_type));
+  TORCH_CHECK(tt != TargetType::LogProbs, "kl_ext: Bernoulli targets are 'probs' or 'logits'");
+  TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
+  TORCH_CHECK(!(pos_weight.has_value() && (subtract_entropy || tt == TargetType::Logits)),
+              "kl_ext: pos_weight is only defined for binary cross-entropy with probability targets");
+  const int64_t N = input.size(0), C = input.size(1);
+  const auto acc = input.options().dtype(acc_type(input.scalar_type()));
+  at::Tensor loss = elementwise ? at::empty({N, C}, acc) : at::empty({N}, acc);
+  at::Tensor gx = grad_input ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor gt = grad_target ? at::empty_like(target) : at::empty({0}, target.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bernoulli_rows_cpu<scalar_t>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+        weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, weight.has_value() ? weight->numel() : 0,
+        pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
+        pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,
+        grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr,
+        N, C, tt == TargetType::Logits, temperature, subtract_entropy);
+  });
+  return {loss, gx, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
+  // Elementwise (rows, C) loss (accumulation dtype) when `elementwise`, else per-row sums (rows,); gradients of the summed
+  // loss w.r.t. input / target when asked (empty otherwise). weight / pos_weight: accumulation dtype, per class or per
+  // element. subtract_entropy=false is binary cross-entropy with logits.
+  m.def(
+      "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
+      "bool grad_target) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kl_ext, CPU, m) {
+  m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_kl_div_with_logits_fwd_cpu);
+}
+
+}  // namespace kl_ext

@@ -1,0 +1,49 @@
+// Shared by the CPU and CUDA implementations: option parsing and the checks every kernel relies on.
+// User-facing validation (with messages that say what to do) happens once, in kl_ext/_validation.py;
+// these TORCH_CHECKs only guard direct calls to the raw ops.
+#pragma once
+#include <ATen/ATen.h>
+#include <string>
+
+namespace kl_ext {
+
+enum class TargetType { Logits, LogProbs, Probs };
+enum class Direction { Forward, Reverse };
+
+inline TargetType parse_target_type(const std::string& s) {
+  if (s == "logits") return TargetType::Logits;
+  if (s == "log_probs") return TargetType::LogProbs;
+  if (s == "probs") return TargetType::Probs;
+  TORCH_CHECK(false, "kl_ext: target_type must be 'logits', 'log_probs' or 'probs', got '", s, "'");
+}
+
+inline Direction parse_direction(const std::string& s) {
+  if (s == "forward") return Direction::Forward;
+  if (s == "reverse") return Direction::Reverse;
+  TORCH_CHECK(false, "kl_ext: direction must be 'forward' or 'reverse', got '", s, "'");
+}
+
+// Raw ops take 2-D contiguous (rows, classes) tensors; the Python layer flattens leading dims.
+inline void check_rows(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "kl_ext: input must be 2-D contiguous");
+  TORCH_CHECK(target.sizes() == input.sizes() && target.is_contiguous(),
+              "kl_ext: target must be contiguous with the input's shape");
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "kl_ext: input and target dtypes differ");
+  TORCH_CHECK(target.device() == input.device(), "kl_ext: input and target are on different devices");
+}
+
+// Losses, weights and gradient scales are in the accumulation dtype: float64 for float64 inputs (so the
+// float64 gradcheck sees float64 losses), float32 otherwise.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Optional per-class (numel == classes) or per-element (numel == rows*classes) factor in acc_type.
+inline void check_factor(const c10::optional<at::Tensor>& f, const at::Tensor& input, const char* name) {
+  if (!f.has_value()) return;
+  TORCH_CHECK(f->scalar_type() == acc_type(input.scalar_type()) && f->is_contiguous() &&
+                  f->device() == input.device(),
+              "kl_ext: ", name, " must be a contiguous tensor of the accumulation dtype on the input's device");
+  TORCH_CHECK(f->numel() == input.size(1) || f->numel() == input.numel(),
+              "kl_ext: ", name, " must have one value per class or per element");
+}
+
+}  // namespace kl_ext

@@ -1,0 +1,14 @@
+"""kl_ext: fused KL-divergence losses for PyTorch (CPU C++, CUDA and Triton kernels).
+
+Importing kl_ext needs no GPU: the native extension registers its ops on first use, Triton is imported
+only when the triton backend is chosen.
+"""
+from kl_ext._backends import available_backends
+from kl_ext.functional import (BCEWithLogitsFunction, BernoulliKLDivWithLogitsFunction, KLDivWithLogitsFunction,
+                               bernoulli_kl_div_with_logits, binary_cross_entropy_with_logits, kl_div_with_logits)
+from kl_ext.modules import BCEWithLogitsLoss, BernoulliKLDivWithLogitsLoss, KLDivWithLogitsLoss
+
+__version__ = "0.1.0"
+__all__ = ["kl_div_with_logits", "KLDivWithLogitsLoss", "KLDivWithLogitsFunction",
+           "bernoulli_kl_div_with_logits", "BernoulliKLDivWithLogitsLoss", "BernoulliKLDivWithLogitsFunction",
+           "binary_cross_entropy_with_logits", "BCEWithLogitsLoss", "BCEWithLogitsFunction", "available_backends"]

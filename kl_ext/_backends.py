@@ -1,0 +1,102 @@
+"""Backend choice: the one place that decides which implementation runs.
+
+Nothing here touches the GPU or imports Triton at kl_ext import time; probes run on first use.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+ENV_VAR = "KL_EXT_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def native_loaded() -> bool:
+    """True when the compiled extension (kl_ext._C) imported and registered its ops."""
+    try:
+        import kl_ext._C  # noqa: F401
+    except ImportError:
+        return False
+    import kl_ext._fake  # noqa: F401  (fake kernels for the C++ ops, for torch.compile)
+    return True
+
+
+def _native_kernel(dispatch_key: str) -> bool:
+    return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "kl_ext::kl_div_with_logits_fwd", dispatch_key)
+
+
+def triton_interpret() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors; it is chosen by TRITON_INTERPRET=1 before import."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _usable(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether `backend` can run on tensors of `device`, and if not, why (said to the user)."""
+    cuda = device.type == "cuda"
+    if backend == "torch":
+        return True, ""
+    if backend == "cpu":
+        if not _native_kernel("CPU"):
+            return False, "the C++ extension is not built (reinstall with `pip install --no-build-isolation -e .`)"
+        return (not cuda), "the 'cpu' backend takes CPU tensors; use backend='cuda', 'triton' or 'auto'"
+    if backend == "cuda":
+        if not _native_kernel("CUDA"):
+            return False, ("the CUDA kernels are not built (needs a CUDA torch and nvcc at install time; "
+                           "see README 'Install')")
+        return cuda, "the 'cuda' backend takes CUDA tensors; use backend='cpu' or 'auto'"
+    if backend == "triton":
+        if not _triton_importable():
+            return False, "triton is not installed (pip install triton)"
+        if cuda or triton_interpret():
+            return True, ""
+        return False, "the 'triton' backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set)"
+    return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` (possibly "auto" or KL_EXT_BACKEND) on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kl_ext: backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"kl_ext: {ENV_VAR}={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        return next((b for b in order if _usable(b, device)[0]), "torch")
+    ok, why = _usable(backend, device)
+    if not ok:
+        raise RuntimeError(f"kl_ext: backend {backend!r} cannot run on {device.type} tensors here: {why}")
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine for some device (GPU probed here, lazily)."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return [b for b in BACKENDS[1:] if any(_usable(b, d)[0] for d in devices)]
+
+
+@functools.lru_cache(maxsize=None)
+def ops(backend: str) -> SimpleNamespace:
+    """The registered ops of a concrete kernel backend ("cpu", "cuda" or "triton")."""
+    if backend == "triton":
+        from kl_ext import triton_kernels  # noqa: F401  (registers torch.ops.kl_ext_triton)
+        ns = torch.ops.kl_ext_triton
+    else:
+        native_loaded()
+        ns = torch.ops.kl_ext
+    return SimpleNamespace(kl=ns.kl_div_with_logits_fwd, bernoulli=ns.bernoulli_kl_div_with_logits_fwd,
+                           scale_grad=ns.scale_grad)

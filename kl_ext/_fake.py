@@ -1,0 +1,30 @@
+"""Fake (meta) kernels for the C++ ops, so torch.compile and opcheck can trace them without running them."""
+import torch
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grads(input, target, grad_input, grad_target):
+    gi = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    return gi, gt
+
+
+@torch.library.register_fake("kl_ext::kl_div_with_logits_fwd")
+def _kl_fwd(input, target, mask, target_type, temperature, direction, grad_input, grad_target):
+    return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
+            *_grads(input, target, grad_input, grad_target))
+
+
+@torch.library.register_fake("kl_ext::bernoulli_kl_div_with_logits_fwd")
+def _bernoulli_fwd(input, target, weight, pos_weight, target_type, temperature, subtract_entropy, elementwise,
+                   grad_input, grad_target):
+    shape = input.shape if elementwise else (input.shape[0],)
+    return (input.new_empty(shape, dtype=_acc(input.dtype)), *_grads(input, target, grad_input, grad_target))
+
+
+@torch.library.register_fake("kl_ext::scale_grad")
+def _scale_grad(grad, scale):
+    return torch.empty_like(grad)

@@ -1,0 +1,175 @@
+"""Input checks, shared by every backend and run once, before any kernel.
+
+Shape/dtype/option checks never read tensor values (no host sync). The opt-in value checks
+(validate=True) do read values, and name the classic nn.KLDivLoss pitfalls in their messages.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+TARGET_TYPES = ("logits", "log_probs", "probs")
+BERNOULLI_TARGET_TYPES = ("probs", "logits")
+DIRECTIONS = ("forward", "reverse")
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+BCE_REDUCTIONS = ("none", "sum", "mean")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _option(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"kl_ext: {name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"kl_ext: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _floating(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"kl_ext: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}; "
+                        f"convert it with {name}.float()")
+
+
+def _temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"kl_ext: temperature must be a Python float, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"kl_ext: temperature must be a finite number > 0, got {temperature}")
+
+
+def _pair(input, target, what: str = "target") -> None:
+    _tensor("input", input)
+    _tensor(what, target)
+    _floating("input", input)
+    _floating(what, target)
+    if input.dim() == 0:
+        raise ValueError("kl_ext: input must have a class dimension (at least 1-D, classes last); "
+                         "for a single logit use shape (1,)")
+    if target.shape != input.shape:
+        raise ValueError(f"kl_ext: {what} shape {tuple(target.shape)} must equal input shape {tuple(input.shape)} "
+                         "(rows = leading dims, classes = last dim); broadcasting is not supported")
+    if target.device != input.device:
+        raise ValueError(f"kl_ext: input is on {input.device} but {what} is on {target.device}; "
+                         f"move them to one device, e.g. {what}.to(input.device)")
+    if target.dtype != input.dtype:
+        raise TypeError(f"kl_ext: input is {input.dtype} but {what} is {target.dtype}; "
+                        f"cast one of them, e.g. {what}.to(input.dtype)")
+
+
+def check_kl(input, target, mask, target_type, temperature, direction, reduction) -> None:
+    _option("target_type", target_type, TARGET_TYPES)
+    _option("direction", direction, DIRECTIONS)
+    _option("reduction", reduction, REDUCTIONS)
+    _temperature(temperature)
+    _pair(input, target)
+    if mask is not None:
+        _tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"kl_ext: mask must be a bool tensor (True = row counted), got {mask.dtype}; "
+                            "use mask.bool() or (labels != ignore_index)")
+        if mask.shape != input.shape[:-1]:
+            raise ValueError(f"kl_ext: mask shape {tuple(mask.shape)} must equal the input's leading shape "
+                             f"{tuple(input.shape[:-1])} (one value per row)")
+        if mask.device != input.device:
+            raise ValueError(f"kl_ext: mask is on {mask.device} but input is on {input.device}; "
+                             "use mask.to(input.device)")
+
+
+def _factor(name: str, f, input) -> None:
+    if f is None:
+        return
+    _tensor(name, f)
+    _floating(name, f)
+    if f.device != input.device:
+        raise ValueError(f"kl_ext: {name} is on {f.device} but input is on {input.device}; "
+                         f"use {name}.to(input.device)")
+    try:
+        torch.broadcast_shapes(f.shape, input.shape)
+    except RuntimeError:
+        raise ValueError(f"kl_ext: {name} shape {tuple(f.shape)} does not broadcast against input shape "
+                         f"{tuple(input.shape)}; give one value per class (shape ({input.shape[-1]},)) or per element")
+    if torch.broadcast_shapes(f.shape, input.shape) != input.shape:
+        raise ValueError(f"kl_ext: {name} shape {tuple(f.shape)} would enlarge the loss beyond input shape "
+                         f"{tuple(input.shape)}")
+    if f.requires_grad:
+        raise NotImplementedError(f"kl_ext: gradients w.r.t. {name} are not supported; pass {name}.detach()")
+
+
+def check_bernoulli(input, target, weight, target_type, temperature, reduction) -> None:
+    _option("target_type", target_type, BERNOULLI_TARGET_TYPES)
+    _option("reduction", reduction, REDUCTIONS)
+    _temperature(temperature)
+    _pair(input, target)
+    _factor("weight", weight, input)
+
+
+def check_bce(input, target, weight, pos_weight, reduction) -> None:
+    _option("reduction", reduction, BCE_REDUCTIONS)
+    _pair(input, target)
+    _factor("weight", weight, input)
+    _factor("pos_weight", pos_weight, input)
+
+
+# --- opt-in value checks (validate=True); these read values and may sync -------------------------------
+
+def _looks_like_probs(x: torch.Tensor) -> bool:
+    return bool(((x >= 0) & (x <= 1)).all())
+
+
+def _rows_sum_to_one(p: torch.Tensor, tol: float = 1e-2) -> bool:
+    return bool(((p.double().sum(-1) - 1).abs() <= tol).all())
+
+
+def validate_kl_values(input: torch.Tensor, target: torch.Tensor, target_type: str) -> None:
+    if input.numel() == 0:
+        return
+    if _looks_like_probs(input) and _rows_sum_to_one(input) and input.shape[-1] > 1:
+        raise ValueError("kl_ext: the input rows look like probabilities (in [0, 1], summing to 1). "
+                         "kl_div_with_logits takes the student's raw logits: pass the logits, not softmax(logits)")
+    if target_type == "probs":
+        if not _looks_like_probs(target):
+            if bool((target <= 0).all()):
+                raise ValueError("kl_ext: target_type='probs' but the target is <= 0 everywhere: it looks like "
+                                 "log-probabilities. Use target_type='log_probs' (the nn.KLDivLoss pitfall of "
+                                 "passing log-probs where probs belong, or forgetting log_target=True)")
+            raise ValueError("kl_ext: target_type='probs' but some target values are outside [0, 1]; "
+                             "if these are logits use target_type='logits'")
+        if not _rows_sum_to_one(target):
+            sums = target.double().sum(-1)
+            if bool((sums > 1 + 1e-2).any()):
+                raise ValueError("kl_ext: target rows sum to more than 1: these look like multi-label targets "
+                                 "(independent per-class probabilities). A softmax KL is the wrong loss for them: "
+                                 "use kl_ext.bernoulli_kl_div_with_logits. (If you meant an unnormalised "
+                                 "truncated teacher, call without validate=True.)")
+            raise ValueError("kl_ext: target rows do not sum to 1. If this is a truncated top-k teacher that is "
+                             "fine: call without validate=True; otherwise normalise the target")
+    elif target_type == "log_probs":
+        finite = target[torch.isfinite(target)]
+        if _looks_like_probs(target) and _rows_sum_to_one(target):
+            raise ValueError("kl_ext: target_type='log_probs' but the target rows look like probabilities "
+                             "(in [0, 1], summing to 1). Use target_type='probs' (with nn.KLDivLoss this mistake "
+                             "gives a negative 'KL')")
+        if bool((finite > 1e-4).any()) or not _rows_sum_to_one(target.double().exp()):
+            raise ValueError("kl_ext: target_type='log_probs' but exp(target) rows do not sum to 1; "
+                             "if these are raw logits use target_type='logits'")
+    elif target.shape[-1] > 1 and _looks_like_probs(target) and _rows_sum_to_one(target):
+        raise ValueError("kl_ext: target_type='logits' but the target rows look like probabilities; "
+                         "use target_type='probs' (softmax of probabilities is not the teacher you mean)")
+
+
+def validate_bernoulli_values(target: torch.Tensor, target_type: str) -> None:
+    if target_type == "probs" and target.numel() and not _looks_like_probs(target):
+        raise ValueError("kl_ext: Bernoulli targets with target_type='probs' must lie in [0, 1]; "
+                         "pass target_type='logits' for raw teacher logits")
+
+
+def needs_grad(x: Optional[torch.Tensor]) -> bool:
+    return x is not None and x.requires_grad and torch.is_grad_enabled()

@@ -1,0 +1,65 @@
+"""nn.Module wrappers: they only store settings and call the functional API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kl_ext import functional as F
+
+__all__ = ["KLDivWithLogitsLoss", "BernoulliKLDivWithLogitsLoss", "BCEWithLogitsLoss"]
+
+
+class KLDivWithLogitsLoss(nn.Module):
+    """Module form of kl_ext.kl_div_with_logits: forward(input, target, mask=None)."""
+
+    def __init__(self, target_type: str = "logits", temperature: float = 1.0, direction: str = "forward",
+                 reduction: str = "batchmean", backend: str = "auto", validate: bool = False):
+        super().__init__()
+        self.target_type, self.temperature, self.direction = target_type, temperature, direction
+        self.reduction, self.backend, self.validate = reduction, backend, validate
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        return F.kl_div_with_logits(input, target, target_type=self.target_type, temperature=self.temperature,
+                                    direction=self.direction, reduction=self.reduction, mask=mask,
+                                    backend=self.backend, validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return (f"target_type={self.target_type!r}, temperature={self.temperature}, direction={self.direction!r}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class BernoulliKLDivWithLogitsLoss(nn.Module):
+    """Module form of kl_ext.bernoulli_kl_div_with_logits: forward(input, target)."""
+
+    def __init__(self, target_type: str = "probs", temperature: float = 1.0, weight: Optional[torch.Tensor] = None,
+                 reduction: str = "batchmean", backend: str = "auto", validate: bool = False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.target_type, self.temperature, self.reduction = target_type, temperature, reduction
+        self.backend, self.validate = backend, validate
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return F.bernoulli_kl_div_with_logits(input, target, target_type=self.target_type,
+                                              temperature=self.temperature, weight=self.weight,
+                                              reduction=self.reduction, backend=self.backend,
+                                              validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return f"target_type={self.target_type!r}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class BCEWithLogitsLoss(nn.Module):
+    """Drop-in for torch.nn.BCEWithLogitsLoss (weight and pos_weight are buffers, as in torch)."""
+
+    def __init__(self, weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                 pos_weight: Optional[torch.Tensor] = None, backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return F.binary_cross_entropy_with_logits(input, target, weight=self.weight, reduction=self.reduction,
+                                                  pos_weight=self.pos_weight, backend=self.backend)

@@ -1,0 +1,109 @@
+"""The pure-PyTorch reference: the "torch" backend, and the one oracle for tests and benchmarks.
+
+Written for clarity and for the edge-case conventions of the contract (README, "Semantics"), not for speed.
+It computes in float32, or float64 when the input is float64, and differentiates through torch autograd
+(so it supports double backward). Inputs are assumed validated (kl_ext._validation).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kl_ext._validation import acc_dtype
+
+__all__ = ["kl_div_with_logits", "bernoulli_kl_div_with_logits", "binary_cross_entropy_with_logits",
+           "safe_log_softmax"]
+
+
+def safe_log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim, except that a row that is entirely -inf gives -inf log-probs (probs 0)
+    instead of NaN, with zero gradient."""
+    dead = torch.isneginf(z).all(dim=-1, keepdim=True)
+    ls = F.log_softmax(torch.where(dead, torch.zeros_like(z), z), dim=-1)
+    return torch.where(dead, torch.full_like(ls, float("-inf")), ls)
+
+
+def _weighted_log_ratio(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """w * (a - b) where w > 0, exactly 0 where w == 0 (0 log 0 = 0), with NaN-free gradients there."""
+    live = w > 0
+    zero = torch.zeros_like(a)
+    return torch.where(live, w * (torch.where(live, a, zero) - torch.where(live, b, zero)), zero)
+
+
+def _reduce(per_row: torch.Tensor, reduction: str, counted, per_row_elems: int) -> torch.Tensor:
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    denom = counted * per_row_elems if reduction == "mean" else counted
+    # Nothing counted (empty batch, all rows masked): the loss is 0, never 0/0.
+    return total / torch.clamp(torch.as_tensor(denom, device=total.device, dtype=total.dtype), min=1)
+
+
+def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
+                       temperature: float = 1.0, direction: str = "forward", reduction: str = "batchmean",
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    acc = acc_dtype(input.dtype)
+    z = input.to(acc) / temperature
+    t = target.to(acc)
+    if mask is not None:
+        # Masked rows may hold anything (padding); keep their arithmetic finite so their zero gradient is exact.
+        keep = mask.unsqueeze(-1)
+        z = torch.where(keep, z, torch.zeros_like(z))
+        t = torch.where(keep, t, torch.zeros_like(t) if target_type == "probs" else torch.full_like(t, -1.0))
+    ls = safe_log_softmax(z)
+    if target_type == "logits":
+        lt = safe_log_softmax(t / temperature)
+        p = lt.exp()
+    elif target_type == "log_probs":
+        lt, p = t, t.exp()
+    else:
+        p = t
+        lt = torch.log(p)
+    if direction == "forward":
+        row = _weighted_log_ratio(p, lt, ls).sum(-1)
+    else:
+        row = _weighted_log_ratio(ls.exp(), ls, lt).sum(-1)
+    if mask is not None:
+        row = torch.where(mask, row, torch.zeros_like(row))
+    counted = mask.sum() if mask is not None else row.numel()
+    return _reduce(row, reduction, counted, input.shape[-1]).to(torch.promote_types(acc, torch.float32))
+
+
+def _softplus_neg(z: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-z)
+
+
+def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",
+                                 temperature: float = 1.0, weight: Optional[torch.Tensor] = None,
+                                 reduction: str = "batchmean") -> torch.Tensor:
+    acc = acc_dtype(input.dtype)
+    z = input.to(acc) / temperature
+    if target_type == "logits":
+        u = target.to(acc) / temperature
+        p = torch.sigmoid(u)
+        elem = (1 - p) * (z - u) + _softplus_neg(z) - _softplus_neg(u)
+    else:
+        p = target.to(acc)
+        elem = (1 - p) * z + _softplus_neg(z) + torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
+    if weight is not None:
+        elem = elem * weight.to(acc)
+    if reduction == "none":
+        return elem
+    C = input.shape[-1] if input.dim() > 0 else 1
+    rows = input.numel() // C if C > 0 else 0
+    if reduction == "sum":
+        return elem.sum()
+    if reduction == "mean":
+        return _reduce(elem.reshape(-1), "mean", input.numel(), 1)
+    return _reduce(elem.reshape(-1), "batchmean", rows, 1)
+
+
+def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, weight=None,
+                                     reduction: str = "mean", pos_weight=None) -> torch.Tensor:
+    """torch's own op: the definition the BCE drop-in must reproduce."""
+    return F.binary_cross_entropy_with_logits(input, target, weight=weight, reduction=reduction,
+                                              pos_weight=pos_weight)
