@@ -1,0 +1,166 @@
+"""kl_div_with_logits: Triton kernels, registered as torch.ops.kl_ext_triton.kl_div_with_logits_fwd.
+
+One program per row. Pass 1 streams the row once with online statistics (running max and sum-exp of
+student and teacher, and the KL accumulator rescaled as the max moves), so a forward without gradients
+reads each input exactly once. When gradients are wanted, pass 2 streams the row again (from L2 when the
+row is small) and writes the gradients of the row's KL. Same contract and edge cases as csrc/.
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (used by CI): no libdevice, loads are upcast at once.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kl_ext.triton_kernels._config import row_config
+
+LOGITS, LOG_PROBS, PROBS = 0, 1, 2
+_TARGET = {"logits": LOGITS, "log_probs": LOG_PROBS, "probs": PROBS}
+
+
+@triton.jit
+def _safe(m):
+    # A running max of -inf (nothing finite seen yet) shifts by 0 instead, so exp(x - m) never sees -inf - -inf.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _rescale(m_old, m_new):
+    return tl.where(m_old == float("-inf"), 0.0, tl.exp(m_old - _safe(m_new)))
+
+
+@triton.jit
+def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
+                   TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr,
+                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * V
+    cols = tl.arange(0, BLOCK)
+    live = True
+    if HAS_MASK:
+        live = tl.load(mask_ptr + row) != 0
+    if live:
+        # ---- pass 1: online statistics and the KL accumulator --------------------------------------
+        m_s = float("-inf")
+        d_s = 0.0
+        m_t = float("-inf")
+        d_t = 0.0
+        acc = 0.0   # forward, logits: sum e^(zt-m_t) (zt - zs); forward, other: sum p (lt - zs);
+        #             reverse: sum e^(zs-m_s) (zs - lt_raw)
+        s_p = 0.0   # teacher mass for log_probs / probs
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inb = offs < V
+            zs = tl.load(x_ptr + base + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+            if TARGET == LOGITS:
+                lt = tl.load(t_ptr + base + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+            elif TARGET == LOG_PROBS:
+                lt = tl.load(t_ptr + base + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            else:
+                p = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32)
+                lt = tl.log(p)
+            ms_new = tl.maximum(m_s, tl.max(zs, 0))
+            a_s = _rescale(m_s, ms_new)
+            e_s = tl.exp(zs - _safe(ms_new))
+            d_s = d_s * a_s + tl.sum(e_s, 0)
+            if TARGET == LOGITS:
+                mt_new = tl.maximum(m_t, tl.max(lt, 0))
+                a_t = _rescale(m_t, mt_new)
+                e_t = tl.exp(lt - _safe(mt_new))
+                d_t = d_t * a_t + tl.sum(e_t, 0)
+                m_t = mt_new
+                if FORWARD:
+                    acc = acc * a_t + tl.sum(tl.where(e_t > 0, e_t * (lt - zs), 0.0), 0)
+            else:
+                if TARGET == LOG_PROBS:
+                    p = tl.exp(lt)
+                s_p += tl.sum(p, 0)
+                if FORWARD:
+                    acc += tl.sum(tl.where(p > 0, p * (lt - zs), 0.0), 0)
+            if not FORWARD:
+                acc = acc * a_s + tl.sum(tl.where(e_s > 0, e_s * (zs - lt), 0.0), 0)
+            m_s = ms_new
+        # Row statistics. A row that is entirely -inf has mass 0, log-probs -inf, probs 0.
+        lse_s = tl.where(d_s > 0, _safe(m_s) + tl.log(d_s), float("inf"))
+        s_q = tl.where(d_s > 0, 1.0, 0.0)
+        if TARGET == LOGITS:
+            lse_t = tl.where(d_t > 0, _safe(m_t) + tl.log(d_t), float("inf"))
+            s_p = tl.where(d_t > 0, 1.0, 0.0)
+            if FORWARD:
+                kl = tl.where(d_t > 0, acc / d_t - lse_t + lse_s, 0.0)
+            else:
+                kl = tl.where(d_s > 0, acc / d_s - lse_s + lse_t, 0.0)
+        else:
+            lse_t = 0.0
+            if FORWARD:
+                kl = tl.where(s_p > 0, acc + s_p * lse_s, 0.0)
+            else:
+                kl = tl.where(d_s > 0, acc / d_s - lse_s, 0.0)
+        tl.store(loss_ptr + row, kl)
+
+        # ---- pass 2: gradients of the row KL -------------------------------------------------------
+        if GRAD_X or GRAD_T:
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                inb = offs < V
+                zs = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(tl.float32) * inv_t
+                ls = zs - lse_s
+                q = tl.exp(ls)
+                if TARGET == LOGITS:
+                    lt = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_t
+                    p = tl.exp(lt)
+                elif TARGET == LOG_PROBS:
+                    lt = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32)
+                    p = tl.exp(lt)
+                else:
+                    p = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32)
+                    lt = tl.log(p)
+                if GRAD_X:
+                    if FORWARD:
+                        g = q * s_p - p
+                    else:
+                        g = tl.where(q > 0, q * ((ls - lt) - kl), 0.0)
+                    tl.store(gx_ptr + base + offs, (g * inv_t).to(gx_ptr.dtype.element_ty), mask=inb)
+                if GRAD_T:
+                    if FORWARD:
+                        if TARGET == LOGITS:
+                            g = tl.where(p > 0, p * ((lt - ls) - kl), 0.0) * inv_t
+                        elif TARGET == LOG_PROBS:
+                            g = tl.where(p > 0, p * (lt - ls + 1.0), 0.0)
+                        else:
+                            g = lt - ls + 1.0
+                    else:
+                        if TARGET == LOGITS:
+                            g = (p * s_q - q) * inv_t
+                        elif TARGET == LOG_PROBS:
+                            g = -q
+                        else:
+                            g = tl.where(q > 0, -q / p, 0.0)
+                    tl.store(gt_ptr + base + offs, g.to(gt_ptr.dtype.element_ty), mask=inb)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if GRAD_X or GRAD_T:
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                inb = offs < V
+                if GRAD_X:
+                    tl.store(gx_ptr + base + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
+                if GRAD_T:
+                    tl.store(gt_ptr + base + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
+
+
+@triton_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
+def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
+                           temperature: float, direction: str, grad_input: bool,
+                           grad_target: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, V = input.shape
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss = torch.empty((N,), device=input.device, dtype=acc)
+    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    if N > 0:
+        block, warps = row_config(V, input.element_size())
+        wrap_triton(_kl_fwd_kernel)[(N,)](
+            input, target, mask if mask is not None else input, loss, gx, gt, V, 1.0 / temperature,
+            TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,
+            GRAD_X=grad_input, GRAD_T=grad_target, BLOCK=block, num_warps=warps)
+    return loss, gx, gt
