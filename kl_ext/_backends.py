@@ -1,13 +1,13 @@
 """Backend choice: the one place that decides which implementation runs.
 
-Nothing here touches the GPU or imports Triton at kl_ext import time; probes run on first use.
+Nothing here touches the GPU or imports Triton at kl_ext import time; probes run on first use. The probes
+are constants to torch.compile (assume_constant_result), so choosing a backend never breaks a graph.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
-from types import SimpleNamespace
 
 import torch
 
@@ -26,17 +26,19 @@ def native_loaded() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def _native_kernel(dispatch_key: str) -> bool:
     return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "kl_ext::kl_div_with_logits_fwd", dispatch_key)
 
 
+@torch.compiler.assume_constant_result
 def triton_interpret() -> bool:
     """Triton's interpreter runs kernels on CPU tensors; it is chosen by TRITON_INTERPRET=1 before import."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -64,20 +66,27 @@ def _usable(backend: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
 
 
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    return os.environ.get(ENV_VAR, "auto") or "auto"
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for `backend` (possibly "auto" or KL_EXT_BACKEND) on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"kl_ext: backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        backend = _env_backend()
         if backend not in BACKENDS:
             raise ValueError(f"kl_ext: {ENV_VAR}={backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-        return next((b for b in order if _usable(b, device)[0]), "torch")
-    ok, why = _usable(backend, device)
-    if not ok:
-        raise RuntimeError(f"kl_ext: backend {backend!r} cannot run on {device.type} tensors here: {why}")
+        backend = next((b for b in order if _usable(b, device)[0]), "torch")
+    else:
+        ok, why = _usable(backend, device)
+        if not ok:
+            raise RuntimeError(f"kl_ext: backend {backend!r} cannot run on {device.type} tensors here: {why}")
+    _register(backend)
     return backend
 
 
@@ -89,14 +98,16 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS[1:] if any(_usable(b, d)[0] for d in devices)]
 
 
-@functools.lru_cache(maxsize=None)
-def ops(backend: str) -> SimpleNamespace:
-    """The registered ops of a concrete kernel backend ("cpu", "cuda" or "triton")."""
+@torch.compiler.assume_constant_result
+def _register(backend: str) -> bool:
+    """Import the module that registers `backend`'s ops (run once, eagerly, even under torch.compile)."""
     if backend == "triton":
         from kl_ext import triton_kernels  # noqa: F401  (registers torch.ops.kl_ext_triton)
-        ns = torch.ops.kl_ext_triton
-    else:
+    elif backend in ("cpu", "cuda"):
         native_loaded()
-        ns = torch.ops.kl_ext
-    return SimpleNamespace(kl=ns.kl_div_with_logits_fwd, bernoulli=ns.bernoulli_kl_div_with_logits_fwd,
-                           scale_grad=ns.scale_grad)
+    return True
+
+
+def op(backend: str, name: str):
+    """The registered op `name` of a concrete kernel backend ("cpu", "cuda" or "triton")."""
+    return getattr(torch.ops.kl_ext_triton if backend == "triton" else torch.ops.kl_ext, name)

@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
-from kl_ext._backends import ops, resolve
+from kl_ext._backends import op, resolve
 from kl_ext._validation import (acc_dtype, check_bce, check_bernoulli, check_kl, needs_grad,
                                 validate_bernoulli_values, validate_kl_values)
 
@@ -63,7 +63,7 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
                 grad_input, grad_target):
         x, t = _rows(input), _rows(target)
         m = mask.reshape(-1).contiguous() if mask is not None else None
-        row, gx, gt = ops(backend).kl(x, t, m, target_type, temperature, direction, grad_input, grad_target)
+        row, gx, gt = op(backend, "kl_div_with_logits_fwd")(x, t, m, target_type, temperature, direction, grad_input, grad_target)
         denom = None
         if reduction == "none":
             out = row.reshape(input.shape[:-1])
@@ -81,7 +81,7 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         gx, gt = ctx.saved_tensors
         scale = _scale(grad_out, ctx.denom, acc_dtype(gx.dtype))
-        scale_grad = ops(ctx.backend).scale_grad
+        scale_grad = op(ctx.backend, "scale_grad")
         gi = scale_grad(gx, scale).reshape(ctx.shapes[0]) if ctx.needs_input_grad[0] else None
         gtt = scale_grad(gt, scale).reshape(ctx.shapes[1]) if ctx.needs_input_grad[1] else None
         return gi, gtt, None, None, None, None, None, None, None, None
@@ -90,9 +90,9 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
                        subtract_entropy, grad_input, grad_target):
     x, t = _rows(input), _rows(target)
-    loss, gx, gt = ops(backend).bernoulli(x, t, _factor(weight, input), _factor(pos_weight, input), target_type,
-                                          temperature, subtract_entropy, reduction == "none", grad_input,
-                                          grad_target)
+    loss, gx, gt = op(backend, "bernoulli_kl_div_with_logits_fwd")(
+        x, t, _factor(weight, input), _factor(pos_weight, input), target_type, temperature, subtract_entropy,
+        reduction == "none", grad_input, grad_target)
     denom = None
     if reduction == "none":
         out = loss.reshape(input.shape)
@@ -107,7 +107,7 @@ def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temp
 def _bernoulli_backward(ctx, grad_out):
     gx, gt = ctx.saved_tensors
     scale = _scale(grad_out, ctx.denom, acc_dtype(gx.dtype))
-    scale_grad = ops(ctx.backend).scale_grad
+    scale_grad = op(ctx.backend, "scale_grad")
     gi = scale_grad(gx, scale).reshape(ctx.shapes[0]) if ctx.needs_input_grad[0] else None
     gtt = scale_grad(gt, scale).reshape(ctx.shapes[1]) if ctx.needs_input_grad[1] else None
     return gi, gtt

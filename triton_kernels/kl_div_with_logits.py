@@ -29,6 +29,12 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
+def _delta(m_old, m_new):
+    # How far a running max moved (0 while nothing finite has been seen: the accumulators are 0 or +inf).
+    return tl.where(m_old == float("-inf"), 0.0, _safe(m_new) - m_old)
+
+
+@triton.jit
 def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
                    TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr,
                    GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
@@ -40,12 +46,14 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
         live = tl.load(mask_ptr + row) != 0
     if live:
         # ---- pass 1: online statistics and the KL accumulator --------------------------------------
+        # The accumulator is kept relative to the running maxima (shifted logits), so that when p == q it
+        # is exactly 0 and no large log-sum-exp terms cancel at the end; when a maximum moves, the old
+        # terms shift by the move (d * delta) and are rescaled (alpha), as in online softmax.
         m_s = float("-inf")
         d_s = 0.0
         m_t = float("-inf")
         d_t = 0.0
-        acc = 0.0   # forward, logits: sum e^(zt-m_t) (zt - zs); forward, other: sum p (lt - zs);
-        #             reverse: sum e^(zs-m_s) (zs - lt_raw)
+        acc = 0.0
         s_p = 0.0   # teacher mass for log_probs / probs
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -60,24 +68,30 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
                 lt = tl.log(p)
             ms_new = tl.maximum(m_s, tl.max(zs, 0))
             a_s = _rescale(m_s, ms_new)
+            dl_s = _delta(m_s, ms_new)
             e_s = tl.exp(zs - _safe(ms_new))
-            d_s = d_s * a_s + tl.sum(e_s, 0)
+            zs_sh = zs - _safe(ms_new)
             if TARGET == LOGITS:
                 mt_new = tl.maximum(m_t, tl.max(lt, 0))
                 a_t = _rescale(m_t, mt_new)
+                dl_t = _delta(m_t, mt_new)
                 e_t = tl.exp(lt - _safe(mt_new))
+                lt_sh = lt - _safe(mt_new)
+                if FORWARD:
+                    acc = a_t * (acc + d_t * (dl_s - dl_t)) + tl.sum(tl.where(e_t > 0, e_t * (lt_sh - zs_sh), 0.0), 0)
+                else:
+                    acc = a_s * (acc + d_s * (dl_t - dl_s)) + tl.sum(tl.where(e_s > 0, e_s * (zs_sh - lt_sh), 0.0), 0)
                 d_t = d_t * a_t + tl.sum(e_t, 0)
                 m_t = mt_new
-                if FORWARD:
-                    acc = acc * a_t + tl.sum(tl.where(e_t > 0, e_t * (lt - zs), 0.0), 0)
             else:
                 if TARGET == LOG_PROBS:
                     p = tl.exp(lt)
-                s_p += tl.sum(p, 0)
                 if FORWARD:
-                    acc += tl.sum(tl.where(p > 0, p * (lt - zs), 0.0), 0)
-            if not FORWARD:
-                acc = acc * a_s + tl.sum(tl.where(e_s > 0, e_s * (zs - lt), 0.0), 0)
+                    acc = acc + s_p * dl_s + tl.sum(tl.where(p > 0, p * (lt - zs_sh), 0.0), 0)
+                else:
+                    acc = a_s * (acc - d_s * dl_s) + tl.sum(tl.where(e_s > 0, e_s * (zs_sh - lt), 0.0), 0)
+                s_p += tl.sum(p, 0)
+            d_s = d_s * a_s + tl.sum(e_s, 0)
             m_s = ms_new
         # Row statistics. A row that is entirely -inf has mass 0, log-probs -inf, probs 0.
         lse_s = tl.where(d_s > 0, _safe(m_s) + tl.log(d_s), float("inf"))
@@ -85,16 +99,17 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
         if TARGET == LOGITS:
             lse_t = tl.where(d_t > 0, _safe(m_t) + tl.log(d_t), float("inf"))
             s_p = tl.where(d_t > 0, 1.0, 0.0)
+            # A side with no mass where the other has some: KL = +inf (acc is already +inf there).
             if FORWARD:
-                kl = tl.where(d_t > 0, acc / d_t - lse_t + lse_s, 0.0)
+                kl = tl.where(d_t > 0, tl.where(d_s > 0, acc / d_t - tl.log(d_t) + tl.log(d_s), float("inf")), 0.0)
             else:
-                kl = tl.where(d_s > 0, acc / d_s - lse_s + lse_t, 0.0)
+                kl = tl.where(d_s > 0, tl.where(d_t > 0, acc / d_s - tl.log(d_s) + tl.log(d_t), float("inf")), 0.0)
         else:
             lse_t = 0.0
             if FORWARD:
-                kl = tl.where(s_p > 0, acc + s_p * lse_s, 0.0)
+                kl = tl.where(s_p > 0, tl.where(d_s > 0, acc + s_p * tl.log(d_s), float("inf")), 0.0)
             else:
-                kl = tl.where(d_s > 0, acc / d_s - lse_s, 0.0)
+                kl = tl.where(d_s > 0, acc / d_s - tl.log(d_s), 0.0)
         tl.store(loss_ptr + row, kl)
 
         # ---- pass 2: gradients of the row KL -------------------------------------------------------

@@ -1,0 +1,52 @@
+"""Shared test setup. Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter, which must
+be chosen before triton is imported."""
+import os
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kl_ext  # noqa: E402
+from kl_ext._backends import _usable  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def cpu_backends():
+    """Kernel backends that run on CPU tensors here: the C++ ops, and Triton under the interpreter."""
+    return [b for b in ("cpu", "triton") if _usable(b, CPU)[0]]
+
+
+def backend_params():
+    return [pytest.param(b, id=b) for b in ("cpu", "triton")]
+
+
+@pytest.fixture
+def require_backend():
+    def _require(backend, device=CPU):
+        ok, why = _usable(backend, torch.device(device))
+        if not ok:
+            pytest.skip(f"backend {backend!r} unavailable: {why}")
+    return _require
+
+
+# Tolerances against the float64 reference: (loss rtol, grad error relative to the gradient's max).
+# 16-bit gradients are rounded twice (the unscaled gradient, then grad_output * it): up to ~1.5 ulp.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 3e-3),
+       torch.bfloat16: (1e-2, 2e-2)}
+
+
+def assert_close_rel(actual, expected, rtol, what=""):
+    """|actual - expected| <= rtol * max(|expected|, tiny), elementwise against the scale of `expected`."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return
+    fin = torch.isfinite(expected)
+    assert torch.equal(fin, torch.isfinite(actual)), f"{what}: non-finite pattern differs"
+    assert torch.equal(actual[~fin], expected[~fin]), f"{what}: infinities differ"
+    scale = expected[fin].abs().max().clamp(min=1e-6) if fin.any() else 1.0
+    err = (actual[fin] - expected[fin]).abs().max() / scale if fin.any() else 0.0
+    assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol}"
