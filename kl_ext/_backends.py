@@ -1,7 +1,7 @@
 """Backend choice: the one place that decides which implementation runs.
 
 Nothing here touches the GPU or imports Triton at kl_ext import time; probes run on first use. The probes
-are constants to torch.compile (assume_constant_result), so choosing a backend never breaks a graph.
+are constants to torch.compile, so choosing a backend never breaks a graph.
 """
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ import importlib.util
 import os
 
 import torch
+
+def _compile_constant(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (and, through it, triton) at
+    kl_ext import: that decorator only sets this attribute. tests/ compile with fullgraph=True to keep it true."""
+    fn._dynamo_marked_constant = True
+    return fn
+
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 ENV_VAR = "KL_EXT_BACKEND"
@@ -26,19 +33,19 @@ def native_loaded() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+@_compile_constant
 def _native_kernel(dispatch_key: str) -> bool:
     return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "kl_ext::kl_div_with_logits_fwd", dispatch_key)
 
 
-@torch.compiler.assume_constant_result
+@_compile_constant
 def triton_interpret() -> bool:
     """Triton's interpreter runs kernels on CPU tensors; it is chosen by TRITON_INTERPRET=1 before import."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@torch.compiler.assume_constant_result
+@_compile_constant
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -66,7 +73,7 @@ def _usable(backend: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
 
 
-@torch.compiler.assume_constant_result
+@_compile_constant
 def _env_backend() -> str:
     return os.environ.get(ENV_VAR, "auto") or "auto"
 
@@ -98,7 +105,7 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS[1:] if any(_usable(b, d)[0] for d in devices)]
 
 
-@torch.compiler.assume_constant_result
+@_compile_constant
 def _register(backend: str) -> bool:
     """Import the module that registers `backend`'s ops (run once, eagerly, even under torch.compile)."""
     if backend == "triton":

@@ -1,0 +1,132 @@
+"""Packaging, backend choice and input validation (shared by every backend)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kl_ext
+from kl_ext._backends import resolve
+
+NEUTRAL_CWD = "/"
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=NEUTRAL_CWD, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_triton_kernels_is_not_a_top_level_module():
+    r = _python("import kl_ext.triton_kernels, importlib.util; "
+                "print(importlib.util.find_spec('triton_kernels') is None or "
+                "'kl_ext' not in (importlib.util.find_spec('triton_kernels').origin or ''))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
+
+
+def test_import_is_lazy():
+    # Importing kl_ext neither imports triton nor initialises CUDA.
+    r = _python("import sys, torch, kl_ext; print('triton' in sys.modules, torch.cuda.is_initialized())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False False"
+
+
+def test_available_backends():
+    b = kl_ext.available_backends()
+    assert b[0] == "torch" and set(b) <= {"torch", "cpu", "cuda", "triton"}
+
+
+def test_auto_prefers_cpu_kernels_and_env_override(monkeypatch):
+    if "cpu" in kl_ext.available_backends():
+        assert resolve("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("KL_EXT_BACKEND", "torch")
+    assert resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("KL_EXT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="KL_EXT_BACKEND"):
+        resolve("auto", torch.device("cpu"))
+
+
+def test_explicit_backend_on_wrong_device_says_why():
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
+        kl_ext.kl_div_with_logits(x, x, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kl_ext.kl_div_with_logits(x, x, backend="gpu")
+
+
+X = torch.randn(4, 5)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(target_type="prob"), ValueError, "target_type must be one of"),
+    (dict(direction="backward"), ValueError, "direction must be one of"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=torch.tensor(2.0)), TypeError, "temperature must be a Python float"),
+    (dict(target=torch.randn(4, 6)), ValueError, "must equal input shape"),
+    (dict(target=X.double()), TypeError, "cast one of them"),
+    (dict(target=X.long()), TypeError, "must be float32, float16, bfloat16 or float64"),
+    (dict(target=torch.randn(4, 5, device="meta")), ValueError, "move them to one device"),
+    (dict(mask=torch.ones(4)), TypeError, "mask must be a bool tensor"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, "one value per row"),
+    (dict(input=torch.tensor(1.0), target=torch.tensor(1.0)), ValueError, "class dimension"),
+])
+def test_kl_bad_input(kwargs, exc, match):
+    args = dict(input=X, target=X)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        kl_ext.kl_div_with_logits(args.pop("input"), args.pop("target"), **args)
+
+
+@pytest.mark.parametrize("fn,kwargs,exc,match", [
+    (kl_ext.bernoulli_kl_div_with_logits, dict(target_type="log_probs"), ValueError, "target_type must be one of"),
+    (kl_ext.bernoulli_kl_div_with_logits, dict(weight=torch.rand(3)), ValueError, "does not broadcast"),
+    (kl_ext.bernoulli_kl_div_with_logits, dict(weight=torch.rand(2, 4, 5)), ValueError, "enlarge"),
+    (kl_ext.bernoulli_kl_div_with_logits, dict(weight=torch.rand(5, requires_grad=True)), NotImplementedError,
+     "detach"),
+    (kl_ext.binary_cross_entropy_with_logits, dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+    (kl_ext.binary_cross_entropy_with_logits, dict(pos_weight=torch.rand(7)), ValueError, "does not broadcast"),
+])
+def test_bernoulli_bad_input(fn, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(X, torch.rand(4, 5), **kwargs)
+
+
+# ------------------------------------------------------------------------ validate=True: the pitfalls
+
+
+def test_validate_probs_passed_as_log_probs():
+    p = F.softmax(X, -1)
+    with pytest.raises(ValueError, match="look like probabilities.*target_type='probs'.*negative"):
+        kl_ext.kl_div_with_logits(X, p, target_type="log_probs", validate=True)
+
+
+def test_validate_log_probs_passed_as_probs():
+    with pytest.raises(ValueError, match="looks like log-probabilities"):
+        kl_ext.kl_div_with_logits(X, F.log_softmax(X, -1), target_type="probs", validate=True)
+
+
+def test_validate_multilabel_targets_point_to_bernoulli():
+    multi = torch.tensor([[0.99, 0.01, 0.99, 0.1, 0.1]]).expand(4, 5)
+    with pytest.raises(ValueError, match="multi-label.*bernoulli_kl_div_with_logits"):
+        kl_ext.kl_div_with_logits(X, multi, target_type="probs", validate=True)
+
+
+def test_validate_student_probabilities():
+    with pytest.raises(ValueError, match="raw logits"):
+        kl_ext.kl_div_with_logits(F.softmax(X, -1), X, validate=True)
+
+
+def test_validate_bernoulli_range():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        kl_ext.bernoulli_kl_div_with_logits(X, X, validate=True)
+
+
+def test_validate_accepts_correct_inputs():
+    kl_ext.kl_div_with_logits(X, F.softmax(X, -1), target_type="probs", validate=True)
+    kl_ext.kl_div_with_logits(X, F.log_softmax(X, -1), target_type="log_probs", validate=True)
+    kl_ext.kl_div_with_logits(X, X * 2, validate=True)
+    kl_ext.bernoulli_kl_div_with_logits(X, torch.rand(4, 5), validate=True)
