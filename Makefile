@@ -1,0 +1,28 @@
+# The README's two commands. PYTHON defaults to the project venv that `make setup` creates.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+
+.PHONY: setup run test bench bench-gpu demo
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Main job: the distillation demo, then the quick benchmark (CPU backend vs nn.KLDivLoss / BCEWithLogitsLoss
+# on a CPU-only machine, every GPU provider on a GPU).
+run: setup
+	$(PYTHON) examples/distill_demo.py --out demo_out
+	$(PYTHON) -m benchmarks.run --quick --out bench_out
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) -m benchmarks.run --out bench_out
+
+demo: setup
+	$(PYTHON) examples/distill_demo.py --out demo_out

@@ -1,0 +1,188 @@
+"""Shared benchmark machinery: timing, copy bandwidth, error vs the float64 reference, tables, CSV, plots.
+
+Effective bandwidth = the minimal bytes a mode must move (written in each bench file) / median time; it is
+reported as a share of a device-to-device copy measured in the same run (read + write of a large buffer).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str
+    dtype: str
+    shape: str
+    V: int
+    provider: str
+    ms: float = float("nan")
+    gbps: float = float("nan")
+    pct_copy: float = float("nan")
+    peak_extra_mb: float = float("nan")
+    rel_err: float = float("nan")
+    note: str = field(default="")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, reps: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms. On CUDA, triton.testing.do_bench (L2 flushed between reps)."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Device-to-device copy (bytes read + bytes written) in GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, reps=reps)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def peak_extra_mb(fn, device, baseline_bytes: int) -> float:
+    """Peak device memory during fn() beyond what was allocated before plus `baseline_bytes` (the outputs a
+    provider must produce, e.g. the gradient). CUDA only; NaN elsewhere."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return max(0.0, (torch.cuda.max_memory_allocated() - before - baseline_bytes) / 2**20)
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    value, ref = value.double().cpu(), ref.double().cpu()
+    return float((value - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
+
+def print_table(rows: list[Row], copy_gbps: float) -> None:
+    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
+    hdr = f"{'op':<10}{'mode':<9}{'dtype':<10}{'shape':<15}{'provider':<26}{'ms':>10}{'GB/s':>9}{'%copy':>7}" \
+          f"{'extraMB':>9}{'rel.err':>10}  note"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r.op:<10}{r.mode:<9}{r.dtype:<10}{r.shape:<15}{r.provider:<26}{r.ms:>10.3f}{r.gbps:>9.1f}"
+              f"{r.pct_copy:>7.1f}{r.peak_extra_mb:>9.1f}{r.rel_err:>10.2e}  {r.note}")
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+
+
+def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> list[str]:
+    """One PNG per (op, mode, dtype): GB/s against V per provider, with the copy-bandwidth line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    groups = sorted({(r.op, r.mode, r.dtype) for r in rows})
+    for op, mode, dtype in groups:
+        sel = [r for r in rows if (r.op, r.mode, r.dtype) == (op, mode, dtype) and r.gbps == r.gbps]
+        if len({r.V for r in sel}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+        for prov in sorted({r.provider for r in sel}):
+            pts = sorted((r.V, r.gbps) for r in sel if r.provider == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.axhline(copy_gbps, color="k", linestyle="--", label="device copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("classes V (fixed N*V)")
+        ax.set_ylabel("effective GB/s")
+        ax.set_title(f"{op} {mode} {dtype} on {title_device}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}_{mode}_{dtype}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _closure(fn, a, b, mode):
+    """The timed callable for a mode: forward without grad, forward+backward, or backward alone."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(a, b)
+        return run
+    x = a.detach().requires_grad_()
+    if mode == "fwd+bwd":
+        def run():
+            fn(x, b).backward()
+            x.grad = None
+        return run
+    loss = fn(x, b)
+
+    def run():
+        loss.backward(retain_graph=True)
+        x.grad = None
+    return run
+
+
+def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, shapes, dtypes, modes, reps,
+           progress) -> list[Row]:
+    """Time every runnable provider on every (dtype, shape, mode); report skipped providers with their reason.
+
+    providers: name -> loss_fn(a, b), (loss_fn, its own float64 reference), or a string (why it is skipped).
+    bytes_per_elem: mode -> elements moved per input element at the floor. Errors are measured on the first
+    256 rows against the reference (reference_fn unless the provider names its own) in float64.
+    """
+    rows = []
+    for name, fn in providers.items():
+        if isinstance(fn, str):
+            print(f"[{op}] skipping {name}: {fn}")
+    runnable = {k: v for k, v in providers.items() if not isinstance(v, str)}
+    for dtype in dtypes:
+        for N, V in shapes:
+            a, b = make_inputs(N, V, dtype, device)
+            n_err = min(N, 256)
+            refs = {}
+            for name, fn in runnable.items():
+                fn, ref_fn = fn if isinstance(fn, tuple) else (fn, reference_fn)
+                if ref_fn not in refs:
+                    refs[ref_fn] = ref_fn(a[:n_err].double(), b[:n_err].double())
+                ref = refs[ref_fn]
+                for mode in modes:
+                    progress.set_postfix_str(f"{op} {mode} {str(dtype)[6:]} {N}x{V} {name}")
+                    row = Row(op, mode, str(dtype).replace("torch.", ""), f"{N}x{V}", V, name)
+                    try:
+                        with torch.no_grad():
+                            row.rel_err = rel_err(fn(a[:n_err], b[:n_err]), ref)
+                        run = _closure(fn, a, b, mode)
+                        row.ms = time_ms(run, device, reps)
+                        row.gbps = bytes_per_elem[mode] * a.numel() * a.element_size() / (row.ms * 1e-3) / 1e9
+                        grad_bytes = 0 if mode == "fwd" else a.numel() * a.element_size()
+                        row.peak_extra_mb = peak_extra_mb(run, device, grad_bytes)
+                    except Exception as e:  # noqa: BLE001 (a failing provider is reported, not fatal)
+                        row.note = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                    rows.append(row)
+                    progress.update(1)
+            del a, b
+    return rows

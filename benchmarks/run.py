@@ -1,0 +1,96 @@
+"""The benchmark entry point: runs on whatever is here. On a GPU: every GPU provider over the V sweep;
+on a CPU-only machine: the cpu backend against eager and compiled torch at the foundation issue's sizes.
+
+    python -m benchmarks.run [--quick] [--out bench_out] [--dtypes bf16,fp32] [--modes fwd,fwd+bwd,bwd]
+Writes a table to stdout, results.csv and one PNG per (op, mode, dtype) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import bench_bernoulli_kl_div_with_logits as bern
+from benchmarks import bench_kl_div_with_logits as kl
+from benchmarks.common import copy_bandwidth_gbps, plot, print_table, run_op, write_csv
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_NV = 1 << 29
+GPU_VS = [4096, 32000, 65536, 128256, 262144]
+GPU_BERNOULLI = [(1 << 20, 512), (1 << 17, 4096), (1 << 15, 16384)]
+
+
+def plan(device, quick):
+    if device.type == "cuda":
+        vs = GPU_VS[:2] if quick else GPU_VS
+        return [(GPU_NV // v, v) for v in vs], GPU_BERNOULLI[:1] if quick else GPU_BERNOULLI
+    # CPU: the foundation issue's speed-target sizes; the sweep is for GPUs.
+    if quick:
+        return [(4096, 32000)], [(65536, 1000)]
+    return [(16384, 4096), (4096, 32000), (1024, 128256)], [(65536, 1000), (8192, 8192)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes, fwd+bwd only, fp32 (CPU) / bf16 (GPU)")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
+    ap.add_argument("--modes", default=None, help="comma list of fwd,fwd+bwd,bwd")
+    ap.add_argument("--ops", default="kl,bernoulli")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (GPU uses do_bench)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    default_dtypes = ("bf16" if args.quick else "bf16,fp16,fp32") if gpu else "fp32"
+    default_modes = "fwd+bwd" if args.quick else "fwd,fwd+bwd,bwd"
+    dtypes = [DTYPES[d] for d in (args.dtypes or default_dtypes).split(",")]
+    modes = (args.modes or default_modes).split(",")
+    kl_shapes, bern_shapes = plan(device, args.quick)
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; python {sys.version.split()[0]}")
+    os.makedirs(args.out, exist_ok=True)
+
+    copy = copy_bandwidth_gbps(device)
+    jobs = []
+    if "kl" in args.ops:
+        jobs.append((kl, kl_shapes))
+    if "bernoulli" in args.ops:
+        jobs.append((bern, bern_shapes))
+    provs = {mod.OP: mod.providers(device) for mod, _ in jobs}
+    total = sum(sum(not isinstance(p, str) for p in provs[mod.OP].values()) * len(shapes) * len(dtypes) * len(modes)
+                for mod, shapes in jobs)
+    rows = []
+    with tqdm(total=total, desc="benchmarks", file=sys.stderr) as bar:
+        for mod, shapes in jobs:
+            rows += run_op(mod.OP, provs[mod.OP], mod.make_inputs, mod.reference_fn, mod.BYTES_PER_ELEM, device,
+                           shapes, dtypes, modes, args.reps, bar)
+    for r in rows:
+        r.pct_copy = 100 * r.gbps / copy
+    print_table(rows, copy)
+    write_csv(rows, os.path.join(args.out, "results.csv"))
+    pngs = plot(rows, copy, args.out, name)
+    print(f"\nwrote {os.path.join(args.out, 'results.csv')} and {len(pngs)} plot(s) to {args.out}/")
+    _speedups(rows)
+
+
+def _speedups(rows):
+    """The headline: each kl_ext provider against the eager baseline users write, per shape and mode."""
+    base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager"}
+    for r in rows:
+        if not r.provider.startswith("kl_ext") or r.ms != r.ms:
+            continue
+        base = next((b for b in rows if (b.op, b.mode, b.dtype, b.shape) == (r.op, r.mode, r.dtype, r.shape)
+                     and b.provider == base_name[r.op]), None)
+        if base is not None and base.ms == base.ms:
+            print(f"{r.op:<10}{r.mode:<9}{r.dtype:<9}{r.shape:<14}{r.provider:<20} "
+                  f"{base.ms / r.ms:5.1f}x faster than {base.provider}")
+
+
+if __name__ == "__main__":
+    main()
