@@ -1,8 +1,8 @@
 // kl_div_with_logits: op schema + CPU kernel.
 //
-// One fused pass per row: the row (student and teacher, converted to the accumulation type) is staged in
-// per-thread buffers that stay in L2, so the input is read from memory once; log-softmax statistics, the
-// row's KL and, when asked, the gradients of that row's KL are all computed from those buffers.
+// Per row: student and teacher are staged in per-thread buffers (accumulation type) that stay in L2, so the
+// input is read from memory once; softmax statistics, the row's KL and, when asked, the gradients of that
+// row's KL are all computed from those buffers.
 // Gradients are those of the *row loss*; the autograd layer scales them by grad_output / denominator
 // (scale_grad), so the forward of a training step already holds the unscaled gradient.
 #include <ATen/OpMathType.h>
@@ -33,26 +33,38 @@ inline Vec<T> where_pos(const Vec<T>& cond, const Vec<T>& a) {
   return Vec<T>::blendv(Vec<T>(T(0)), a, cond > Vec<T>(T(0)));
 }
 
+// Stage a row in acc_t, times `scale`, padded with `pad`; returns the row's max (over the padded row).
 template <typename scalar_t, typename acc_t>
-void load_row(const scalar_t* src, acc_t* dst, int64_t n, int64_t np, acc_t scale, acc_t pad) {
+acc_t load_row(const scalar_t* src, acc_t* dst, int64_t n, int64_t np, acc_t scale, acc_t pad) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::copy(src, src + n, dst);
   } else {
     at::vec::convert(src, dst, n);
   }
-  if (scale != acc_t(1)) {
-    for (int64_t i = 0; i < np; i += Vec<acc_t>::size()) (Vec<acc_t>::loadu(dst + i) * Vec<acc_t>(scale)).store(dst + i);
-  }
   std::fill(dst + n, dst + np, pad);
+  Vec<acc_t> vmax(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < np; i += Vec<acc_t>::size()) {
+    Vec<acc_t> v = Vec<acc_t>::loadu(dst + i) * Vec<acc_t>(scale);
+    v.store(dst + i);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+// Write a gradient vector for elements [i, i + L) of a row of n, straight to the output for acc_t outputs,
+// through the staging buffer otherwise (converted once per row by flush_grad).
+template <typename scalar_t, typename acc_t>
+inline void put_grad(const Vec<acc_t>& g, scalar_t* out, acc_t* stage, int64_t i, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    g.store(out + i, std::min<int64_t>(Vec<acc_t>::size(), n - i));
+  } else {
+    g.store(stage + i);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
+inline void flush_grad(scalar_t* out, const acc_t* stage, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(stage, out, n);
 }
 
 template <typename T>
@@ -60,51 +72,45 @@ T hsum(const Vec<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
 }
 
-// z (padded with -inf) -> log_softmax(z) in place, e <- softmax(z). Returns the probability mass (1, or 0
-// for a row that is entirely -inf: we define its log-probs as -inf and its probs as 0).
+// Softmax statistics of a row from its max: log-sum-exp and 1/sum. A row that is entirely -inf has no mass:
+// we define its log-probs as -inf (lse = +inf) and its probs as 0 (inv = 0).
 template <typename T>
-T log_softmax_row(T* z, T* e, int64_t np) {
-  constexpr int64_t L = Vec<T>::size();
-  const T ninf = -std::numeric_limits<T>::infinity();
-  Vec<T> vmax(ninf);
-  for (int64_t i = 0; i < np; i += L) vmax = at::vec::maximum(vmax, Vec<T>::loadu(z + i));
-  const T mx = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vmax);
-  if (mx == ninf) {
-    std::fill(z, z + np, ninf);
-    std::fill(e, e + np, T(0));
-    return T(0);
-  }
-  Vec<T> vsum(T(0));
-  for (int64_t i = 0; i < np; i += L) {
-    Vec<T> ev = (Vec<T>::loadu(z + i) - Vec<T>(mx)).exp();
-    ev.store(e + i);
-    vsum += ev;
-  }
-  const T sum = hsum(vsum);
-  const T lsum = std::log(sum), inv = T(1) / sum;
-  for (int64_t i = 0; i < np; i += L) {
-    ((Vec<T>::loadu(z + i) - Vec<T>(mx)) - Vec<T>(lsum)).store(z + i);
-    (Vec<T>::loadu(e + i) * Vec<T>(inv)).store(e + i);
-  }
-  return T(1);
+struct RowStats {
+  T lse, inv, mass;
+};
+
+template <typename T>
+RowStats<T> stats(T mx, T sum) {
+  if (mx == -std::numeric_limits<T>::infinity()) return {std::numeric_limits<T>::infinity(), T(0), T(0)};
+  return {mx + std::log(sum), T(1) / sum, T(1)};
 }
 
+template <typename T>
+inline T safe_shift(T mx) {
+  return mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
+}
+
+// Row layout in the staging buffers: a = student logits / T, b = exp(a - max_a);
+// c = teacher logits / T (logits) or log-probs, d = exp(c - max_c) (logits) or probs. Then
+//   ls = a - lse_s, q = b * inv_s, lt = c - lse_t, p = d * inv_t and lt - ls = (c - a) - (lse_t - lse_s),
+// which is exactly 0 for identical rows. Passes over the staged row: load (+max), exp, loss (+ the
+// forward-direction input gradient), and a gradient pass only when a gradient needs the row's KL.
 template <typename scalar_t>
-void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss, scalar_t* gx,
-                 scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir, double temperature) {
+void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
+                 scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
+                 double temperature) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
   const int64_t np = padded(V, L);
-  const acc_t inv_t = acc_t(1.0 / temperature);
+  const acc_t inv_T = acc_t(1.0 / temperature);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool fwd = dir == Direction::Forward;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    // ls/q: student log-probs and probs; lt/p: teacher log-probs and probs; g: gradient staging.
     std::vector<acc_t> buf(5 * np);
-    acc_t *ls = buf.data(), *q = ls + np, *lt = q + np, *p = lt + np, *g = p + np;
+    acc_t *a = buf.data(), *b = a + np, *c = b + np, *d = c + np, *stage = d + np;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * V;
       if (mask != nullptr && !mask[r]) {
@@ -113,69 +119,82 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
         if (gt) std::fill(gt + off, gt + off + V, scalar_t(0));
         continue;
       }
-      load_row(x + off, ls, V, np, inv_t, ninf);
-      const acc_t sq = log_softmax_row(ls, q, np);
-      acc_t sp = 0;
+      const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
+      const acc_t sh_s = safe_shift(mx_s);
+      V_t vs_s(0), vs_t(0);
+      RowStats<acc_t> st;  // teacher
       if (tt == TargetType::Logits) {
-        load_row(t + off, lt, V, np, inv_t, ninf);
-        sp = log_softmax_row(lt, p, np);
-      } else if (tt == TargetType::LogProbs) {
-        load_row(t + off, lt, V, np, acc_t(1), ninf);
-        V_t vs(0);
+        const acc_t mx_t = load_row(t + off, c, V, np, inv_T, ninf), sh_t = safe_shift(mx_t);
         for (int64_t i = 0; i < np; i += L) {
-          V_t pv = V_t::loadu(lt + i).exp();
-          pv.store(p + i);
-          vs += pv;
+          V_t eb = (V_t::loadu(a + i) - V_t(sh_s)).exp(), ed = (V_t::loadu(c + i) - V_t(sh_t)).exp();
+          eb.store(b + i);
+          ed.store(d + i);
+          vs_s += eb;
+          vs_t += ed;
         }
-        sp = hsum(vs);
+        st = stats(mx_t, hsum(vs_t));
       } else {
-        load_row(t + off, p, V, np, acc_t(1), acc_t(0));
-        V_t vs(0);
+        const bool lp = tt == TargetType::LogProbs;
+        load_row(t + off, lp ? c : d, V, np, acc_t(1), lp ? ninf : acc_t(0));
         for (int64_t i = 0; i < np; i += L) {
-          V_t pv = V_t::loadu(p + i);
-          pv.log().store(lt + i);
-          vs += pv;
+          V_t eb = (V_t::loadu(a + i) - V_t(sh_s)).exp();
+          eb.store(b + i);
+          vs_s += eb;
+          if (lp) {
+            V_t pv = V_t::loadu(c + i).exp();
+            pv.store(d + i);
+            vs_t += pv;
+          } else {
+            V_t pv = V_t::loadu(d + i);
+            pv.log().store(c + i);
+            vs_t += pv;
+          }
         }
-        sp = hsum(vs);
+        st = {acc_t(0), acc_t(1), hsum(vs_t)};  // lse_t = 0, p = d as is, mass = sum p
       }
+      const RowStats<acc_t> ss = stats(mx_s, hsum(vs_s));
+      const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
+      const V_t Vlse_s(ss.lse), Vinv_s(ss.inv), Vlse_t(st.lse), Vinv_t(st.inv), Vdlse(dlse);
 
-      // Row KL. forward: sum p (lt - ls); reverse: sum q (ls - lt); terms with zero weight are 0.
+      // Loss pass; the forward-direction input gradient (q * mass_p - p) / T needs no KL, so it goes here.
+      const bool gx_here = gx != nullptr && fwd;
       V_t vl(0);
       for (int64_t i = 0; i < np; i += L) {
-        V_t a = V_t::loadu(ls + i), b = V_t::loadu(lt + i);
-        vl += fwd ? where_pos(V_t::loadu(p + i), V_t::loadu(p + i) * (b - a))
-                  : where_pos(V_t::loadu(q + i), V_t::loadu(q + i) * (a - b));
+        const V_t av = V_t::loadu(a + i), cv = V_t::loadu(c + i);
+        const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
+        const V_t diff = (cv - av) - Vdlse;  // lt - ls
+        vl += fwd ? where_pos(p, p * diff) : where_pos(q, q * (V_t(0) - diff));
+        if (gx_here) put_grad<scalar_t, acc_t>((q * V_t(st.mass) - p) * V_t(inv_T), gx + off, stage, i, V);
       }
       const acc_t kl = hsum(vl);
       loss[r] = kl;
+      if (gx_here) flush_grad(gx + off, stage, V);
 
-      if (gx) {
-        // d KL / d input = (1/T) * d KL / d z, z = input / T.
+      if (gx != nullptr && !fwd) {
         for (int64_t i = 0; i < np; i += L) {
-          V_t qv = V_t::loadu(q + i), pv = V_t::loadu(p + i);
-          V_t gv = fwd ? qv * V_t(sp) - pv
-                       : where_pos(qv, qv * ((V_t::loadu(ls + i) - V_t::loadu(lt + i)) - V_t(kl)));
-          (gv * V_t(inv_t)).store(g + i);
+          const V_t q = V_t::loadu(b + i) * Vinv_s;
+          const V_t diff = (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse;
+          put_grad<scalar_t, acc_t>(where_pos(q, q * ((V_t(0) - diff) - V_t(kl))) * V_t(inv_T), gx + off, stage, i, V);
         }
-        store_row(g, gx + off, V);
+        flush_grad(gx + off, stage, V);
       }
-      if (gt) {
+      if (gt != nullptr) {
         for (int64_t i = 0; i < np; i += L) {
-          V_t qv = V_t::loadu(q + i), pv = V_t::loadu(p + i);
-          V_t d = V_t::loadu(lt + i) - V_t::loadu(ls + i);  // lt - ls
+          const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
+          const V_t diff = (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse;  // lt - ls
           V_t gv;
           if (fwd) {
-            if (tt == TargetType::Logits) gv = where_pos(pv, pv * (d - V_t(kl))) * V_t(inv_t);
-            else if (tt == TargetType::LogProbs) gv = where_pos(pv, pv * (d + V_t(1)));
-            else gv = d + V_t(1);  // d/dp [p log p - p ls]; -inf at p = 0, as the math says
+            if (tt == TargetType::Logits) gv = where_pos(p, p * (diff - V_t(kl))) * V_t(inv_T);
+            else if (tt == TargetType::LogProbs) gv = where_pos(p, p * (diff + V_t(1)));
+            else gv = diff + V_t(1);  // d/dp [p log p - p ls]; -inf at p = 0, as the math says
           } else {
-            if (tt == TargetType::Logits) gv = (pv * V_t(sq) - qv) * V_t(inv_t);
-            else if (tt == TargetType::LogProbs) gv = V_t(0) - qv;
-            else gv = where_pos(qv, V_t(0) - qv / pv);
+            if (tt == TargetType::Logits) gv = (p * V_t(ss.mass) - q) * V_t(inv_T);
+            else if (tt == TargetType::LogProbs) gv = V_t(0) - q;
+            else gv = where_pos(q, V_t(0) - q / p);
           }
-          gv.store(g + i);
+          put_grad<scalar_t, acc_t>(gv, gt + off, stage, i, V);
         }
-        store_row(g, gt + off, V);
+        flush_grad(gt + off, stage, V);
       }
     }
   });

@@ -15,6 +15,37 @@
 namespace kl_ext {
 namespace {
 
+template <typename scalar_t>
+void scale_rows(const scalar_t* g, const at::opmath_type<scalar_t>* s, scalar_t* o, int64_t N, int64_t V, int64_t sn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(same ? 0 : 2 * V);  // 16-bit rows go through acc_t
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * V;
+      const acc_t* gr;
+      acc_t* orow;
+      if constexpr (same) {
+        gr = g + off;
+        orow = o + off;
+      } else {
+        at::vec::convert(g + off, buf.data(), V);
+        gr = buf.data();
+        orow = buf.data() + V;
+      }
+      if (sn == N * V && sn != N) {
+        at::vec::map2([](Vec u, Vec v) { return u * v; }, orow, gr, s + off, V);
+      } else {
+        const acc_t f = s[sn == 1 ? 0 : r];
+        at::vec::map([f](Vec v) { return v * Vec(f); }, orow, gr, V);
+      }
+      if constexpr (!same) at::vec::convert(orow, o + off, V);
+    }
+  });
+}
+
 at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "kl_ext: scale_grad expects a 2-D contiguous gradient");
   TORCH_CHECK(scale.scalar_type() == acc_type(grad.scalar_type()) && scale.is_contiguous() &&
@@ -25,30 +56,9 @@ at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(sn == 1 || sn == N || sn == N * V, "kl_ext: scale must hold 1, rows or rows*V values");
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) return out;
-  
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_grad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const acc_t* s = scale.const_data_ptr<acc_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> a(V);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t off = r * V;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(g + off, g + off + V, a.data());
-        else at::vec::convert(g + off, a.data(), V);
-        if (sn == N * V && sn != N) {
-          for (int64_t j = 0; j < V; ++j) a[j] *= static_cast<acc_t>(s[off + j]);
-        } else {
-          const acc_t f = static_cast<acc_t>(s[sn == 1 ? 0 : r]);
-          at::vec::map([f](Vec v) { return v * Vec(f); }, a.data(), a.data(), V);
-        }
-        if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(a.begin(), a.end(), o + off);
-        else at::vec::convert(a.data(), o + off, V);
-      }
-    });
+    scale_rows<scalar_t>(grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<at::opmath_type<scalar_t>>(),
+                         out.mutable_data_ptr<scalar_t>(), N, V, sn);
   });
   return out;
 }
