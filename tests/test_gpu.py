@@ -1,0 +1,129 @@
+"""GPU tests: skipped cleanly without a CUDA device (the GPU is only queried when tests run, not at import)."""
+import pytest
+import torch
+
+import kl_ext
+from kl_ext import reference
+from kl_ext._backends import _usable
+from conftest import TOL, assert_close_rel
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu_backend(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ok, why = _usable(backend, torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+
+
+def _case(N, V, dtype, tt="logits", seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(N, V, device="cuda", generator=g) * 3).to(dtype)
+    t = torch.randn(N, V, device="cuda", generator=g) * 3
+    t = {"logits": t, "log_probs": t.log_softmax(-1), "probs": t.softmax(-1)}[tt].to(dtype)
+    return x, t
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tt", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("V", [1, 37, 4096, 32000, 262144])
+def test_kl_vs_reference(backend, dtype, tt, direction, V):
+    _gpu_backend(backend)
+    x, t = _case(4 if V == 262144 else 64, V, dtype, tt)
+    mask = torch.rand(x.shape[0], device="cuda") > 0.25
+    out = []
+    for be, xx, tt_ in ((backend, x, t), ("torch", x.double(), t.double())):
+        a, b = xx.clone().requires_grad_(), tt_.clone().requires_grad_()
+        loss = kl_ext.kl_div_with_logits(a, b, target_type=tt, direction=direction, mask=mask, temperature=1.5,
+                                         reduction="none", backend=be)
+        g = torch.randn(loss.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        out.append((loss.detach(), *torch.autograd.grad(loss, (a, b), g.to(loss.dtype))))
+    for got, exp, what in zip(out[0], out[1], ("loss", "grad input", "grad target")):
+        assert_close_rel(got, exp, TOL[dtype][0 if what == "loss" else 1], what)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_host_sync_deterministic_and_graph_capture(backend):
+    _gpu_backend(backend)
+    x, t = _case(256, 32000, torch.bfloat16)
+    mask = torch.rand(256, device="cuda") > 0.5
+    xs = x.clone().requires_grad_()
+
+    def step():
+        loss = kl_ext.kl_div_with_logits(xs, t, mask=mask, backend=backend)
+        loss.backward()
+        return loss
+
+    step()  # warm up (compiles Triton kernels)
+    xs.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        l1 = step()
+        g1, xs.grad = xs.grad, None
+        l2 = step()
+        g2, xs.grad = xs.grad, None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)  # bitwise run to run
+
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kl_ext.kl_div_with_logits(static_x, t, mask=mask, backend=backend)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        static_loss = kl_ext.kl_div_with_logits(static_x, t, mask=mask, backend=backend)
+    static_x.copy_(x * 0.5)
+    graph.replay()
+    torch.testing.assert_close(static_loss, kl_ext.kl_div_with_logits(x * 0.5, t, mask=mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_compile_fullgraph(backend):
+    _gpu_backend(backend)
+    torch._dynamo.reset()
+    x, t = _case(64, 4096, torch.bfloat16)
+    fn = lambda a, b: kl_ext.kl_div_with_logits(a, b, temperature=2.0, backend=backend)  # noqa: E731
+    a1, a2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    l1 = torch.compile(fn, fullgraph=True)(a1, t)
+    l1.backward()
+    l2 = fn(a2, t)
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(a1.grad, a2.grad)
+
+
+def test_opcheck_triton_gpu():
+    _gpu_backend("triton")
+    x, t = _case(8, 1000, torch.float32)
+    torch.library.opcheck(torch.ops.kl_ext_triton.kl_div_with_logits_fwd.default,
+                          (x, t, None, "logits", 1.0, "forward", True, True))
+    torch.library.opcheck(torch.ops.kl_ext_triton.bernoulli_kl_div_with_logits_fwd.default,
+                          (x, t.sigmoid(), None, None, "probs", 1.0, True, False, True, False))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bernoulli_and_bce_vs_reference(backend):
+    _gpu_backend(backend)
+    x, t = _case(512, 1000, torch.bfloat16)
+    p = t.float().sigmoid().to(torch.bfloat16)
+    a = kl_ext.bernoulli_kl_div_with_logits(x, p, backend=backend)
+    assert_close_rel(a, reference.bernoulli_kl_div_with_logits(x.double(), p.double()), 1e-4)
+    b = kl_ext.binary_cross_entropy_with_logits(x.float(), p.float(), backend=backend)
+    assert_close_rel(b, torch.nn.functional.binary_cross_entropy_with_logits(x.double(), p.double()), 1e-5)
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements():
+    _gpu_backend("triton")
+    N, V = 8200, 262144  # N * V > 2**31: int64 offsets
+    x, t = _case(N, V, torch.bfloat16)
+    loss = kl_ext.kl_div_with_logits(x, t, reduction="none", backend="triton")
+    tail = reference.kl_div_with_logits(x[-2:].double(), t[-2:].double(), reduction="none")
+    assert_close_rel(loss[-2:], tail, 1e-4)
