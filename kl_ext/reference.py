@@ -70,11 +70,7 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
     if mask is not None:
         row = torch.where(mask, row, torch.zeros_like(row))
     counted = mask.sum() if mask is not None else row.numel()
-    return _reduce(row, reduction, counted, input.shape[-1]).to(torch.promote_types(acc, torch.float32))
-
-
-def _softplus_neg(z: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-z)
+    return _reduce(row, reduction, counted, input.shape[-1])
 
 
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",
@@ -85,10 +81,10 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
     if target_type == "logits":
         u = target.to(acc) / temperature
         p = torch.sigmoid(u)
-        elem = (1 - p) * (z - u) + _softplus_neg(z) - _softplus_neg(u)
+        elem = (1 - p) * (z - u) + F.softplus(-z) - F.softplus(-u)
     else:
         p = target.to(acc)
-        elem = (1 - p) * z + _softplus_neg(z) + torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
+        elem = (1 - p) * z + F.softplus(-z) + torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
     if weight is not None:
         elem = elem * weight.to(acc)
     if reduction == "none":
