@@ -44,41 +44,49 @@ def accuracy(model, x, y):
         return (model(x).argmax(-1) == y).float().mean().item()
 
 
+def train(model, x, objective, steps, lr, bar):
+    """Adam on objective(model(x)) -> (loss, value to log). Returns the logged values and the gradient of
+    the model's first parameter at step 0."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    logged, first_grad = [], None
+    for step in range(steps):
+        opt.zero_grad()
+        loss, value = objective(model(x))
+        loss.backward()
+        if step == 0:
+            first_grad = next(model.parameters()).grad.clone()
+        opt.step()
+        logged.append(value.item())
+        bar.update(1)
+    return logged, first_grad
+
+
 def multiclass(steps, device, bar):
     gen = torch.Generator(device=device).manual_seed(0)
     cpu_gen = torch.Generator().manual_seed(0)
     xtr, ytr = blobs(2048, gen, device)
     xte, yte = blobs(2048, gen, device)
     teacher = mlp(64, 3, cpu_gen).to(device)
-    opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(teacher(xtr), ytr).backward()
-        opt.step()
-        bar.update(1)
+    ce = lambda logits: (F.cross_entropy(logits, ytr),) * 2  # noqa: E731
+    train(teacher, xtr, ce, steps, 1e-2, bar)
     with torch.no_grad():
         t_logits = teacher(xtr)
 
     student0 = mlp(4, 3, cpu_gen).to(device)
     kldiv = nn.KLDivLoss(reduction="batchmean")
+
+    def objective(soft_loss):
+        def fn(s):
+            soft = soft_loss(s)
+            return 0.5 * F.cross_entropy(s, ytr) + 0.5 * T**2 * soft, soft
+        return fn
+
     runs = {}
-    for name in ("kl_ext", "nn.KLDivLoss"):
+    for name, soft_loss in (("kl_ext", lambda s: kl_ext.kl_div_with_logits(s, t_logits, temperature=T)),
+                            # what users write by hand
+                            ("nn.KLDivLoss", lambda s: kldiv(F.log_softmax(s / T, -1), F.softmax(t_logits / T, -1)))):
         student = copy.deepcopy(student0)
-        opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-        losses = []
-        for _ in range(steps):
-            opt.zero_grad()
-            s = student(xtr)
-            if name == "kl_ext":
-                soft = kl_ext.kl_div_with_logits(s, t_logits, temperature=T)
-            else:  # what users write by hand
-                soft = kldiv(F.log_softmax(s / T, -1), F.softmax(t_logits / T, -1))
-            loss = 0.5 * F.cross_entropy(s, ytr) + 0.5 * T**2 * soft
-            loss.backward()
-            opt.step()
-            losses.append(soft.item())
-            bar.update(1)
-        runs[name] = (student, losses)
+        runs[name] = (student, train(student, xtr, objective(soft_loss), steps, 1e-2, bar)[0])
     diff = max(abs(a - b) for a, b in zip(runs["kl_ext"][1], runs["nn.KLDivLoss"][1]))
     return {"teacher_acc": accuracy(teacher, xte, yte), "student_acc": accuracy(runs["kl_ext"][0], xte, yte),
             "kl_curve": runs["kl_ext"][1], "max_step_diff": diff}
@@ -92,25 +100,12 @@ def multilabel(steps, device, bar):
     entropy = -(torch.xlogy(soft, soft) + torch.xlogy(1 - soft, 1 - soft)).sum(-1).mean().item()
     torch.manual_seed(2)
     base = nn.Linear(8, 5).to(device)
+    bce = nn.BCEWithLogitsLoss(reduction="sum")
+    objectives = {"bernoulli KL": lambda z: (kl_ext.bernoulli_kl_div_with_logits(z, soft),) * 2,  # per-sample KL
+                  "BCEWithLogits": lambda z: (bce(z, soft) / x.shape[0],) * 2}
     curves, grads = {}, {}
-    for name in ("bernoulli KL", "BCEWithLogits"):
-        model = copy.deepcopy(base)
-        opt = torch.optim.Adam(model.parameters(), lr=5e-2)
-        curve = []
-        for step in range(steps):
-            opt.zero_grad()
-            logits = model(x)
-            if name == "bernoulli KL":
-                loss = kl_ext.bernoulli_kl_div_with_logits(logits, soft)       # batchmean: per-sample KL
-            else:
-                loss = nn.BCEWithLogitsLoss(reduction="sum")(logits, soft) / x.shape[0]
-            loss.backward()
-            if step == 0:
-                grads[name] = model.weight.grad.clone()
-            opt.step()
-            curve.append(loss.item())
-            bar.update(1)
-        curves[name] = curve
+    for name, objective in objectives.items():
+        curves[name], grads[name] = train(copy.deepcopy(base), x, objective, steps, 5e-2, bar)
     return {"entropy": entropy, "curves": curves,
             "grad_diff": (grads["bernoulli KL"] - grads["BCEWithLogits"]).abs().max().item(),
             "final_kl": curves["bernoulli KL"][-1], "final_bce": curves["BCEWithLogits"][-1]}

@@ -50,3 +50,17 @@ def assert_close_rel(actual, expected, rtol, what=""):
     scale = expected[fin].abs().max().clamp(min=1e-6) if fin.any() else 1.0
     err = (actual[fin] - expected[fin]).abs().max() / scale if fin.any() else 0.0
     assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol}"
+
+
+def assert_compiled_matches_eager(step, grad_inputs, other=()):
+    """torch.compile(step, fullgraph=True) gives eager's loss and gradients w.r.t. grad_inputs."""
+    torch._dynamo.reset()
+    runs = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        xs = [x.detach().clone().requires_grad_() for x in grad_inputs]
+        loss = fn(*xs, *other)
+        loss.backward()
+        runs.append((loss.detach(), [x.grad for x in xs]))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b)
