@@ -46,12 +46,14 @@ inline Vec<T> xlogx(const Vec<T>& p) {
 template <typename scalar_t>
 void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w, int64_t w_numel,
                         const at::opmath_type<scalar_t>* pw, int64_t pw_numel, at::opmath_type<scalar_t>* loss, bool elementwise, scalar_t* gx, scalar_t* gt, int64_t N,
-                        int64_t C, bool target_logits, double temperature, bool subtract_entropy) {
+                        int64_t C, bool target_logits, double temperature, bool subtract_entropy,
+                        at::opmath_type<scalar_t> gs) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
   const int64_t np = (C + L - 1) / L * L;
   const acc_t inv_t = acc_t(1.0 / temperature);
+  const acc_t gx_f = inv_t * gs;  // d/d input = (1/T) d/dz, times the reduction's grad_scale
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
@@ -99,14 +101,14 @@ void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, const at::opmath_t
         if (elementwise) l.store(lb + i);
         if (gx != nullptr) {
           const V_t lw = V_t(1) + (pwv - V_t(1)) * p;
-          (wv * (lw * sigmoid_from(z, ez) - pwv * p) * V_t(inv_t)).store(gxb + i);
+          (wv * (lw * sigmoid_from(z, ez) - pwv * p) * V_t(gx_f)).store(gxb + i);
         }
         if (gt != nullptr) {
           V_t g;
           if (target_logits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
           else if (subtract_entropy) g = p.log() - (V_t(1) - p).log() - z;
           else g = (pwv - V_t(1)) * spz - z;
-          (wv * g).store(gtb + i);
+          (wv * g * V_t(gs)).store(gtb + i);
         }
       }
       if (elementwise) std::copy(lb, lb + C, loss + off);
@@ -124,7 +126,8 @@ void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, const at::opmath_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type, double temperature,
-    bool subtract_entropy, bool elementwise, bool grad_input, bool grad_target) {
+    bool subtract_entropy, bool elementwise, bool grad_input, bool grad_target,
+    const c10::optional<at::Tensor>& grad_scale) {
   check_rows(input, target);
   check_factor(weight, input, "weight");
   check_factor(pos_weight, input, "pos_weight");
@@ -138,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
   at::Tensor loss = elementwise ? at::empty({N, C}, acc) : at::empty({N}, acc);
   at::Tensor gx = grad_input ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor gt = grad_target ? at::empty_like(target) : at::empty({0}, target.options());
+  check_grad_scale(grad_scale, input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bernoulli_rows_cpu<scalar_t>(
@@ -146,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
         pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
         pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,
         grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr,
-        N, C, tt == TargetType::Logits, temperature, subtract_entropy);
+        N, C, tt == TargetType::Logits, temperature, subtract_entropy,
+        grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
   });
   return {loss, gx, gt};
 }
@@ -154,13 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
-  // Elementwise (rows, C) loss (accumulation dtype) when `elementwise`, else per-row sums (rows,); gradients of the summed
-  // loss w.r.t. input / target when asked (empty otherwise). weight / pos_weight: accumulation dtype, per class or per
-  // element. subtract_entropy=false is binary cross-entropy with logits.
+  // Elementwise (rows, C) loss (accumulation dtype) when `elementwise`, else per-row sums (rows,); gradients of
+  // the summed loss w.r.t. input / target times grad_scale (0-dim, accumulation dtype) when asked (empty
+  // otherwise). weight / pos_weight: accumulation dtype, per class or per element. subtract_entropy=false is
+  // binary cross-entropy with logits.
   m.def(
       "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
-      "bool grad_target) -> (Tensor, Tensor, Tensor)");
+      "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) {

@@ -46,4 +46,21 @@ inline void check_factor(const c10::optional<at::Tensor>& f, const at::Tensor& i
               "kl_ext: ", name, " must have one value per class or per element");
 }
 
+// scale_grad's operands: a 2-D contiguous gradient, and 1, rows or rows*V scale values in the accumulation dtype.
+inline void check_scale(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "kl_ext: scale_grad expects a 2-D contiguous gradient");
+  TORCH_CHECK(scale.scalar_type() == acc_type(grad.scalar_type()) && scale.is_contiguous() &&
+                  scale.device() == grad.device(),
+              "kl_ext: scale must be a contiguous tensor of the accumulation dtype on the gradient's device");
+  const int64_t sn = scale.numel(), N = grad.size(0);
+  TORCH_CHECK(sn == 1 || sn == N || sn == N * grad.size(1), "kl_ext: scale must hold 1, rows or rows*V values");
+}
+
+// The forward ops' optional gradient multiplier: one accumulation-dtype value on the input's device.
+inline void check_grad_scale(const c10::optional<at::Tensor>& g, const at::Tensor& input) {
+  if (!g.has_value()) return;
+  TORCH_CHECK(g->numel() == 1 && g->scalar_type() == acc_type(input.scalar_type()) && g->device() == input.device(),
+              "kl_ext: grad_scale must be one value of the accumulation dtype on the input's device");
+}
+
 }  // namespace kl_ext

@@ -3,8 +3,9 @@
 // Per row: student and teacher are staged in per-thread buffers (accumulation type) that stay in L2, so the
 // input is read from memory once; softmax statistics, the row's KL and, when asked, the gradients of that
 // row's KL are all computed from those buffers.
-// Gradients are those of the *row loss*; the autograd layer scales them by grad_output / denominator
-// (scale_grad), so the forward of a training step already holds the unscaled gradient.
+// Gradients are those of the row losses times grad_scale (the reduction's 1 / denominator), so the forward of
+// a training step already holds the gradient of the loss; backward only multiplies it by grad_output, in place
+// (scale_grad_), which costs nothing when grad_output is 1.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -36,19 +37,27 @@ inline Vec<T> where_pos(const Vec<T>& cond, const Vec<T>& a) {
 // Stage a row in acc_t, times `scale`, padded with `pad`; returns the row's max (over the padded row).
 template <typename scalar_t, typename acc_t>
 acc_t load_row(const scalar_t* src, acc_t* dst, int64_t n, int64_t np, acc_t scale, acc_t pad) {
+  using V_t = Vec<acc_t>;
+  constexpr int64_t L = V_t::size();
+  const acc_t* from = dst;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::copy(src, src + n, dst);
+    from = src;  // read the input directly: one pass over it
   } else {
     at::vec::convert(src, dst, n);
   }
-  std::fill(dst + n, dst + np, pad);
-  Vec<acc_t> vmax(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t i = 0; i < np; i += Vec<acc_t>::size()) {
-    Vec<acc_t> v = Vec<acc_t>::loadu(dst + i) * Vec<acc_t>(scale);
+  V_t vmax(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V_t v = V_t::loadu(from + i) * V_t(scale);
     v.store(dst + i);
     vmax = at::vec::maximum(vmax, v);
   }
-  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, vmax);
+  if (i < n) {
+    const V_t v = V_t::set(V_t(pad), V_t::loadu(from + i, n - i) * V_t(scale), n - i);
+    v.store(dst + i);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
 // Write a gradient vector for elements [i, i + L) of a row of n, straight to the output for acc_t outputs,
@@ -98,12 +107,13 @@ inline T safe_shift(T mx) {
 template <typename scalar_t>
 void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
                  scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
-                 double temperature) {
+                 double temperature, at::opmath_type<scalar_t> gs) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
   const int64_t np = padded(V, L);
   const acc_t inv_T = acc_t(1.0 / temperature);
+  const acc_t gx_f = inv_T * gs;  // d/d input = (1/T) d/dz, times the reduction's grad_scale
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool fwd = dir == Direction::Forward;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
@@ -164,7 +174,7 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
         const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
         const V_t diff = (cv - av) - Vdlse;  // lt - ls
         vl += fwd ? where_pos(p, p * diff) : where_pos(q, q * (V_t(0) - diff));
-        if (gx_here) put_grad<scalar_t, acc_t>((q * V_t(st.mass) - p) * V_t(inv_T), gx + off, stage, i, V);
+        if (gx_here) put_grad<scalar_t, acc_t>((q * V_t(st.mass) - p) * V_t(gx_f), gx + off, stage, i, V);
       }
       const acc_t kl = hsum(vl);
       loss[r] = kl;
@@ -174,7 +184,8 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
         for (int64_t i = 0; i < np; i += L) {
           const V_t q = V_t::loadu(b + i) * Vinv_s;
           const V_t diff = (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse;
-          put_grad<scalar_t, acc_t>(where_pos(q, q * ((V_t(0) - diff) - V_t(kl))) * V_t(inv_T), gx + off, stage, i, V);
+          put_grad<scalar_t, acc_t>(where_pos(q, q * ((V_t(0) - diff) - V_t(kl))) * V_t(gx_f), gx + off, stage, i,
+                                    V);
         }
         flush_grad(gx + off, stage, V);
       }
@@ -192,7 +203,7 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
             else if (tt == TargetType::LogProbs) gv = V_t(0) - q;
             else gv = where_pos(q, V_t(0) - q / p);
           }
-          put_grad<scalar_t, acc_t>(gv, gt + off, stage, i, V);
+          put_grad<scalar_t, acc_t>(gv * V_t(gs), gt + off, stage, i, V);
         }
         flush_grad(gt + off, stage, V);
       }
@@ -203,7 +214,7 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
-    bool grad_target) {
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
   check_rows(input, target);
   const TargetType tt = parse_target_type(std::string(target_type));
   const Direction dir = parse_direction(std::string(direction));
@@ -216,11 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
   at::Tensor loss = at::empty({N}, input.options().dtype(acc_type(input.scalar_type())));
   at::Tensor gx = grad_input ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor gt = grad_target ? at::empty_like(target) : at::empty({0}, target.options());
+  check_grad_scale(grad_scale, input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     kl_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
                           mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, loss.mutable_data_ptr<at::opmath_type<scalar_t>>(),
                           grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                          grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, tt, dir, temperature);
+                          grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, tt, dir, temperature,
+                          grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
   });
   return {loss, gx, gt};
 }
@@ -229,10 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
   // Per-row KL (accumulation dtype, 0 for masked rows) and, when asked, the gradients of each row's KL w.r.t. input
-  // and target (empty tensors otherwise). input/target: contiguous (rows, V), same dtype.
+  // and target times grad_scale (a 0-dim accumulation-dtype tensor, e.g. 1 / rows for 'batchmean'; empty tensors
+  // when not asked). input/target: contiguous (rows, V), same dtype.
   m.def(
       "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "str direction, bool grad_input, bool grad_target) -> (Tensor, Tensor, Tensor)");
+      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("kl_div_with_logits_fwd", &kl_div_with_logits_fwd_cpu); }

@@ -1,6 +1,7 @@
-// scale_grad: op schema + CPU kernel. The backward of every kl_ext loss: the forward already produced the
-// gradient of the unreduced loss, backward multiplies it by grad_output / denominator, which lives on the
-// device as a tensor (one value, one per row, or one per element) so no host sync is ever needed.
+// scale_grad / scale_grad_: op schemas + CPU kernels. The backward of every kl_ext loss: the forward already
+// produced the gradient of the loss, backward multiplies it by grad_output, which lives on the device as a
+// tensor (one value, one per row, or one per element), so no host sync is ever needed. The in-place form
+// touches no memory when the single scale is exactly 1 (loss.backward() on a reduced loss).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -46,30 +47,38 @@ void scale_rows(const scalar_t* g, const at::opmath_type<scalar_t>* s, scalar_t*
   });
 }
 
-at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "kl_ext: scale_grad expects a 2-D contiguous gradient");
-  TORCH_CHECK(scale.scalar_type() == acc_type(grad.scalar_type()) && scale.is_contiguous() &&
-                  scale.device() == grad.device(),
-              "kl_ext: scale must be a contiguous tensor of the accumulation dtype on the gradient's device");
-  const int64_t N = grad.size(0), V = grad.size(1);
-  const int64_t sn = scale.numel();
-  TORCH_CHECK(sn == 1 || sn == N || sn == N * V, "kl_ext: scale must hold 1, rows or rows*V values");
-  at::Tensor out = at::empty_like(grad);
-  if (grad.numel() == 0) return out;
+// out = grad * scale; out may be grad itself.
+void scale_into(const at::Tensor& grad, const at::Tensor& scale, at::Tensor& out) {
+  check_scale(grad, scale);
+  if (grad.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_grad_cpu", [&] {
-    scale_rows<scalar_t>(grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<at::opmath_type<scalar_t>>(),
-                         out.mutable_data_ptr<scalar_t>(), N, V, sn);
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* s = scale.const_data_ptr<acc_t>();
+    if (out.is_same(grad) && scale.numel() == 1 && s[0] == acc_t(1)) return;
+    scale_rows<scalar_t>(grad.const_data_ptr<scalar_t>(), s, out.mutable_data_ptr<scalar_t>(), grad.size(0),
+                         grad.size(1), scale.numel());
   });
+}
+
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  at::Tensor out = at::empty_like(grad);
+  scale_into(grad, scale, out);
   return out;
 }
+
+void scale_grad_inplace_cpu(at::Tensor& grad, const at::Tensor& scale) { scale_into(grad, scale, grad); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
   // grad * scale, scale (accumulation dtype) broadcast as one value, one per row, or one per element.
   m.def("scale_grad(Tensor grad, Tensor scale) -> Tensor");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("scale_grad", &scale_grad_cpu); }
+TORCH_LIBRARY_IMPL(kl_ext, CPU, m) {
+  m.impl("scale_grad", &scale_grad_cpu);
+  m.impl("scale_grad_", &scale_grad_inplace_cpu);
+}
 
 }  // namespace kl_ext

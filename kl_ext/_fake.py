@@ -13,14 +13,15 @@ def _grads(input, target, grad_input, grad_target):
 
 
 @torch.library.register_fake("kl_ext::kl_div_with_logits_fwd")
-def _kl_fwd(input, target, mask, target_type, temperature, direction, grad_input, grad_target):
+def _kl_fwd(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
+            grad_scale=None):
     return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
             *_grads(input, target, grad_input, grad_target))
 
 
 @torch.library.register_fake("kl_ext::bernoulli_kl_div_with_logits_fwd")
 def _bernoulli_fwd(input, target, weight, pos_weight, target_type, temperature, subtract_entropy, elementwise,
-                   grad_input, grad_target):
+                   grad_input, grad_target, grad_scale=None):
     shape = input.shape if elementwise else (input.shape[0],)
     return (input.new_empty(shape, dtype=_acc(input.dtype)), *_grads(input, target, grad_input, grad_target))
 
@@ -28,3 +29,8 @@ def _bernoulli_fwd(input, target, weight, pos_weight, target_type, temperature, 
 @torch.library.register_fake("kl_ext::scale_grad")
 def _scale_grad(grad, scale):
     return torch.empty_like(grad)
+
+
+@torch.library.register_fake("kl_ext::scale_grad_")
+def _scale_grad_(grad, scale):
+    return None

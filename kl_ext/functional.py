@@ -1,9 +1,11 @@
 """Functional API and the autograd Functions over the registered ops.
 
 Training-step design: when a gradient is wanted, the forward op computes it together with the loss (the
-inputs are read once), unscaled; backward only multiplies it by grad_output / denominator with the
-`scale_grad` op, the scale living on the device (no host sync). The backward is once_differentiable: use
-backend="torch" (the reference) for double backward.
+inputs are read once), already divided by the reduction's denominator (a device tensor: no host sync).
+Backward only multiplies it by grad_output, in place (scale_grad_), which moves no bytes when grad_output
+is 1 (loss.backward() on a reduced loss). A second backward through a retained graph recomputes the
+gradients from the saved inputs. Under torch.compile the out-of-place scale_grad keeps the graph functional.
+The backward is once_differentiable: use backend="torch" (the reference) for double backward.
 """
 from __future__ import annotations
 
@@ -38,21 +40,57 @@ def _factor(f: Optional[torch.Tensor], input: torch.Tensor) -> Optional[torch.Te
     return f.expand(input.shape).reshape(-1).contiguous()
 
 
-def _scale(grad_out: torch.Tensor, denom, acc: torch.dtype) -> torch.Tensor:
-    """grad_output / denominator as the contiguous scale tensor scale_grad takes."""
-    s = grad_out.to(acc)
-    if denom is not None:
-        s = s / denom
-    return s.reshape(-1).contiguous()
+def _fused_forward(ctx, name, backend, args, input, target, reduction, counted, grad_input, grad_target):
+    """Run forward op `name` on `args` (its leading arguments), reduce its loss and keep its gradients for
+    backward. counted: rows (times classes for 'mean') the reduction divides by, an int or a device tensor."""
+    acc = acc_dtype(input.dtype)
+    denom = grad_scale = None
+    if reduction in ("mean", "batchmean"):
+        # Nothing counted (empty batch, all rows masked) gives loss 0, never 0/0.
+        if isinstance(counted, torch.Tensor):
+            denom = counted.clamp(min=1).to(acc)
+            grad_scale = denom.reciprocal()
+        else:
+            denom = float(max(counted, 1))
+            grad_scale = torch.full((), 1.0 / denom, dtype=acc, device=input.device)
+    op_args = (*args, grad_input, grad_target, grad_scale if grad_input or grad_target else None)
+    loss, gx, gt = op(backend, name)(*op_args)
+    out = loss if reduction == "none" else (loss.sum() if denom is None else loss.sum() / denom)
+    ctx.backend, ctx.shapes, ctx.scaled_in_place = backend, (input.shape, target.shape), False
+    ctx.save_for_backward(gx, gt)
+    if not torch.compiler.is_compiling():
+        # What a second backward through a retained graph needs to recompute the gradients.
+        ctx.rerun = (name, op_args, [a._version for a in op_args if isinstance(a, torch.Tensor)])
+    return out
 
 
-def _reduce(total: torch.Tensor, reduction: str, counted) -> tuple[torch.Tensor, object]:
-    """Reduce a loss sum; returns it and the denominator backward divides by (None for 'sum')."""
-    if reduction == "sum":
-        return total, None
-    # Nothing counted (empty batch, all rows masked) gives loss 0, never 0/0.
-    denom = counted.clamp(min=1).to(total.dtype) if isinstance(counted, torch.Tensor) else float(max(counted, 1))
-    return total / denom, denom
+def _recompute(ctx):
+    name, op_args, versions = ctx.rerun
+    if [a._version for a in op_args if isinstance(a, torch.Tensor)] != versions:
+        raise RuntimeError("kl_ext: a second backward through this loss (retain_graph=True) needs its inputs, "
+                           "but they were modified in place after the forward; compute the loss again")
+    _, gx, gt = op(ctx.backend, name)(*op_args)
+    return gx, gt
+
+
+def _fused_backward(ctx, grad_out):
+    """(grad input, grad target): the saved gradients times grad_output."""
+    scale = grad_out.to(acc_dtype(grad_out.dtype)).reshape(-1).contiguous()
+    wanted = ctx.needs_input_grad[:2]
+    if torch.compiler.is_compiling():
+        gx, gt = ctx.saved_tensors
+        grads = [op(ctx.backend, "scale_grad")(g, scale) if w else None for g, w in zip((gx, gt), wanted)]
+    else:
+        # The saved gradients are scaled in place once; a later backward (retained graph) recomputes them
+        # (and must not unpack the saved tensors, which the first backward modified).
+        gx, gt = _recompute(ctx) if ctx.scaled_in_place else ctx.saved_tensors
+        ctx.scaled_in_place = True
+        grads = []
+        for g, w in zip((gx, gt), wanted):
+            if w:
+                op(ctx.backend, "scale_grad_")(g, scale)
+            grads.append(g if w else None)
+    return tuple(g.reshape(shape) if g is not None else None for g, shape in zip(grads, ctx.shapes))
 
 
 class KLDivWithLogitsFunction(torch.autograd.Function):
@@ -63,54 +101,28 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
                 grad_input, grad_target):
         x, t = _rows(input), _rows(target)
         m = mask.reshape(-1).contiguous() if mask is not None else None
-        row, gx, gt = op(backend, "kl_div_with_logits_fwd")(x, t, m, target_type, temperature, direction, grad_input, grad_target)
-        denom = None
-        if reduction == "none":
-            out = row.reshape(input.shape[:-1])
-        else:
-            counted = m.sum() if m is not None else x.shape[0]
-            if reduction == "mean":
-                counted = counted * x.shape[1]
-            out, denom = _reduce(row.sum(), reduction, counted)
-        ctx.backend, ctx.shapes, ctx.denom = backend, (input.shape, target.shape), denom
-        ctx.save_for_backward(gx, gt)
-        return out
+        counted = m.sum() if m is not None else x.shape[0]
+        if reduction == "mean":
+            counted = counted * x.shape[1]
+        out = _fused_forward(ctx, "kl_div_with_logits_fwd", backend, (x, t, m, target_type, temperature, direction),
+                             input, target, reduction, counted, grad_input, grad_target)
+        return out.reshape(input.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        gx, gt = ctx.saved_tensors
-        scale = _scale(grad_out, ctx.denom, acc_dtype(gx.dtype))
-        scale_grad = op(ctx.backend, "scale_grad")
-        gi = scale_grad(gx, scale).reshape(ctx.shapes[0]) if ctx.needs_input_grad[0] else None
-        gtt = scale_grad(gt, scale).reshape(ctx.shapes[1]) if ctx.needs_input_grad[1] else None
-        return gi, gtt, None, None, None, None, None, None, None, None
+        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None
 
 
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
                        subtract_entropy, grad_input, grad_target):
     x, t = _rows(input), _rows(target)
-    loss, gx, gt = op(backend, "bernoulli_kl_div_with_logits_fwd")(
-        x, t, _factor(weight, input), _factor(pos_weight, input), target_type, temperature, subtract_entropy,
-        reduction == "none", grad_input, grad_target)
-    denom = None
-    if reduction == "none":
-        out = loss.reshape(input.shape)
-    else:
-        counted = input.numel() if reduction == "mean" else x.shape[0]
-        out, denom = _reduce(loss.sum(), reduction, counted)
-    ctx.backend, ctx.shapes, ctx.denom = backend, (input.shape, target.shape), denom
-    ctx.save_for_backward(gx, gt)
-    return out
-
-
-def _bernoulli_backward(ctx, grad_out):
-    gx, gt = ctx.saved_tensors
-    scale = _scale(grad_out, ctx.denom, acc_dtype(gx.dtype))
-    scale_grad = op(ctx.backend, "scale_grad")
-    gi = scale_grad(gx, scale).reshape(ctx.shapes[0]) if ctx.needs_input_grad[0] else None
-    gtt = scale_grad(gt, scale).reshape(ctx.shapes[1]) if ctx.needs_input_grad[1] else None
-    return gi, gtt
+    args = (x, t, _factor(weight, input), _factor(pos_weight, input), target_type, temperature, subtract_entropy,
+            reduction == "none")
+    counted = input.numel() if reduction == "mean" else x.shape[0]
+    out = _fused_forward(ctx, "bernoulli_kl_div_with_logits_fwd", backend, args, input, target, reduction, counted,
+                         grad_input, grad_target)
+    return out.reshape(input.shape) if reduction == "none" else out
 
 
 class BernoulliKLDivWithLogitsFunction(torch.autograd.Function):
@@ -124,7 +136,7 @@ class BernoulliKLDivWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        return *_bernoulli_backward(ctx, grad_out), None, None, None, None, None, None, None
+        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
@@ -139,7 +151,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        return *_bernoulli_backward(ctx, grad_out), None, None, None, None, None, None
+        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None
 
 
 def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",

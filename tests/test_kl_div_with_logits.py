@@ -301,6 +301,8 @@ def test_opcheck_cpu(require_backend):
     require_backend("cpu")
     for args in _opcheck_samples():
         torch.library.opcheck(torch.ops.kl_ext.kl_div_with_logits_fwd.default, args)
+        if args[6]:
+            torch.library.opcheck(torch.ops.kl_ext.kl_div_with_logits_fwd.default, (*args, torch.tensor(0.25)))
 
 
 def test_opcheck_triton_schema(require_backend):
@@ -348,3 +350,34 @@ def test_non_contiguous_inputs(require_backend):
     assert not xs.is_contiguous()
     torch.testing.assert_close(kl_ext.kl_div_with_logits(xs, ts, backend="cpu"),
                                kl_ext.kl_div_with_logits(x, t, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_retain_graph_second_backward(backend, require_backend):
+    # Backward scales the saved gradient in place; a second backward through the retained graph recomputes it.
+    require_backend(backend)
+    x, t, mask = make_case((5, 23), "logits", torch.float32, masked=True)
+    x.requires_grad_()
+    t.requires_grad_()
+    loss = kl_ext.kl_div_with_logits(x, t, mask=mask, backend=backend)
+    g1 = torch.autograd.grad(loss, (x, t), torch.tensor(2.0), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (x, t), torch.tensor(-0.5), retain_graph=True)
+    g3 = torch.autograd.grad(loss, (x, t))
+    for a, b, c in zip(g1, g2, g3):
+        torch.testing.assert_close(a, 2 * c)
+        torch.testing.assert_close(b, -0.5 * c)
+    _, rgx, rgt = ref(x, t, mask=mask)
+    g = torch.randn((), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_close_rel(g3[0] * g, rgx, 1e-5)
+    assert_close_rel(g3[1] * g, rgt, 1e-5)
+
+
+def test_retain_graph_after_inplace_input_change_is_refused(require_backend):
+    require_backend("cpu")
+    x, t, _ = make_case((3, 8), "logits", torch.float32)
+    x.requires_grad_()
+    loss = kl_ext.kl_div_with_logits(x, t, backend="cpu")
+    loss.backward(retain_graph=True)
+    t.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()

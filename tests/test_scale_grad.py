@@ -5,11 +5,11 @@ import torch
 from conftest import backend_params
 
 
-def _op(backend):
+def _op(backend, name="scale_grad"):
     if backend == "triton":
         import kl_ext.triton_kernels  # noqa: F401
-        return torch.ops.kl_ext_triton.scale_grad
-    return torch.ops.kl_ext.scale_grad
+        return getattr(torch.ops.kl_ext_triton, name)
+    return getattr(torch.ops.kl_ext, name)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -27,6 +27,9 @@ def test_scale_grad(backend, dtype, scale_numel, require_backend):
     out = _op(backend)(g, s)
     assert out.dtype == dtype
     torch.testing.assert_close(out, expected.to(dtype))
+    inplace = g.clone()
+    _op(backend, "scale_grad_")(inplace, s)
+    torch.testing.assert_close(inplace, expected.to(dtype))
 
 
 def test_opcheck_cpu(require_backend):
@@ -34,5 +37,6 @@ def test_opcheck_cpu(require_backend):
     g = torch.randn(5, 9)
     for scale in [torch.rand(1), torch.rand(5), torch.rand(45)]:
         torch.library.opcheck(torch.ops.kl_ext.scale_grad.default, (g, scale))
+        torch.library.opcheck(torch.ops.kl_ext.scale_grad_.default, (g.clone(), scale))
     with pytest.raises(RuntimeError, match="1, rows or rows\\*V"):
         torch.ops.kl_ext.scale_grad(g, torch.rand(3))

@@ -25,13 +25,16 @@ def _xlogx(p):
 
 
 @triton.jit
-def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, N, C, inv_t, W_NUMEL, PW_NUMEL,
-                          TARGET_LOGITS: tl.constexpr, ENTROPY: tl.constexpr, HAS_W: tl.constexpr,
+def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, N, C, inv_t, W_NUMEL,
+                          PW_NUMEL, HAS_GS: tl.constexpr, TARGET_LOGITS: tl.constexpr, ENTROPY: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_PW: tl.constexpr, ELEMENTWISE: tl.constexpr, GRAD_X: tl.constexpr,
                           GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    gs = 1.0
+    if HAS_GS:
+        gs = tl.load(gs_ptr).to(tl.float32)  # the reduction's 1 / denominator
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
@@ -69,7 +72,7 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
         if GRAD_X:
             sig = tl.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
             lw = 1.0 + (pw - 1.0) * p
-            tl.store(gx_ptr + idx, (w * (lw * sig - pw * p) * inv_t).to(gx_ptr.dtype.element_ty), mask=ok)
+            tl.store(gx_ptr + idx, (w * (lw * sig - pw * p) * (inv_t * gs)).to(gx_ptr.dtype.element_ty), mask=ok)
         if GRAD_T:
             if TARGET_LOGITS:
                 g = -p * (1.0 - p) * (z - u) * inv_t
@@ -77,7 +80,7 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
                 g = tl.log(p) - tl.log(1.0 - p) - z
             else:
                 g = (pw - 1.0) * spz - z
-            tl.store(gt_ptr + idx, (w * g).to(gt_ptr.dtype.element_ty), mask=ok)
+            tl.store(gt_ptr + idx, (w * g * gs).to(gt_ptr.dtype.element_ty), mask=ok)
     if not ELEMENTWISE:
         tl.store(loss_ptr + rows, total, mask=row_ok)
 
@@ -86,7 +89,8 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
 def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                      pos_weight: torch.Tensor | None, target_type: str, temperature: float,
                                      subtract_entropy: bool, elementwise: bool, grad_input: bool,
-                                     grad_target: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                     grad_target: bool, grad_scale: torch.Tensor | None = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, C = input.shape
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = torch.empty((N, C) if elementwise else (N,), device=input.device, dtype=acc)
@@ -96,8 +100,9 @@ def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, 
         block_r, block_c, warps = tile_config(C)
         wrap_triton(_bernoulli_fwd_kernel)[(triton.cdiv(N, block_r),)](
             input, target, weight if weight is not None else input, pos_weight if pos_weight is not None else input,
-            loss, gx, gt, N, C, 1.0 / temperature, weight.numel() if weight is not None else 0,
-            pos_weight.numel() if pos_weight is not None else 0,
+            loss, gx, gt, grad_scale if grad_scale is not None else loss, N, C, 1.0 / temperature,
+            weight.numel() if weight is not None else 0, pos_weight.numel() if pos_weight is not None else 0,
+            HAS_GS=grad_scale is not None,
             TARGET_LOGITS=target_type == "logits", ENTROPY=subtract_entropy, HAS_W=weight is not None,
             HAS_PW=pos_weight is not None, ELEMENTWISE=elementwise, GRAD_X=grad_input, GRAD_T=grad_target,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)

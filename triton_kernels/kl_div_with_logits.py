@@ -35,8 +35,8 @@ def _delta(m_old, m_new):
 
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
-                   TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr,
+def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
+                   TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
                    GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
@@ -114,6 +114,9 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
 
         # ---- pass 2: gradients of the row KL -------------------------------------------------------
         if GRAD_X or GRAD_T:
+            gs = 1.0
+            if HAS_GS:
+                gs = tl.load(gs_ptr).to(tl.float32)  # the reduction's 1 / denominator
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 inb = offs < V
@@ -134,7 +137,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
                         g = q * s_p - p
                     else:
                         g = tl.where(q > 0, q * ((ls - lt) - kl), 0.0)
-                    tl.store(gx_ptr + base + offs, (g * inv_t).to(gx_ptr.dtype.element_ty), mask=inb)
+                    tl.store(gx_ptr + base + offs, (g * (inv_t * gs)).to(gx_ptr.dtype.element_ty), mask=inb)
                 if GRAD_T:
                     if FORWARD:
                         if TARGET == LOGITS:
@@ -150,7 +153,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
                             g = -q
                         else:
                             g = tl.where(q > 0, -q / p, 0.0)
-                    tl.store(gt_ptr + base + offs, g.to(gt_ptr.dtype.element_ty), mask=inb)
+                    tl.store(gt_ptr + base + offs, (g * gs).to(gt_ptr.dtype.element_ty), mask=inb)
     else:
         tl.store(loss_ptr + row, 0.0)
         if GRAD_X or GRAD_T:
@@ -166,7 +169,8 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, V, inv_t,
 @triton_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
 def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
                            temperature: float, direction: str, grad_input: bool,
-                           grad_target: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           grad_target: bool, grad_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, V = input.shape
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = torch.empty((N,), device=input.device, dtype=acc)
@@ -175,7 +179,9 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
     if N > 0:
         block, warps = row_config(V, input.element_size())
         wrap_triton(_kl_fwd_kernel)[(N,)](
-            input, target, mask if mask is not None else input, loss, gx, gt, V, 1.0 / temperature,
+            input, target, mask if mask is not None else input, loss, gx, gt,
+            grad_scale if grad_scale is not None else loss, V, 1.0 / temperature,
             TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,
+            HAS_GS=grad_scale is not None,
             GRAD_X=grad_input, GRAD_T=grad_target, BLOCK=block, num_warps=warps)
     return loss, gx, gt

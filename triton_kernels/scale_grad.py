@@ -1,4 +1,6 @@
-"""scale_grad: Triton kernel, registered as torch.ops.kl_ext_triton.scale_grad (contract: csrc/scale_grad.cpp)."""
+"""scale_grad / scale_grad_: Triton kernels, registered as torch.ops.kl_ext_triton.scale_grad(_)
+(contract: csrc/scale_grad.cpp). In place with a single scale of exactly 1, every program returns after one
+scalar load: loss.backward() on a reduced loss then moves no gradient bytes, with no host sync."""
 import torch
 import triton
 import triton.language as tl
@@ -8,7 +10,7 @@ from kl_ext.triton_kernels._config import flat_config
 
 
 @triton.jit
-def _scale_grad_kernel(g_ptr, s_ptr, o_ptr, n, V, SN, ROWS, BLOCK: tl.constexpr):
+def _scale_block(g_ptr, s_ptr, o_ptr, n, V, SN, ROWS, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     sidx = tl.where(SN == 1, 0 * offs, tl.where(SN == ROWS, offs // V, offs))
@@ -17,12 +19,31 @@ def _scale_grad_kernel(g_ptr, s_ptr, o_ptr, n, V, SN, ROWS, BLOCK: tl.constexpr)
     tl.store(o_ptr + offs, (g * s).to(o_ptr.dtype.element_ty), mask=ok)
 
 
-@triton_op("kl_ext_triton::scale_grad", mutates_args=())
-def scale_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(grad)
+@triton.jit
+def _scale_grad_kernel(g_ptr, s_ptr, o_ptr, n, V, SN, ROWS, SKIP_UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    if SKIP_UNIT:
+        if tl.load(s_ptr).to(tl.float32) != 1.0:
+            _scale_block(g_ptr, s_ptr, o_ptr, n, V, SN, ROWS, BLOCK)
+    else:
+        _scale_block(g_ptr, s_ptr, o_ptr, n, V, SN, ROWS, BLOCK)
+
+
+def _launch(grad, scale, out):
     n = grad.numel()
     if n > 0:
         block, warps = flat_config(n)
         wrap_triton(_scale_grad_kernel)[(triton.cdiv(n, block),)](
-            grad, scale, out, n, grad.shape[1], scale.numel(), grad.shape[0], BLOCK=block, num_warps=warps)
+            grad, scale, out, n, grad.shape[1], scale.numel(), grad.shape[0],
+            SKIP_UNIT=out is grad and scale.numel() == 1, BLOCK=block, num_warps=warps)
+
+
+@triton_op("kl_ext_triton::scale_grad", mutates_args=())
+def scale_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(grad)
+    _launch(grad, scale, out)
     return out
+
+
+@triton_op("kl_ext_triton::scale_grad_", mutates_args={"grad"})
+def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    _launch(grad, scale, grad)
