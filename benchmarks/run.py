@@ -41,7 +41,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
     ap.add_argument("--modes", default=None, help="comma list of fwd,fwd+bwd,bwd")
     ap.add_argument("--ops", default="kl,bernoulli")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (GPU uses do_bench)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU uses do_bench)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

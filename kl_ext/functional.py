@@ -40,9 +40,11 @@ def _factor(f: Optional[torch.Tensor], input: torch.Tensor) -> Optional[torch.Te
     return f.expand(input.shape).reshape(-1).contiguous()
 
 
-def _fused_forward(ctx, name, backend, args, input, target, reduction, counted, grad_input, grad_target):
-    """Run forward op `name` on `args` (its leading arguments), reduce its loss and keep its gradients for
-    backward. counted: rows (times classes for 'mean') the reduction divides by, an int or a device tensor."""
+def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, grad_input, grad_target):
+    """Run forward op `name` on make_args() (its leading arguments), reduce its loss and keep its gradients
+    for backward. sources: the user's tensors the arguments are made from (input and target first).
+    counted: what the reduction divides by, an int or a device tensor."""
+    input, target = sources[0], sources[1]
     acc = acc_dtype(input.dtype)
     denom = grad_scale = None
     if reduction in ("mean", "batchmean"):
@@ -53,23 +55,25 @@ def _fused_forward(ctx, name, backend, args, input, target, reduction, counted, 
         else:
             denom = float(max(counted, 1))
             grad_scale = torch.full((), 1.0 / denom, dtype=acc, device=input.device)
-    op_args = (*args, grad_input, grad_target, grad_scale if grad_input or grad_target else None)
-    loss, gx, gt = op(backend, name)(*op_args)
+    grad_args = (grad_input, grad_target, grad_scale if grad_input or grad_target else None)
+    loss, gx, gt = op(backend, name)(*make_args(), *grad_args)
     out = loss if reduction == "none" else (loss.sum() if denom is None else loss.sum() / denom)
     ctx.backend, ctx.shapes, ctx.scaled_in_place = backend, (input.shape, target.shape), False
     ctx.save_for_backward(gx, gt)
     if not torch.compiler.is_compiling():
-        # What a second backward through a retained graph needs to recompute the gradients.
-        ctx.rerun = (name, op_args, [a._version for a in op_args if isinstance(a, torch.Tensor)])
+        # What a second backward through a retained graph needs to recompute the gradients: the user's
+        # tensors (not copies made from them, which would stay alive with the graph).
+        versions = [x._version for x in sources if x is not None]
+        ctx.rerun = (lambda: op(backend, name)(*make_args(), *grad_args), sources, versions)
     return out
 
 
 def _recompute(ctx):
-    name, op_args, versions = ctx.rerun
-    if [a._version for a in op_args if isinstance(a, torch.Tensor)] != versions:
+    rerun, sources, versions = ctx.rerun
+    if [x._version for x in sources if x is not None] != versions:
         raise RuntimeError("kl_ext: a second backward through this loss (retain_graph=True) needs its inputs, "
                            "but they were modified in place after the forward; compute the loss again")
-    _, gx, gt = op(ctx.backend, name)(*op_args)
+    _, gx, gt = rerun()
     return gx, gt
 
 
@@ -99,13 +103,15 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, mask, target_type, temperature, direction, reduction, backend,
                 grad_input, grad_target):
-        x, t = _rows(input), _rows(target)
-        m = mask.reshape(-1).contiguous() if mask is not None else None
-        counted = m.sum() if m is not None else x.shape[0]
+        def make_args():
+            m = mask.reshape(-1).contiguous() if mask is not None else None
+            return _rows(input), _rows(target), m, target_type, temperature, direction
+
+        counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
         if reduction == "mean":
-            counted = counted * x.shape[1]
-        out = _fused_forward(ctx, "kl_div_with_logits_fwd", backend, (x, t, m, target_type, temperature, direction),
-                             input, target, reduction, counted, grad_input, grad_target)
+            counted = counted * input.shape[-1]
+        out = _fused_forward(ctx, "kl_div_with_logits_fwd", backend, make_args, (input, target, mask), reduction,
+                             counted, grad_input, grad_target)
         return out.reshape(input.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
@@ -116,12 +122,13 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
 
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
                        subtract_entropy, grad_input, grad_target):
-    x, t = _rows(input), _rows(target)
-    args = (x, t, _factor(weight, input), _factor(pos_weight, input), target_type, temperature, subtract_entropy,
-            reduction == "none")
-    counted = input.numel() if reduction == "mean" else x.shape[0]
-    out = _fused_forward(ctx, "bernoulli_kl_div_with_logits_fwd", backend, args, input, target, reduction, counted,
-                         grad_input, grad_target)
+    def make_args():
+        return (_rows(input), _rows(target), _factor(weight, input), _factor(pos_weight, input), target_type,
+                temperature, subtract_entropy, reduction == "none")
+
+    counted = input.numel() if reduction == "mean" else math.prod(input.shape[:-1])
+    out = _fused_forward(ctx, "bernoulli_kl_div_with_logits_fwd", backend, make_args,
+                         (input, target, weight, pos_weight), reduction, counted, grad_input, grad_target)
     return out.reshape(input.shape) if reduction == "none" else out
 
 
