@@ -35,18 +35,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, reps: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms. On CUDA, triton.testing.do_bench (L2 flushed between reps)."""
-    if device.type == "cuda":
+def time_ms(fn, device, reps: int, warmup: int = 1, setup=None) -> float:
+    """Median wall time of fn() in ms; setup(), when given, runs untimed before each call (e.g. building the
+    graph a backward consumes). On CUDA without setup: triton.testing.do_bench (L2 flushed between reps);
+    with setup: CUDA events, the L2 flushed in the untimed part."""
+    if device.type == "cuda" and setup is None:
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(warmup):
-        fn()
+    reps = max(reps, 20) if device.type == "cuda" else reps
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if device.type == "cuda" else None
     times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    for i in range(warmup + reps):
+        if setup is not None:
+            setup()
+        if flush is not None:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
     return statistics.median(times)
 
 
@@ -58,11 +73,13 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, reps: int = 5) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def peak_extra_mb(fn, device, baseline_bytes: int) -> float:
+def peak_extra_mb(fn, device, baseline_bytes: int, setup=None) -> float:
     """Peak device memory during fn() beyond what was allocated before plus `baseline_bytes` (the outputs a
     provider must produce, e.g. the gradient). CUDA only; NaN elsewhere."""
     if device.type != "cuda":
         return float("nan")
+    if setup is not None:
+        setup()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -126,24 +143,28 @@ def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> 
 
 
 def _closure(fn, a, b, mode):
-    """The timed callable for a mode: forward without grad, forward+backward, or backward alone."""
+    """(setup, run) for a mode: forward without grad, forward+backward, or backward alone (setup builds a
+    fresh graph, untimed, so no provider is timed on a retained graph)."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 fn(a, b)
-        return run
+        return None, run
     x = a.detach().requires_grad_()
     if mode == "fwd+bwd":
         def run():
             fn(x, b).backward()
             x.grad = None
-        return run
-    loss = fn(x, b)
+        return None, run
+    graph = {}
+
+    def setup():
+        x.grad = None
+        graph["loss"] = fn(x, b)
 
     def run():
-        loss.backward(retain_graph=True)
-        x.grad = None
-    return run
+        graph.pop("loss").backward()
+    return setup, run
 
 
 def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, shapes, dtypes, modes, reps,
@@ -151,8 +172,9 @@ def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, sha
     """Time every runnable provider on every (dtype, shape, mode); report skipped providers with their reason.
 
     providers: name -> loss_fn(a, b), (loss_fn, its own float64 reference), or a string (why it is skipped).
-    bytes_per_elem: mode -> elements moved per input element at the floor. Errors are measured on the first
-    256 rows against the reference (reference_fn unless the provider names its own) in float64.
+    bytes_per_elem: mode -> elements moved per input element at the floor (None: report time only). Errors are
+    measured on the first 256 rows against the reference (reference_fn unless the provider names its own) in
+    float64.
     """
     rows = []
     for name, fn in providers.items():
@@ -175,11 +197,12 @@ def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, sha
                     try:
                         with torch.no_grad():
                             row.rel_err = rel_err(fn(a[:n_err], b[:n_err]), ref)
-                        run = _closure(fn, a, b, mode)
-                        row.ms = time_ms(run, device, reps)
-                        row.gbps = bytes_per_elem[mode] * a.numel() * a.element_size() / (row.ms * 1e-3) / 1e9
+                        setup, run = _closure(fn, a, b, mode)
+                        row.ms = time_ms(run, device, reps, setup=setup)
+                        if bytes_per_elem[mode] is not None:
+                            row.gbps = bytes_per_elem[mode] * a.numel() * a.element_size() / (row.ms * 1e-3) / 1e9
                         grad_bytes = 0 if mode == "fwd" else a.numel() * a.element_size()
-                        row.peak_extra_mb = peak_extra_mb(run, device, grad_bytes)
+                        row.peak_extra_mb = peak_extra_mb(run, device, grad_bytes, setup=setup)
                     except Exception as e:  # noqa: BLE001 (a failing provider is reported, not fatal)
                         row.note = f"failed: {type(e).__name__}: {str(e)[:80]}"
                     rows.append(row)
