@@ -130,7 +130,7 @@ def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> 
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
         ax.axhline(copy_gbps, color="k", linestyle="--", label="device copy")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("classes V (fixed N*V)")
+        ax.set_xlabel("classes V (N*V about constant)")
         ax.set_ylabel("effective GB/s")
         ax.set_title(f"{op} {mode} {dtype} on {title_device}", fontsize=9)
         ax.legend(fontsize=7)

@@ -31,7 +31,7 @@ def plan(device, quick):
     # CPU: the foundation issue's speed-target sizes; the sweep is for GPUs.
     if quick:
         return [(4096, 32000)], [(65536, 1000)]
-    return [(16384, 4096), (4096, 32000), (1024, 128256)], [(65536, 1000), (8192, 8192)]
+    return [(32768, 4096), (4096, 32000), (1024, 128256)], [(65536, 1000), (8192, 8192)]  # N*V ~ 2^27
 
 
 def main(argv=None):
