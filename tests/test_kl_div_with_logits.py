@@ -19,7 +19,8 @@ def make_target(shape, target_type, dtype, gen, scale=2.0):
     if target_type == "log_probs":
         t = F.log_softmax(t, -1)
     elif target_type == "probs":
-        t = F.softmax(t, -1)
+        # Floor at 1e-6 so no probability underflows to 0 in float16 (zero targets have their own tests).
+        t = F.softmax(t, -1).clamp(min=1e-6)
     return t.to(dtype)
 
 
@@ -110,7 +111,9 @@ def test_backend_matches_reference(backend, dtype, target_type, direction, reduc
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels compute in float32; float64 is the cpu/torch backends' job")
     loss_tol, grad_tol = TOL[dtype]
-    for shape, masked, temperature in [((4, 37), False, 1.0), ((2, 3, 50), True, 2.5), ((5, 1), True, 0.7)]:
+    # (3, 2100) spans several blocks: the Triton kernels' streaming path; the others fit one block.
+    for shape, masked, temperature in [((4, 37), False, 1.0), ((2, 3, 50), True, 2.5), ((5, 1), True, 0.7),
+                                       ((3, 2100), True, 1.3)]:
         x, t, mask = make_case(shape, target_type, dtype, seed=len(shape), masked=masked)
         kw = dict(target_type=target_type, direction=direction, reduction=reduction, mask=mask,
                   temperature=temperature)
@@ -120,8 +123,11 @@ def test_backend_matches_reference(backend, dtype, target_type, direction, reduc
         assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert gx.dtype == dtype and gt.dtype == dtype
         assert_close_rel(loss, rloss, loss_tol, "loss " + what)
-        assert_close_rel(gx, rgx, grad_tol, "grad input " + what)
-        assert_close_rel(gt, rgt, grad_tol, "grad target " + what)
+        # Tiny 16-bit gradients ('mean' over 2100 classes) are subnormal: allow what rounding the exact
+        # gradient to the dtype itself loses, on top of the dtype's tolerance.
+        for got, exp, name in ((gx, rgx, "grad input "), (gt, rgt, "grad target ")):
+            floor = (exp.to(dtype).double() - exp).abs().max() / exp.abs().max().clamp(min=1e-30)
+            assert_close_rel(got, exp, grad_tol + 2 * float(floor), name + what)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -1,9 +1,10 @@
 """kl_div_with_logits: Triton kernels, registered as torch.ops.kl_ext_triton.kl_div_with_logits_fwd.
 
-One program per row. Pass 1 streams the row once with online statistics (running max and sum-exp of
-student and teacher, and the KL accumulator rescaled as the max moves), so a forward without gradients
-reads each input exactly once. When gradients are wanted, pass 2 streams the row again (from L2 when the
-row is small) and writes the gradients of the row's KL. Same contract and edge cases as csrc/.
+One program per row. A row that fits one block is read once and kept in registers: statistics, KL and
+gradients all come from that read. A longer row is streamed once with online statistics (running max and
+sum-exp of student and teacher, and the KL accumulator rescaled as the max moves), so a forward without
+gradients reads each input exactly once; when gradients are wanted, a second pass streams the row again and
+writes the gradients of the row's KL. Same contract and edge cases as csrc/.
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (used by CI): no libdevice, loads are upcast at once.
 """
 import torch
@@ -35,125 +36,159 @@ def _delta(m_old, m_new):
 
 
 @triton.jit
+def _load_chunk(x_ptr, t_ptr, offs, inb, inv_t, TARGET: tl.constexpr):
+    """Student logits / T; teacher log-probs (logits / T for LOGITS) and probs (only for LOG_PROBS / PROBS).
+    Lanes past the row hold -inf logits / zero probability, which every formula below treats as absent."""
+    zs = tl.load(x_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+    if TARGET == LOGITS:
+        lt = tl.load(t_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+        p = lt  # unused: teacher probs come from the row statistics
+    elif TARGET == LOG_PROBS:
+        lt = tl.load(t_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        p = tl.exp(lt)
+    else:
+        p = tl.load(t_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        lt = tl.log(p)
+    return zs, lt, p
+
+
+@triton.jit
+def _accumulate(zs, lt, p, m_s, d_s, m_t, d_t, acc, s_p, TARGET: tl.constexpr, FORWARD: tl.constexpr):
+    """Fold one chunk into the online statistics. The KL accumulator is kept relative to the running maxima
+    (shifted logits), so that when p == q it is exactly 0 and no large log-sum-exp terms cancel at the end;
+    when a maximum moves, the old terms shift by the move (d * delta) and are rescaled (alpha)."""
+    ms_new = tl.maximum(m_s, tl.max(zs, 0))
+    a_s = _rescale(m_s, ms_new)
+    dl_s = _delta(m_s, ms_new)
+    e_s = tl.exp(zs - _safe(ms_new))
+    zs_sh = zs - _safe(ms_new)
+    if TARGET == LOGITS:
+        mt_new = tl.maximum(m_t, tl.max(lt, 0))
+        a_t = _rescale(m_t, mt_new)
+        dl_t = _delta(m_t, mt_new)
+        e_t = tl.exp(lt - _safe(mt_new))
+        lt_sh = lt - _safe(mt_new)
+        if FORWARD:
+            acc = a_t * (acc + d_t * (dl_s - dl_t)) + tl.sum(tl.where(e_t > 0, e_t * (lt_sh - zs_sh), 0.0), 0)
+        else:
+            acc = a_s * (acc + d_s * (dl_t - dl_s)) + tl.sum(tl.where(e_s > 0, e_s * (zs_sh - lt_sh), 0.0), 0)
+        d_t = d_t * a_t + tl.sum(e_t, 0)
+        m_t = mt_new
+    else:
+        if FORWARD:
+            acc = acc + s_p * dl_s + tl.sum(tl.where(p > 0, p * (lt - zs_sh), 0.0), 0)
+        else:
+            acc = a_s * (acc - d_s * dl_s) + tl.sum(tl.where(e_s > 0, e_s * (zs_sh - lt), 0.0), 0)
+        s_p += tl.sum(p, 0)
+    d_s = d_s * a_s + tl.sum(e_s, 0)
+    return ms_new, d_s, m_t, d_t, acc, s_p
+
+
+@triton.jit
+def _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET: tl.constexpr, FORWARD: tl.constexpr):
+    """Row KL and statistics (lse_s, lse_t, teacher mass, student mass). A row that is entirely -inf has mass 0,
+    log-probs -inf (lse = +inf), probs 0; a side with no mass where the other has some gives KL = +inf."""
+    lse_s = tl.where(d_s > 0, _safe(m_s) + tl.log(d_s), float("inf"))
+    s_q = tl.where(d_s > 0, 1.0, 0.0)
+    if TARGET == LOGITS:
+        lse_t = tl.where(d_t > 0, _safe(m_t) + tl.log(d_t), float("inf"))
+        s_p = tl.where(d_t > 0, 1.0, 0.0)
+        if FORWARD:
+            kl = tl.where(d_t > 0, tl.where(d_s > 0, acc / d_t - tl.log(d_t) + tl.log(d_s), float("inf")), 0.0)
+        else:
+            kl = tl.where(d_s > 0, tl.where(d_t > 0, acc / d_s - tl.log(d_s) + tl.log(d_t), float("inf")), 0.0)
+    else:
+        lse_t = 0.0
+        if FORWARD:
+            kl = tl.where(s_p > 0, tl.where(d_s > 0, acc + s_p * tl.log(d_s), float("inf")), 0.0)
+        else:
+            kl = tl.where(d_s > 0, acc / d_s - tl.log(d_s), 0.0)
+    return kl, lse_s, lse_t, s_p, s_q
+
+
+@triton.jit
+def _store_grads(zs, lt, p, offs, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_q, inv_t, gs,
+                 TARGET: tl.constexpr, FORWARD: tl.constexpr, GRAD_X: tl.constexpr, GRAD_T: tl.constexpr):
+    """Gradients of the row KL (times gs, the reduction's 1 / denominator) for one chunk."""
+    ls = zs - lse_s
+    q = tl.exp(ls)
+    if TARGET == LOGITS:
+        lt = lt - lse_t
+        p = tl.exp(lt)
+    if GRAD_X:
+        if FORWARD:
+            g = q * s_p - p
+        else:
+            g = tl.where(q > 0, q * ((ls - lt) - kl), 0.0)
+        tl.store(gx_ptr + offs, (g * (inv_t * gs)).to(gx_ptr.dtype.element_ty), mask=inb)
+    if GRAD_T:
+        if FORWARD:
+            if TARGET == LOGITS:
+                g = tl.where(p > 0, p * ((lt - ls) - kl), 0.0) * inv_t
+            elif TARGET == LOG_PROBS:
+                g = tl.where(p > 0, p * (lt - ls + 1.0), 0.0)
+            else:
+                g = lt - ls + 1.0
+        else:
+            if TARGET == LOGITS:
+                g = (p * s_q - q) * inv_t
+            elif TARGET == LOG_PROBS:
+                g = -q
+            else:
+                g = tl.where(q > 0, -q / p, 0.0)
+        tl.store(gt_ptr + offs, (g * gs).to(gt_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
 def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
                    TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
-                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     cols = tl.arange(0, BLOCK)
+    x_ptr += base
+    t_ptr += base
+    gx_ptr += base
+    gt_ptr += base
     live = True
     if HAS_MASK:
         live = tl.load(mask_ptr + row) != 0
     if live:
-        # ---- pass 1: online statistics and the KL accumulator --------------------------------------
-        # The accumulator is kept relative to the running maxima (shifted logits), so that when p == q it
-        # is exactly 0 and no large log-sum-exp terms cancel at the end; when a maximum moves, the old
-        # terms shift by the move (d * delta) and are rescaled (alpha), as in online softmax.
-        m_s = float("-inf")
-        d_s = 0.0
-        m_t = float("-inf")
-        d_t = 0.0
-        acc = 0.0
-        s_p = 0.0   # teacher mass for log_probs / probs
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            inb = offs < V
-            zs = tl.load(x_ptr + base + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
-            if TARGET == LOGITS:
-                lt = tl.load(t_ptr + base + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
-            elif TARGET == LOG_PROBS:
-                lt = tl.load(t_ptr + base + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            else:
-                p = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32)
-                lt = tl.log(p)
-            ms_new = tl.maximum(m_s, tl.max(zs, 0))
-            a_s = _rescale(m_s, ms_new)
-            dl_s = _delta(m_s, ms_new)
-            e_s = tl.exp(zs - _safe(ms_new))
-            zs_sh = zs - _safe(ms_new)
-            if TARGET == LOGITS:
-                mt_new = tl.maximum(m_t, tl.max(lt, 0))
-                a_t = _rescale(m_t, mt_new)
-                dl_t = _delta(m_t, mt_new)
-                e_t = tl.exp(lt - _safe(mt_new))
-                lt_sh = lt - _safe(mt_new)
-                if FORWARD:
-                    acc = a_t * (acc + d_t * (dl_s - dl_t)) + tl.sum(tl.where(e_t > 0, e_t * (lt_sh - zs_sh), 0.0), 0)
-                else:
-                    acc = a_s * (acc + d_s * (dl_t - dl_s)) + tl.sum(tl.where(e_s > 0, e_s * (zs_sh - lt_sh), 0.0), 0)
-                d_t = d_t * a_t + tl.sum(e_t, 0)
-                m_t = mt_new
-            else:
-                if TARGET == LOG_PROBS:
-                    p = tl.exp(lt)
-                if FORWARD:
-                    acc = acc + s_p * dl_s + tl.sum(tl.where(p > 0, p * (lt - zs_sh), 0.0), 0)
-                else:
-                    acc = a_s * (acc - d_s * dl_s) + tl.sum(tl.where(e_s > 0, e_s * (zs_sh - lt), 0.0), 0)
-                s_p += tl.sum(p, 0)
-            d_s = d_s * a_s + tl.sum(e_s, 0)
-            m_s = ms_new
-        # Row statistics. A row that is entirely -inf has mass 0, log-probs -inf, probs 0.
-        lse_s = tl.where(d_s > 0, _safe(m_s) + tl.log(d_s), float("inf"))
-        s_q = tl.where(d_s > 0, 1.0, 0.0)
-        if TARGET == LOGITS:
-            lse_t = tl.where(d_t > 0, _safe(m_t) + tl.log(d_t), float("inf"))
-            s_p = tl.where(d_t > 0, 1.0, 0.0)
-            # A side with no mass where the other has some: KL = +inf (acc is already +inf there).
-            if FORWARD:
-                kl = tl.where(d_t > 0, tl.where(d_s > 0, acc / d_t - tl.log(d_t) + tl.log(d_s), float("inf")), 0.0)
-            else:
-                kl = tl.where(d_s > 0, tl.where(d_t > 0, acc / d_s - tl.log(d_s) + tl.log(d_t), float("inf")), 0.0)
+        gs = 1.0
+        if HAS_GS:
+            gs = tl.load(gs_ptr).to(tl.float32)
+        if ONE_CHUNK:
+            # The whole row fits one block: read it once, keep it in registers for the gradients.
+            inb = cols < V
+            zs, lt, p = _load_chunk(x_ptr, t_ptr, cols, inb, inv_t, TARGET)
+            m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, float("-inf"), 0.0, float("-inf"), 0.0, 0.0,
+                                                       0.0, TARGET, FORWARD)
+            kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
+            tl.store(loss_ptr + row, kl)
+            if GRAD_X or GRAD_T:
+                _store_grads(zs, lt, p, cols, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_q, inv_t, gs,
+                             TARGET, FORWARD, GRAD_X, GRAD_T)
         else:
-            lse_t = 0.0
-            if FORWARD:
-                kl = tl.where(s_p > 0, tl.where(d_s > 0, acc + s_p * tl.log(d_s), float("inf")), 0.0)
-            else:
-                kl = tl.where(d_s > 0, acc / d_s - tl.log(d_s), 0.0)
-        tl.store(loss_ptr + row, kl)
-
-        # ---- pass 2: gradients of the row KL -------------------------------------------------------
-        if GRAD_X or GRAD_T:
-            gs = 1.0
-            if HAS_GS:
-                gs = tl.load(gs_ptr).to(tl.float32)  # the reduction's 1 / denominator
+            # Pass 1 streams the row once with online statistics; pass 2 (gradients only) streams it again.
+            m_s = float("-inf")
+            d_s = 0.0
+            m_t = float("-inf")
+            d_t = 0.0
+            acc = 0.0
+            s_p = 0.0
             for start in range(0, V, BLOCK):
                 offs = start + cols
-                inb = offs < V
-                zs = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(tl.float32) * inv_t
-                ls = zs - lse_s
-                q = tl.exp(ls)
-                if TARGET == LOGITS:
-                    lt = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_t
-                    p = tl.exp(lt)
-                elif TARGET == LOG_PROBS:
-                    lt = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32)
-                    p = tl.exp(lt)
-                else:
-                    p = tl.load(t_ptr + base + offs, mask=inb, other=0.0).to(tl.float32)
-                    lt = tl.log(p)
-                if GRAD_X:
-                    if FORWARD:
-                        g = q * s_p - p
-                    else:
-                        g = tl.where(q > 0, q * ((ls - lt) - kl), 0.0)
-                    tl.store(gx_ptr + base + offs, (g * (inv_t * gs)).to(gx_ptr.dtype.element_ty), mask=inb)
-                if GRAD_T:
-                    if FORWARD:
-                        if TARGET == LOGITS:
-                            g = tl.where(p > 0, p * ((lt - ls) - kl), 0.0) * inv_t
-                        elif TARGET == LOG_PROBS:
-                            g = tl.where(p > 0, p * (lt - ls + 1.0), 0.0)
-                        else:
-                            g = lt - ls + 1.0
-                    else:
-                        if TARGET == LOGITS:
-                            g = (p * s_q - q) * inv_t
-                        elif TARGET == LOG_PROBS:
-                            g = -q
-                        else:
-                            g = tl.where(q > 0, -q / p, 0.0)
-                    tl.store(gt_ptr + base + offs, (g * gs).to(gt_ptr.dtype.element_ty), mask=inb)
+                zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
+                m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
+            kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
+            tl.store(loss_ptr + row, kl)
+            if GRAD_X or GRAD_T:
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    inb = offs < V
+                    zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, inb, inv_t, TARGET)
+                    _store_grads(zs, lt, p, offs, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_q, inv_t, gs,
+                                 TARGET, FORWARD, GRAD_X, GRAD_T)
     else:
         tl.store(loss_ptr + row, 0.0)
         if GRAD_X or GRAD_T:
@@ -161,9 +196,9 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, 
                 offs = start + cols
                 inb = offs < V
                 if GRAD_X:
-                    tl.store(gx_ptr + base + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
+                    tl.store(gx_ptr + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
                 if GRAD_T:
-                    tl.store(gt_ptr + base + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
+                    tl.store(gt_ptr + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
 
 
 @triton_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
@@ -183,5 +218,5 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
             grad_scale if grad_scale is not None else loss, V, 1.0 / temperature,
             TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None,
-            GRAD_X=grad_input, GRAD_T=grad_target, BLOCK=block, num_warps=warps)
+            GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=V <= block, BLOCK=block, num_warps=warps)
     return loss, gx, gt
