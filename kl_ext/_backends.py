@@ -33,10 +33,15 @@ def native_loaded() -> bool:
     return True
 
 
+_PROBES: dict = {}  # probe results; a plain dict, since Dynamo traces into functools.lru_cache wrappers
+
+
 @_compile_constant
 def _native_kernel(dispatch_key: str) -> bool:
-    return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "kl_ext::kl_div_with_logits_fwd", dispatch_key)
+    if dispatch_key not in _PROBES:
+        _PROBES[dispatch_key] = native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "kl_ext::kl_div_with_logits_fwd", dispatch_key)
+    return _PROBES[dispatch_key]
 
 
 @_compile_constant
@@ -47,7 +52,9 @@ def triton_interpret() -> bool:
 
 @_compile_constant
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if "triton" not in _PROBES:
+        _PROBES["triton"] = importlib.util.find_spec("triton") is not None
+    return _PROBES["triton"]
 
 
 def _usable(backend: str, device: torch.device) -> tuple[bool, str]:
