@@ -101,9 +101,13 @@ inline T safe_shift(T mx) {
 
 // Row layout in the staging buffers: a = student logits / T, b = exp(a - max_a);
 // c = teacher logits / T (logits) or log-probs, d = exp(c - max_c) (logits) or probs. Then
-//   ls = a - lse_s, q = b * inv_s, lt = c - lse_t, p = d * inv_t and lt - ls = (c - a) - (lse_t - lse_s),
-// which is exactly 0 for identical rows. Passes over the staged row: load (+max), exp, loss (+ the
-// forward-direction input gradient), and a gradient pass only when a gradient needs the row's KL.
+//   ls = a - lse_s, q = b * inv_s, lt = c - lse_t, p = d * inv_t, lt - ls = (c - a) - dlse, dlse = lse_t - lse_s.
+// The KL is accumulated on logits shifted by their maxima (a' = a - max_a, c' likewise for logits), so no large
+// log-sum-exp terms cancel and identical rows give exactly 0:
+//   forward KL = inv_t * sum d (c' - a') - mass_p * (log sum_t - log sum_s)   (log sum_t = 0 unless logits),
+//   reverse KL = inv_s * sum b (a' - c') + mass_q * (log sum_t - log sum_s).
+// Passes: load (+ max), exp (+ sums and the KL accumulator; b and d are kept only when a gradient is wanted),
+// and one gradient pass.
 template <typename scalar_t>
 void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
                  scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
@@ -116,11 +120,12 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
   const acc_t gx_f = inv_T * gs;  // d/d input = (1/T) d/dz, times the reduction's grad_scale
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool fwd = dir == Direction::Forward;
+  const bool keep = gx != nullptr || gt != nullptr;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(5 * np);
-    acc_t *a = buf.data(), *b = a + np, *c = b + np, *d = c + np, *stage = d + np;
+    std::vector<acc_t> buf(6 * np);
+    acc_t *a = buf.data(), *b = a + np, *c = b + np, *d = c + np, *stage_x = d + np, *stage_t = stage_x + np;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * V;
       if (mask != nullptr && !mask[r]) {
@@ -131,82 +136,76 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
       }
       const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
       const acc_t sh_s = safe_shift(mx_s);
-      V_t vs_s(0), vs_t(0);
-      RowStats<acc_t> st;  // teacher
-      if (tt == TargetType::Logits) {
-        const acc_t mx_t = load_row(t + off, c, V, np, inv_T, ninf), sh_t = safe_shift(mx_t);
-        for (int64_t i = 0; i < np; i += L) {
-          V_t eb = (V_t::loadu(a + i) - V_t(sh_s)).exp(), ed = (V_t::loadu(c + i) - V_t(sh_t)).exp();
+      const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
+      acc_t sh_t = 0, mx_t = 0;
+      if (logits) {
+        mx_t = load_row(t + off, c, V, np, inv_T, ninf);
+        sh_t = safe_shift(mx_t);
+      } else {
+        load_row(t + off, lp ? c : d, V, np, acc_t(1), lp ? ninf : acc_t(0));
+      }
+      // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0).
+      V_t vs_s(0), vs_t(0), vacc(0);
+      for (int64_t i = 0; i < np; i += L) {
+        const V_t av = V_t::loadu(a + i) - V_t(sh_s);  // shifted
+        const V_t eb = av.exp();
+        V_t cv, ed;
+        if (logits) {
+          cv = V_t::loadu(c + i) - V_t(sh_t);  // shifted
+          ed = cv.exp();
+        } else if (lp) {
+          cv = V_t::loadu(c + i);
+          ed = cv.exp();
+        } else {
+          ed = V_t::loadu(d + i);
+          cv = ed.log();
+          cv.store(c + i);
+        }
+        vs_s += eb;
+        vs_t += ed;
+        vacc += fwd ? where_pos(ed, ed * (cv - av)) : where_pos(eb, eb * (av - cv));
+        if (keep) {
           eb.store(b + i);
           ed.store(d + i);
-          vs_s += eb;
-          vs_t += ed;
         }
-        st = stats(mx_t, hsum(vs_t));
-      } else {
-        const bool lp = tt == TargetType::LogProbs;
-        load_row(t + off, lp ? c : d, V, np, acc_t(1), lp ? ninf : acc_t(0));
-        for (int64_t i = 0; i < np; i += L) {
-          V_t eb = (V_t::loadu(a + i) - V_t(sh_s)).exp();
-          eb.store(b + i);
-          vs_s += eb;
-          if (lp) {
-            V_t pv = V_t::loadu(c + i).exp();
-            pv.store(d + i);
-            vs_t += pv;
-          } else {
-            V_t pv = V_t::loadu(d + i);
-            pv.log().store(c + i);
-            vs_t += pv;
-          }
-        }
-        st = {acc_t(0), acc_t(1), hsum(vs_t)};  // lse_t = 0, p = d as is, mass = sum p
       }
-      const RowStats<acc_t> ss = stats(mx_s, hsum(vs_s));
+      const acc_t sum_s = hsum(vs_s), sum_t = hsum(vs_t);
+      const RowStats<acc_t> ss = stats(mx_s, sum_s);
+      const RowStats<acc_t> st = logits ? stats(mx_t, sum_t) : RowStats<acc_t>{acc_t(0), acc_t(1), sum_t};
       const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
-      const V_t Vlse_s(ss.lse), Vinv_s(ss.inv), Vlse_t(st.lse), Vinv_t(st.inv), Vdlse(dlse);
-
-      // Loss pass; the forward-direction input gradient (q * mass_p - p) / T needs no KL, so it goes here.
-      const bool gx_here = gx != nullptr && fwd;
-      V_t vl(0);
-      for (int64_t i = 0; i < np; i += L) {
-        const V_t av = V_t::loadu(a + i), cv = V_t::loadu(c + i);
-        const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
-        const V_t diff = (cv - av) - Vdlse;  // lt - ls
-        vl += fwd ? where_pos(p, p * diff) : where_pos(q, q * (V_t(0) - diff));
-        if (gx_here) put_grad<scalar_t, acc_t>((q * V_t(st.mass) - p) * V_t(gx_f), gx + off, stage, i, V);
-      }
-      const acc_t kl = hsum(vl);
+      // A side with no mass gives 0 (it is the weight) or +inf (the other side has mass where it has none).
+      const acc_t inf = std::numeric_limits<acc_t>::infinity();
+      const acc_t dlsum = (logits ? std::log(sum_t) : acc_t(0)) - std::log(sum_s);
+      const acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : hsum(vacc) * st.inv - st.mass * dlsum)
+                           : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : hsum(vacc) * ss.inv + dlsum);
       loss[r] = kl;
-      if (gx_here) flush_grad(gx + off, stage, V);
+      if (!keep) continue;
 
-      if (gx != nullptr && !fwd) {
-        for (int64_t i = 0; i < np; i += L) {
-          const V_t q = V_t::loadu(b + i) * Vinv_s;
-          const V_t diff = (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse;
-          put_grad<scalar_t, acc_t>(where_pos(q, q * ((V_t(0) - diff) - V_t(kl))) * V_t(gx_f), gx + off, stage, i,
-                                    V);
+      const V_t Vinv_s(ss.inv), Vinv_t(st.inv), Vdlse(dlse), Vkl(kl);
+      for (int64_t i = 0; i < np; i += L) {
+        const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
+        const bool need_diff = gt != nullptr || !fwd;
+        const V_t diff = need_diff ? (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse : V_t(0);  // lt - ls
+        if (gx) {
+          const V_t gv = fwd ? q * V_t(st.mass) - p : where_pos(q, q * ((V_t(0) - diff) - Vkl));
+          put_grad<scalar_t, acc_t>(gv * V_t(gx_f), gx + off, stage_x, i, V);
         }
-        flush_grad(gx + off, stage, V);
-      }
-      if (gt != nullptr) {
-        for (int64_t i = 0; i < np; i += L) {
-          const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
-          const V_t diff = (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse;  // lt - ls
+        if (gt) {
           V_t gv;
           if (fwd) {
-            if (tt == TargetType::Logits) gv = where_pos(p, p * (diff - V_t(kl))) * V_t(inv_T);
-            else if (tt == TargetType::LogProbs) gv = where_pos(p, p * (diff + V_t(1)));
+            if (logits) gv = where_pos(p, p * (diff - Vkl)) * V_t(inv_T);
+            else if (lp) gv = where_pos(p, p * (diff + V_t(1)));
             else gv = diff + V_t(1);  // d/dp [p log p - p ls]; -inf at p = 0, as the math says
           } else {
-            if (tt == TargetType::Logits) gv = (p * V_t(ss.mass) - q) * V_t(inv_T);
-            else if (tt == TargetType::LogProbs) gv = V_t(0) - q;
+            if (logits) gv = (p * V_t(ss.mass) - q) * V_t(inv_T);
+            else if (lp) gv = V_t(0) - q;
             else gv = where_pos(q, V_t(0) - q / p);
           }
-          put_grad<scalar_t, acc_t>(gv * V_t(gs), gt + off, stage, i, V);
+          put_grad<scalar_t, acc_t>(gv * V_t(gs), gt + off, stage_t, i, V);
         }
-        flush_grad(gt + off, stage, V);
       }
+      if (gx) flush_grad(gx + off, stage_x, V);
+      if (gt) flush_grad(gt + off, stage_t, V);
     }
   });
 }
