@@ -128,20 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
     const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type, double temperature,
     bool subtract_entropy, bool elementwise, bool grad_input, bool grad_target,
     const c10::optional<at::Tensor>& grad_scale) {
-  check_rows(input, target);
-  check_factor(weight, input, "weight");
-  check_factor(pos_weight, input, "pos_weight");
-  const TargetType tt = parse_target_type(std::string(target_type));
-  TORCH_CHECK(tt != TargetType::LogProbs, "kl_ext: Bernoulli targets are 'probs' or 'logits'");
-  TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
-  TORCH_CHECK(!(pos_weight.has_value() && (subtract_entropy || tt == TargetType::Logits)),
-              "kl_ext: pos_weight is only defined for binary cross-entropy with probability targets");
+  BernoulliCall call = prepare_bernoulli(input, target, weight, pos_weight, target_type, temperature,
+                                         subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
   const int64_t N = input.size(0), C = input.size(1);
-  const auto acc = input.options().dtype(acc_type(input.scalar_type()));
-  at::Tensor loss = elementwise ? at::empty({N, C}, acc) : at::empty({N}, acc);
-  at::Tensor gx = grad_input ? at::empty_like(input) : at::empty({0}, input.options());
-  at::Tensor gt = grad_target ? at::empty_like(target) : at::empty({0}, target.options());
-  check_grad_scale(grad_scale, input);
+  at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bernoulli_rows_cpu<scalar_t>(
@@ -150,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
         pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
         pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,
         grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr,
-        N, C, tt == TargetType::Logits, temperature, subtract_entropy,
+        N, C, call.target_logits, temperature, subtract_entropy,
         grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
   });
   return {loss, gx, gt};

@@ -63,4 +63,57 @@ inline void check_grad_scale(const c10::optional<at::Tensor>& g, const at::Tenso
               "kl_ext: grad_scale must be one value of the accumulation dtype on the input's device");
 }
 
+// A kl_div_with_logits_fwd call after its checks: parsed options and the outputs every backend fills.
+struct KLCall {
+  TargetType target_type;
+  Direction direction;
+  at::Tensor loss, gx, gt;
+};
+
+inline KLCall prepare_kl(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+                         c10::string_view target_type, double temperature, c10::string_view direction,
+                         bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+  check_rows(input, target);
+  check_grad_scale(grad_scale, input);
+  TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
+  const int64_t N = input.size(0);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == N && mask->is_contiguous() &&
+                    mask->device() == input.device(),
+                "kl_ext: mask must be a contiguous bool tensor with one value per row, on the input's device");
+  }
+  return {parse_target_type(std::string(target_type)), parse_direction(std::string(direction)),
+          at::empty({N}, input.options().dtype(acc_type(input.scalar_type()))),
+          grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
+          grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+}
+
+// The same for bernoulli_kl_div_with_logits_fwd.
+struct BernoulliCall {
+  bool target_logits;
+  at::Tensor loss, gx, gt;
+};
+
+inline BernoulliCall prepare_bernoulli(const at::Tensor& input, const at::Tensor& target,
+                                       const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type,
+                                       double temperature, bool subtract_entropy, bool elementwise,
+                                       bool grad_input, bool grad_target,
+                                       const c10::optional<at::Tensor>& grad_scale) {
+  check_rows(input, target);
+  check_factor(weight, input, "weight");
+  check_factor(pos_weight, input, "pos_weight");
+  check_grad_scale(grad_scale, input);
+  const TargetType tt = parse_target_type(std::string(target_type));
+  TORCH_CHECK(tt != TargetType::LogProbs, "kl_ext: Bernoulli targets are 'probs' or 'logits'");
+  TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
+  TORCH_CHECK(!(pos_weight.has_value() && (subtract_entropy || tt == TargetType::Logits)),
+              "kl_ext: pos_weight is only defined for binary cross-entropy with probability targets");
+  const int64_t N = input.size(0), C = input.size(1);
+  const auto acc = input.options().dtype(acc_type(input.scalar_type()));
+  return {tt == TargetType::Logits, elementwise ? at::empty({N, C}, acc) : at::empty({N}, acc),
+          grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
+          grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+}
+
 }  // namespace kl_ext

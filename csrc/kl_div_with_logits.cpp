@@ -214,25 +214,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
     bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
-  check_rows(input, target);
-  const TargetType tt = parse_target_type(std::string(target_type));
-  const Direction dir = parse_direction(std::string(direction));
-  TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
+  KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
+                           grad_scale);
   const int64_t N = input.size(0), V = input.size(1);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == N && mask->is_contiguous(),
-                "kl_ext: mask must be a contiguous bool tensor with one value per row");
-  }
-  at::Tensor loss = at::empty({N}, input.options().dtype(acc_type(input.scalar_type())));
-  at::Tensor gx = grad_input ? at::empty_like(input) : at::empty({0}, input.options());
-  at::Tensor gt = grad_target ? at::empty_like(target) : at::empty({0}, target.options());
-  check_grad_scale(grad_scale, input);
+  at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kl_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
                           mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, loss.mutable_data_ptr<at::opmath_type<scalar_t>>(),
                           grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                          grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, tt, dir, temperature,
+                          grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, call.target_type, call.direction, temperature,
                           grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
   });
   return {loss, gx, gt};

@@ -1,0 +1,168 @@
+// bernoulli_kl_div_with_logits (and BCE with logits): the CUDA kernel and its host entry (contract and formulas:
+// csrc/bernoulli_kl_div_with_logits.cpp). Included by bernoulli_kl_div_with_logits.cu and by tests/cuda_emu.
+//
+// Elementwise, with per-row sums: a row is owned by a group of `group` lanes of one warp (1 for a few classes,
+// up to the whole warp for wide rows), which sum in a fixed order and combine with shuffles: deterministic, no
+// atomics, no shared memory. Each lane loads 4 elements before computing, to keep loads in flight.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../common.h"
+#include "common.cuh"
+
+namespace kl_ext {
+namespace cuda {
+
+template <typename scalar_t>
+struct BernoulliArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* t;
+  const acc_t* w;   // nullptr: 1
+  const acc_t* pw;  // nullptr: 1
+  acc_t* loss;      // (N,) row sums, or (N, C) when elementwise
+  scalar_t* gx;     // nullptr: not wanted
+  scalar_t* gt;     // nullptr: not wanted
+  const acc_t* gs;  // grad_scale on the device, nullptr: 1
+  int64_t N, C, w_numel, pw_numel;
+  acc_t inv_t;
+  bool target_logits, entropy, elementwise;
+  int group;  // lanes per row: a power of two <= 32
+};
+
+template <typename T>
+__host__ __device__ __forceinline__ T softplus_neg(T z, T e_abs) {
+  return kmax(-z, T(0)) + klog1p(e_abs);  // softplus(-z), e_abs = exp(-|z|)
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ T sigmoid_from(T z, T e_abs) {
+  const T d = T(1) / (T(1) + e_abs);
+  return z >= T(0) ? d : e_abs * d;
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ T xlogx(T p) {
+  return p > T(0) ? p * klog(p) : T(0);
+}
+
+constexpr int kBernoulliThreads = 256;
+constexpr int kBernoulliLoads = 4;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const BernoulliArgs<scalar_t> a) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int U = kBernoulliLoads;
+  const int lane = threadIdx.x & 31, group = a.group, sub = lane & (group - 1);
+  const int rows_per_warp = 32 / group;
+  const int64_t warp = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t warp_stride = int64_t(gridDim.x) * (blockDim.x >> 5) * rows_per_warp;
+  const T gs = a.gs != nullptr ? *a.gs : T(1), gx_f = a.inv_t * gs;
+  // The loop bound is the same for the whole warp, so every lane reaches the shuffles.
+  for (int64_t first = warp * rows_per_warp; first < a.N; first += warp_stride) {
+    const int64_t row = first + lane / group;
+    T total = T(0);
+    if (row < a.N) {
+      const int64_t off = row * a.C;
+      for (int64_t c0 = sub; c0 < a.C; c0 += int64_t(U) * group) {
+        scalar_t xv[U], tv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t c = c0 + int64_t(u) * group;
+          if (c < a.C) {
+            xv[u] = a.x[off + c];
+            tv[u] = a.t[off + c];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t c = c0 + int64_t(u) * group;
+          if (c >= a.C) continue;
+          const T w = a.w != nullptr ? a.w[a.w_numel == a.C ? c : off + c] : T(1);
+          const T pw = a.pw != nullptr ? a.pw[a.pw_numel == a.C ? c : off + c] : T(1);
+          const T z = T(xv[u]) * a.inv_t, ez = kexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
+          T p, l, uu = T(0);
+          if (a.target_logits) {
+            uu = T(tv[u]) * a.inv_t;
+            const T eu = kexp(-(uu < T(0) ? -uu : uu));
+            p = sigmoid_from(uu, eu);
+            l = (T(1) - p) * (z - uu) + spz - softplus_neg(uu, eu);  // exactly 0 when z == u
+          } else {
+            p = T(tv[u]);
+            l = (T(1) - p) * z + (T(1) + (pw - T(1)) * p) * spz;
+            if (a.entropy) l += xlogx(p) + xlogx(T(1) - p);
+          }
+          l *= w;
+          if (a.elementwise) a.loss[off + c] = l;
+          else total += l;
+          if (a.gx != nullptr) {
+            const T g = w * ((T(1) + (pw - T(1)) * p) * sigmoid_from(z, ez) - pw * p);
+            a.gx[off + c] = static_cast<scalar_t>(g * gx_f);
+          }
+          if (a.gt != nullptr) {
+            T g;
+            if (a.target_logits) g = -p * (T(1) - p) * (z - uu) * a.inv_t;
+            else if (a.entropy) g = klog(p) - klog(T(1) - p) - z;
+            else g = (pw - T(1)) * spz - z;
+            a.gt[off + c] = static_cast<scalar_t>(w * g * gs);
+          }
+        }
+      }
+    }
+    for (int o = group >> 1; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    if (row < a.N && sub == 0 && !a.elementwise) a.loss[row] = total;
+  }
+}
+
+// Lanes per row: about 8 elements per lane, at most a warp.
+inline int bernoulli_group(int64_t C) {
+  int g = 1;
+  while (g < 32 && int64_t(g) * 8 < C) g <<= 1;
+  return g;
+}
+
+// The op on device tensors. sms: the device's SM count (sizes the grid).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_impl(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type, double temperature,
+    bool subtract_entropy, bool elementwise, bool grad_input, bool grad_target,
+    const c10::optional<at::Tensor>& grad_scale, int sms, cudaStream_t stream) {
+  BernoulliCall call = prepare_bernoulli(input, target, weight, pos_weight, target_type, temperature,
+                                         subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
+  const int64_t N = input.size(0), C = input.size(1);
+  if (N == 0) return {call.loss, call.gx, call.gt};
+  const int group = bernoulli_group(C);
+  const int64_t rows_per_block = int64_t(kBernoulliThreads / 32) * (32 / group);
+  const dim3 grid(unsigned(std::min<int64_t>(ceil_div(N, rows_per_block), int64_t(sms) * (2048 / kBernoulliThreads)))),
+      block(kBernoulliThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BernoulliArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
+                                    target.const_data_ptr<scalar_t>(),
+                                    weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
+                                    pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
+                                    call.loss.mutable_data_ptr<acc_t>(),
+                                    grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                    grad_target ? call.gt.mutable_data_ptr<scalar_t>() : nullptr,
+                                    grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
+                                    N,
+                                    C,
+                                    weight.has_value() ? weight->numel() : 0,
+                                    pos_weight.has_value() ? pos_weight->numel() : 0,
+                                    acc_t(1.0 / temperature),
+                                    call.target_logits,
+                                    subtract_entropy,
+                                    elementwise,
+                                    group};
+    auto kernel = bernoulli_rows_kernel<scalar_t>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  });
+  return {call.loss, call.gx, call.gt};
+}
+
+}  // namespace cuda
+}  // namespace kl_ext

@@ -1,0 +1,62 @@
+// Device helpers shared by the CUDA kernels of both losses.
+//
+// The kernel headers (csrc/cuda/<op>.cuh) are plain CUDA C++ that also compiles as host C++ against
+// tests/cuda_emu/cuda_emu.h, which runs each CUDA thread as a CPU thread: CI has no GPU, and that is how it
+// still executes these kernels. So: nothing here may include CUDA headers, and kernels are launched through
+// KL_EXT_LAUNCH, defined by csrc/cuda/launch.cuh (nvcc) or by the emulator.
+#pragma once
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace kl_ext {
+namespace cuda {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// One 16-byte load of VEC elements (VEC = 1 when rows are not 16-byte aligned).
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+template <typename scalar_t>
+constexpr int vec_size() {
+  return 16 / int(sizeof(scalar_t));
+}
+
+// exp2 / log2 map to single SFU instructions on the GPU in float; double keeps full precision.
+__host__ __device__ __forceinline__ float kexp2(float x) { return exp2f(x); }
+__host__ __device__ __forceinline__ double kexp2(double x) { return exp2(x); }
+__host__ __device__ __forceinline__ float klog2(float x) { return log2f(x); }
+__host__ __device__ __forceinline__ double klog2(double x) { return log2(x); }
+__host__ __device__ __forceinline__ float kexp(float x) { return expf(x); }
+__host__ __device__ __forceinline__ double kexp(double x) { return exp(x); }
+__host__ __device__ __forceinline__ float klog(float x) { return logf(x); }
+__host__ __device__ __forceinline__ double klog(double x) { return log(x); }
+__host__ __device__ __forceinline__ float klog1p(float x) { return log1pf(x); }
+__host__ __device__ __forceinline__ double klog1p(double x) { return log1p(x); }
+
+template <typename T>
+__host__ __device__ __forceinline__ T kmax(T a, T b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ T kinf() {
+  return T(INFINITY);
+}
+
+// A running max of -inf (nothing with mass seen yet) shifts by 0 instead, so x - m never is -inf - -inf.
+template <typename T>
+__host__ __device__ __forceinline__ T safe_shift(T m) {
+  return m == -kinf<T>() ? T(0) : m;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int round_up(int64_t a, int b) { return int(ceil_div(a, b) * b); }
+
+}  // namespace cuda
+}  // namespace kl_ext

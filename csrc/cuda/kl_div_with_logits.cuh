@@ -1,0 +1,413 @@
+// kl_div_with_logits: the CUDA kernels and their host entry (contract: csrc/kl_div_with_logits.cpp).
+// Included by csrc/cuda/kl_div_with_logits.cu, and by tests/cuda_emu, which runs the same code on the CPU.
+//
+// One thread block per row (grid-stride over rows). A row of up to 4096 16-byte packs (32768 16-bit or 16384
+// fp32 values) stays in registers: it is read once, and the loss and both gradients come from that read
+// (fwd+bwd = read student + read teacher + write gradient, the floor). Longer rows are streamed: one pass
+// with online statistics (all a forward without gradients needs), and a second pass for the gradients.
+//
+// Statistics are per thread, then merged across the block in a fixed order (deterministic, no atomics).
+// Everything is in base 2 (logits pre-scaled by log2(e) / T, so every exponential is one exp2): per row,
+// the running maxima m_s, m_t, the sums of exp2 d_s, d_t, and the KL accumulator kept relative to the
+// maxima, so KL(p || p) is exactly 0 and no large log-sum-exp terms cancel (as in triton_kernels/).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../common.h"
+#include "common.cuh"
+
+namespace kl_ext {
+namespace cuda {
+
+template <typename scalar_t>
+struct KLArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* t;
+  const bool* mask;     // nullptr: every row counts
+  acc_t* loss;          // (N,)
+  scalar_t* gx;         // nullptr: not wanted
+  scalar_t* gt;         // nullptr: not wanted
+  const acc_t* gs;      // grad_scale on the device, nullptr: 1
+  int64_t N, V;
+  acc_t inv_t;          // 1 / temperature
+  TargetType target;
+  bool forward;         // direction
+};
+
+// Online statistics of (part of) a row, base 2. For teacher probs / log-probs, m_t and d_t are unused and s_p
+// is the teacher's mass. acc, relative to the maxima:
+//   forward, logits:  sum e_t (lt - zs)   reverse, logits:  sum e_s (zs - lt)   (both rows shifted)
+//   forward, probs:   sum p (lt - zs)     reverse, probs:   sum e_s (zs - lt)   (student shifted)
+template <typename T>
+struct RowState {
+  T m_s, d_s, m_t, d_t, acc, s_p;
+};
+
+template <typename T>
+__host__ __device__ __forceinline__ RowState<T> empty_state() {
+  return {-kinf<T>(), T(0), -kinf<T>(), T(0), T(0), T(0)};
+}
+
+template <typename T>
+struct Move {
+  T scale, delta;  // exp2(m_old - m_new), m_new - m_old (both 0 while nothing with mass was seen)
+};
+
+template <typename T>
+__host__ __device__ __forceinline__ Move<T> move(T m_old, T m_new) {
+  if (m_old == -kinf<T>()) return {T(0), T(0)};
+  return {kexp2(m_old - m_new), m_new - m_old};
+}
+
+// The same statistics relative to new maxima (ms >= s.m_s, mt >= s.m_t).
+template <typename T>
+__host__ __device__ __forceinline__ RowState<T> rebase(const RowState<T>& s, T ms, T mt, bool logits, bool fwd) {
+  const Move<T> S = move(s.m_s, ms);
+  RowState<T> r = s;
+  r.m_s = ms;
+  r.d_s = s.d_s * S.scale;
+  if (logits) {
+    const Move<T> U = move(s.m_t, mt);
+    r.m_t = mt;
+    r.d_t = s.d_t * U.scale;
+    r.acc = fwd ? U.scale * (s.acc + s.d_t * (S.delta - U.delta)) : S.scale * (s.acc + s.d_s * (U.delta - S.delta));
+  } else {
+    r.acc = fwd ? s.acc + s.s_p * S.delta : S.scale * (s.acc - s.d_s * S.delta);
+  }
+  return r;
+}
+
+// Symmetric (merge(x, y) == merge(y, x) bitwise), so a butterfly leaves every lane with the same state.
+template <typename T>
+__host__ __device__ __forceinline__ RowState<T> merge(const RowState<T>& x, const RowState<T>& y, bool logits,
+                                                      bool fwd) {
+  const T ms = kmax(x.m_s, y.m_s), mt = kmax(x.m_t, y.m_t);
+  const RowState<T> a = rebase(x, ms, mt, logits, fwd), b = rebase(y, ms, mt, logits, fwd);
+  return {ms, a.d_s + b.d_s, mt, a.d_t + b.d_t, a.acc + b.acc, a.s_p + b.s_p};
+}
+
+template <typename T>
+__device__ __forceinline__ RowState<T> warp_merge(RowState<T> s, bool logits, bool fwd) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    RowState<T> y;
+    y.m_s = __shfl_xor_sync(0xffffffffu, s.m_s, o);
+    y.d_s = __shfl_xor_sync(0xffffffffu, s.d_s, o);
+    y.m_t = __shfl_xor_sync(0xffffffffu, s.m_t, o);
+    y.d_t = __shfl_xor_sync(0xffffffffu, s.d_t, o);
+    y.acc = __shfl_xor_sync(0xffffffffu, s.acc, o);
+    y.s_p = __shfl_xor_sync(0xffffffffu, s.s_p, o);
+    s = merge(s, y, logits, fwd);
+  }
+  return s;
+}
+
+// The row's statistics in every thread of the block. red: 32 states of shared memory.
+template <typename T>
+__device__ __forceinline__ RowState<T> block_merge(RowState<T> s, RowState<T>* red, bool logits, bool fwd) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  s = warp_merge(s, logits, fwd);
+  if (nwarps == 1) return s;
+  if (lane == 0) red[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = warp_merge(lane < nwarps ? red[lane] : empty_state<T>(), logits, fwd);
+    if (lane == 0) red[0] = s;
+  }
+  __syncthreads();
+  s = red[0];
+  __syncthreads();  // red is written again for the next row
+  return s;
+}
+
+// Teacher element -> (log2-domain log-prob or logit, prob). Logits: p is filled in by the caller.
+template <typename T>
+__host__ __device__ __forceinline__ T teacher_log2(T t, TargetType tt, T scale2, T& p) {
+  if (tt == TargetType::Logits) return t * scale2;
+  if (tt == TargetType::LogProbs) {
+    const T l = t * T(kLog2e);
+    p = kexp2(l);
+    return l;
+  }
+  p = t;
+  return klog2(t);
+}
+
+// Fold packs j0 + k * stride (k < K, below npacks) into this thread's statistics: their maxima first, so each
+// element costs one exp2 per row side.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                     int64_t j0, int64_t stride, int64_t npacks, const KLArgs<scalar_t>& a,
+                                     T scale2) {
+  const bool logits = a.target == TargetType::Logits, fwd = a.forward;
+  T cm_s = -kinf<T>(), cm_t = -kinf<T>();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (j0 + k * stride >= npacks) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      cm_s = kmax(cm_s, T(px[k].v[e]) * scale2);
+      if (logits) cm_t = kmax(cm_t, T(pt[k].v[e]) * scale2);
+    }
+  }
+  st = rebase(st, kmax(st.m_s, cm_s), logits ? kmax(st.m_t, cm_t) : st.m_t, logits, fwd);
+  const T sh_s = safe_shift(st.m_s), sh_t = safe_shift(st.m_t);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (j0 + k * stride >= npacks) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T zs = T(px[k].v[e]) * scale2 - sh_s, es = kexp2(zs);
+      T p = T(0);
+      T lt = teacher_log2(T(pt[k].v[e]), a.target, scale2, p);
+      if (logits) {
+        lt -= sh_t;
+        p = kexp2(lt);
+        st.d_t += p;
+      } else {
+        st.s_p += p;
+      }
+      st.d_s += es;
+      // Terms of zero weight are 0 (0 log 0 = 0), never 0 * inf.
+      st.acc += fwd ? (p > T(0) ? p * (lt - zs) : T(0)) : (es > T(0) ? es * (zs - lt) : T(0));
+    }
+  }
+}
+
+template <typename T>
+struct RowResult {
+  T kl;              // natural units
+  T lse_s, lse_t;    // base 2; +inf for a row with no mass (its log-probs are -inf, its probs 0)
+  T mass_s, mass_t;  // 1 or 0 (teacher probs / log-probs: their sum)
+};
+
+template <typename T>
+__host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, bool logits, bool fwd) {
+  const T inf = kinf<T>();
+  const bool has_s = st.d_s > T(0);
+  RowResult<T> r;
+  r.lse_s = has_s ? st.m_s + klog2(st.d_s) : inf;
+  r.mass_s = has_s ? T(1) : T(0);
+  T kl2;
+  if (logits) {
+    const bool has_t = st.d_t > T(0);
+    r.lse_t = has_t ? st.m_t + klog2(st.d_t) : inf;
+    r.mass_t = has_t ? T(1) : T(0);
+    const T dlog = klog2(st.d_s) - klog2(st.d_t);
+    kl2 = fwd ? (has_t ? (has_s ? st.acc / st.d_t + dlog : inf) : T(0))
+              : (has_s ? (has_t ? st.acc / st.d_s - dlog : inf) : T(0));
+  } else {
+    r.lse_t = T(0);
+    r.mass_t = st.s_p;
+    kl2 = fwd ? (st.s_p > T(0) ? (has_s ? st.acc + st.s_p * klog2(st.d_s) : inf) : T(0))
+              : (has_s ? st.acc / st.d_s - klog2(st.d_s) : T(0));
+  }
+  r.kl = kl2 * T(kLn2);
+  return r;
+}
+
+// Gradients of the row's KL for packs j0 + k * stride, times grad_scale.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                            int64_t j0, int64_t stride, int64_t npacks, int64_t off,
+                                            const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs) {
+  using P = Pack<scalar_t, VEC>;
+  const TargetType tt = a.target;
+  const bool fwd = a.forward;
+  const T gx_f = a.inv_t * gs, ln2 = T(kLn2);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = j0 + k * stride;
+    if (j >= npacks) continue;
+    P ox, ot;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T ls2 = T(px[k].v[e]) * scale2 - r.lse_s, q = kexp2(ls2), ls = ls2 * ln2;
+      const T tv = T(pt[k].v[e]);
+      T lt, p;
+      if (tt == TargetType::Logits) {
+        const T lt2 = tv * scale2 - r.lse_t;
+        p = kexp2(lt2);
+        lt = lt2 * ln2;
+      } else if (tt == TargetType::LogProbs) {
+        lt = tv;
+        p = kexp(tv);
+      } else {
+        p = tv;
+        lt = klog(tv);
+      }
+      if (a.gx != nullptr) {
+        const T g = fwd ? q * r.mass_t - p : (q > T(0) ? q * ((ls - lt) - r.kl) : T(0));
+        ox.v[e] = static_cast<scalar_t>(g * gx_f);
+      }
+      if (a.gt != nullptr) {
+        T g;
+        if (fwd) {
+          if (tt == TargetType::Logits) g = (p > T(0) ? p * ((lt - ls) - r.kl) : T(0)) * a.inv_t;
+          else if (tt == TargetType::LogProbs) g = p > T(0) ? p * (lt - ls + T(1)) : T(0);
+          else g = lt - ls + T(1);  // -inf at p = 0, as the math says
+        } else {
+          if (tt == TargetType::Logits) g = (p * r.mass_s - q) * a.inv_t;
+          else if (tt == TargetType::LogProbs) g = -q;
+          else g = q > T(0) ? -q / p : T(0);
+        }
+        ot.v[e] = static_cast<scalar_t>(g * gs);
+      }
+    }
+    if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = ox;
+    if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = ot;
+  }
+}
+
+template <int K, typename scalar_t, int VEC>
+__device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_t, VEC>* pt,
+                                           const Pack<scalar_t, VEC>* xr, const Pack<scalar_t, VEC>* tr, int64_t j0,
+                                           int64_t stride, int64_t npacks) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = j0 + k * stride;
+    if (j < npacks) {
+      px[k] = xr[j];
+      pt[k] = tr[j];
+    }
+  }
+}
+
+constexpr int kResidentThreads = 256;  // resident rows with up to 4 packs per thread
+constexpr int kWideThreads = 512;      // resident rows with 8 packs per thread, and streamed rows
+constexpr int kStreamPacks = 4;        // packs in flight per thread when streaming
+
+// RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
+template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
+__global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads)
+    kl_rows_kernel(const KLArgs<scalar_t> a) {
+  using T = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  __shared__ RowState<T> red[32];
+  const bool logits = a.target == TargetType::Logits;
+  const bool grads = a.gx != nullptr || a.gt != nullptr;
+  const T scale2 = a.inv_t * T(kLog2e);
+  const T gs = a.gs != nullptr ? *a.gs : T(1);
+  const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const int64_t off = row * a.V;
+    const P* xr = reinterpret_cast<const P*>(a.x + off);
+    const P* tr = reinterpret_cast<const P*>(a.t + off);
+    if (a.mask != nullptr && !a.mask[row]) {
+      if (tid == 0) a.loss[row] = T(0);
+      P zero;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
+      for (int64_t j = tid; j < npacks; j += stride) {
+        if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = zero;
+        if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = zero;
+      }
+      continue;
+    }
+    RowState<T> st = empty_state<T>();
+    P px[ITEMS], pt[ITEMS];
+    if constexpr (RESIDENT) {
+      load_packs<ITEMS>(px, pt, xr, tr, tid, stride, npacks);
+      fold<ITEMS>(st, px, pt, tid, stride, npacks, a, scale2);
+    } else {
+      for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load_packs<ITEMS>(px, pt, xr, tr, j0, stride, npacks);
+        fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
+      }
+    }
+    st = block_merge(st, red, logits, a.forward);
+    const RowResult<T> r = finish(st, logits, a.forward);
+    if (tid == 0) a.loss[row] = r.kl;
+    if (!grads) continue;
+    if constexpr (RESIDENT) {
+      write_grads<ITEMS>(px, pt, tid, stride, npacks, off, r, a, scale2, gs);
+    } else {
+      for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load_packs<ITEMS>(px, pt, xr, tr, j0, stride, npacks);
+        write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs);
+      }
+    }
+  }
+}
+
+struct KLConfig {
+  int items, threads;
+  bool resident;
+};
+
+// Resident when the row fits: up to 4 packs per thread with <= 256 threads (several blocks per SM), then
+// 8 packs with <= 512 threads; longer rows stream with 512 threads, 4 packs in flight each.
+inline KLConfig kl_config(int64_t npacks) {
+  for (int items : {1, 2, 4, 8}) {
+    const int64_t threads = round_up(std::max<int64_t>(ceil_div(npacks, items), 1), 32);
+    if (threads <= (items < 8 ? kResidentThreads : kWideThreads)) return {items, int(threads), true};
+  }
+  return {kStreamPacks, kWideThreads, false};
+}
+
+template <typename scalar_t, int VEC>
+void launch_kl(const KLArgs<scalar_t>& a, int sms, cudaStream_t stream) {
+  const KLConfig c = kl_config(a.V / VEC);
+  // One wave of resident blocks at most; blocks loop over rows beyond that.
+  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(sms) * std::max(1, 2048 / c.threads)))), block(c.threads);
+  if (!c.resident) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, kStreamPacks, false>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if (c.items == 1) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 1, true>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if (c.items == 2) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 2, true>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if (c.items == 4) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 4, true>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 8, true>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  }
+}
+
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The op on device tensors. sms: the device's SM count (sizes the grid).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_impl(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, int sms, cudaStream_t stream) {
+  KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
+                           grad_scale);
+  const int64_t N = input.size(0), V = input.size(1);
+  if (N == 0) return {call.loss, call.gx, call.gt};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const KLArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
+                             target.const_data_ptr<scalar_t>(),
+                             mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+                             call.loss.mutable_data_ptr<acc_t>(),
+                             grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                             grad_target ? call.gt.mutable_data_ptr<scalar_t>() : nullptr,
+                             grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
+                             N,
+                             V,
+                             acc_t(1.0 / temperature),
+                             call.target_type,
+                             call.direction == Direction::Forward};
+    constexpr int VEC = vec_size<scalar_t>();
+    // 16-byte packs need every row to start on a 16-byte boundary.
+    if (V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt)) {
+      launch_kl<scalar_t, VEC>(a, sms, stream);
+    } else {
+      launch_kl<scalar_t, 1>(a, sms, stream);
+    }
+  });
+  return {call.loss, call.gx, call.gt};
+}
+
+}  // namespace cuda
+}  // namespace kl_ext

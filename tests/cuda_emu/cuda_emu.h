@@ -1,0 +1,94 @@
+// A CPU emulator for the CUDA kernels in csrc/cuda/*.cuh, so CI (no GPU) executes them: every CUDA thread of
+// a block is a CPU thread, __syncthreads is a barrier over the block, warp shuffles exchange through a
+// per-warp slot array between two warp barriers, and blocks run one after another (so a function-local
+// static serves as a block's __shared__ memory). 1-D grids and blocks of whole warps only, as the kernels use.
+// It checks the kernels' logic, indexing and synchronization; not the GPU's floating-point rounding of exp2 /
+// log2, its memory model, or speed.
+#pragma once
+#include <math.h>
+
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <array>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = void*;
+
+namespace emu {
+
+struct Block {
+  explicit Block(unsigned threads)
+      : all(threads), slots(threads / 32) {
+    for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::array<uint64_t, 32>> slots;
+};
+
+inline thread_local Block* current = nullptr;
+
+}  // namespace emu
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+inline void __syncthreads() { emu::current->all.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto& slot = emu::current->slots[warp];
+  auto& bar = *emu::current->warps[warp];
+  std::memcpy(&slot[lane], &v, sizeof(T));
+  bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, &slot[lane ^ unsigned(lane_mask)], sizeof(T));
+  bar.arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  return r;
+}
+
+namespace emu {
+
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x > 1024) {
+    throw std::invalid_argument("cuda_emu: 1-D launches of whole warps (<= 1024 threads) only");
+  }
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned b = 0; b < grid.x; ++b) {
+    Block state(block.x);
+    std::vector<std::thread> threads;
+    threads.reserve(block.x);
+    for (unsigned t = 0; t < block.x; ++t) {
+      threads.emplace_back([&, t] {
+        threadIdx = dim3(t);
+        blockIdx = dim3(b);
+        current = &state;
+        kernel(args...);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+}  // namespace emu
+
+#define KL_EXT_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, (grid), (block), __VA_ARGS__)

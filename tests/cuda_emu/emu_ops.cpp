@@ -1,0 +1,52 @@
+// The CUDA backend's kernels and host entries (csrc/cuda/*.cuh), built for the CPU emulator (cuda_emu.h) and
+// registered as torch.ops.kl_ext_cuda_emu.* on CPU tensors, with the real ops' schemas. `sms` stands for
+// the GPU's SM count, so tests can make blocks loop over rows.
+#include "cuda_emu.h"
+
+#include <torch/library.h>
+
+#include "../../csrc/cuda/bernoulli_kl_div_with_logits.cuh"
+#include "../../csrc/cuda/kl_div_with_logits.cuh"
+
+namespace {
+
+int64_t emulated_sms = 2;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                      const c10::optional<at::Tensor>& mask,
+                                                      c10::string_view target_type, double temperature,
+                                                      c10::string_view direction, bool grad_input, bool grad_target,
+                                                      const c10::optional<at::Tensor>& grad_scale) {
+  return kl_ext::cuda::kl_div_with_logits_fwd_impl(input, target, mask, target_type, temperature, direction,
+                                                   grad_input, grad_target, grad_scale, int(emulated_sms), nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_fwd(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type, double temperature,
+    bool subtract_entropy, bool elementwise, bool grad_input, bool grad_target,
+    const c10::optional<at::Tensor>& grad_scale) {
+  return kl_ext::cuda::bernoulli_kl_div_with_logits_fwd_impl(input, target, weight, pos_weight, target_type,
+                                                             temperature, subtract_entropy, elementwise, grad_input,
+                                                             grad_target, grad_scale, int(emulated_sms), nullptr);
+}
+
+void set_sms(int64_t sms) { emulated_sms = sms; }
+
+}  // namespace
+
+TORCH_LIBRARY(kl_ext_cuda_emu, m) {
+  m.def(
+      "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
+      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
+      "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+  m.def("set_sms(int sms) -> ()", &set_sms);
+}
+
+TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
+  m.impl("kl_div_with_logits_fwd", &kl_fwd);
+  m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_fwd);
+}
