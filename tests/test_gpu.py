@@ -92,12 +92,14 @@ def test_compile_fullgraph(backend):
                                   (x, t))
 
 
-def test_opcheck_triton_gpu():
-    _gpu_backend("triton")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_opcheck_gpu(backend):
+    _gpu_backend(backend)
+    ops = torch.ops.kl_ext if backend == "cuda" else torch.ops.kl_ext_triton
     x, t = _case(8, 1000, torch.float32)
-    torch.library.opcheck(torch.ops.kl_ext_triton.kl_div_with_logits_fwd.default,
-                          (x, t, None, "logits", 1.0, "forward", True, True))
-    torch.library.opcheck(torch.ops.kl_ext_triton.bernoulli_kl_div_with_logits_fwd.default,
+    gs = torch.tensor(0.5, device="cuda")
+    torch.library.opcheck(ops.kl_div_with_logits_fwd.default, (x, t, None, "logits", 1.0, "forward", True, True, gs))
+    torch.library.opcheck(ops.bernoulli_kl_div_with_logits_fwd.default,
                           (x, t.sigmoid(), None, None, "probs", 1.0, True, False, True, False))
 
 
@@ -108,15 +110,20 @@ def test_bernoulli_and_bce_vs_reference(backend):
     p = t.float().sigmoid().to(torch.bfloat16)
     a = kl_ext.bernoulli_kl_div_with_logits(x, p, backend=backend)
     assert_close_rel(a, reference.bernoulli_kl_div_with_logits(x.double(), p.double()), 1e-4)
-    b = kl_ext.binary_cross_entropy_with_logits(x.float(), p.float(), backend=backend)
-    assert_close_rel(b, torch.nn.functional.binary_cross_entropy_with_logits(x.double(), p.double()), 1e-5)
+    w = torch.rand(1000, device="cuda") + 0.5
+    pw = torch.rand(1000, device="cuda") * 3
+    b = kl_ext.binary_cross_entropy_with_logits(x.float(), p.float(), weight=w, pos_weight=pw, backend=backend)
+    exp = torch.nn.functional.binary_cross_entropy_with_logits(x.double(), p.double(), weight=w.double(),
+                                                               pos_weight=pw.double())
+    assert_close_rel(b, exp, 1e-5)
 
 
 @pytest.mark.slow
-def test_more_than_2_pow_31_elements():
-    _gpu_backend("triton")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_pow_31_elements(backend):
+    _gpu_backend(backend)
     N, V = 8200, 262144  # N * V > 2**31: int64 offsets
     x, t = _case(N, V, torch.bfloat16)
-    loss = kl_ext.kl_div_with_logits(x, t, reduction="none", backend="triton")
+    loss = kl_ext.kl_div_with_logits(x, t, reduction="none", backend=backend)
     tail = reference.kl_div_with_logits(x[-2:].double(), t[-2:].double(), reduction="none")
     assert_close_rel(loss[-2:], tail, 1e-4)

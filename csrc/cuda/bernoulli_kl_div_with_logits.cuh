@@ -84,15 +84,15 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
           if (c >= a.C) continue;
           const T w = a.w != nullptr ? a.w[a.w_numel == a.C ? c : off + c] : T(1);
           const T pw = a.pw != nullptr ? a.pw[a.pw_numel == a.C ? c : off + c] : T(1);
-          const T z = T(xv[u]) * a.inv_t, ez = kexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
+          const T z = to_acc(xv[u]) * a.inv_t, ez = kexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
           T p, l, uu = T(0);
           if (a.target_logits) {
-            uu = T(tv[u]) * a.inv_t;
+            uu = to_acc(tv[u]) * a.inv_t;
             const T eu = kexp(-(uu < T(0) ? -uu : uu));
             p = sigmoid_from(uu, eu);
             l = (T(1) - p) * (z - uu) + spz - softplus_neg(uu, eu);  // exactly 0 when z == u
           } else {
-            p = T(tv[u]);
+            p = to_acc(tv[u]);
             l = (T(1) - p) * z + (T(1) + (pw - T(1)) * p) * spz;
             if (a.entropy) l += xlogx(p) + xlogx(T(1) - p);
           }

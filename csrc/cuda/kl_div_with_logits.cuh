@@ -6,7 +6,7 @@
 // (fwd+bwd = read student + read teacher + write gradient, the floor). Longer rows are streamed: one pass
 // with online statistics (all a forward without gradients needs), and a second pass for the gradients.
 //
-// Statistics are per thread, then merged across the block in a fixed order (deterministic, no atomics).
+// Statistics are online per thread, then merged across the block in a fixed order (deterministic, no atomics).
 // Everything is in base 2 (logits pre-scaled by log2(e) / T, so every exponential is one exp2): per row,
 // the running maxima m_s, m_t, the sums of exp2 d_s, d_t, and the KL accumulator kept relative to the
 // maxima, so KL(p || p) is exactly 0 and no large log-sum-exp terms cancel (as in triton_kernels/).
@@ -138,33 +138,35 @@ __host__ __device__ __forceinline__ T teacher_log2(T t, TargetType tt, T scale2,
   return klog2(t);
 }
 
-// Fold packs j0 + k * stride (k < K, below npacks) into this thread's statistics: their maxima first, so each
-// element costs one exp2 per row side.
+// Fold packs j0 + k * stride (k < K, below npacks) into this thread's statistics, one pack at a time: the
+// pack's maxima, a rebase when they moved (rare after the first packs), then one exp2 per element and side.
+// Pack by pack keeps few converted values live (a whole-chunk max first made the compiler keep all of them).
 template <int K, typename scalar_t, int VEC, typename T>
 __device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
                                      int64_t j0, int64_t stride, int64_t npacks, const KLArgs<scalar_t>& a,
                                      T scale2) {
   const bool logits = a.target == TargetType::Logits, fwd = a.forward;
-  T cm_s = -kinf<T>(), cm_t = -kinf<T>();
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     if (j0 + k * stride >= npacks) continue;
+    // scale2 > 0, so the max of the raw values, scaled, is the max of the scaled values.
+    T pm_s = to_acc(px[k].v[0]), pm_t = to_acc(pt[k].v[0]);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      cm_s = kmax(cm_s, T(px[k].v[e]) * scale2);
-      if (logits) cm_t = kmax(cm_t, T(pt[k].v[e]) * scale2);
+    for (int e = 1; e < VEC; ++e) {
+      pm_s = kmax(pm_s, to_acc(px[k].v[e]));
+      if (logits) pm_t = kmax(pm_t, to_acc(pt[k].v[e]));
     }
-  }
-  st = rebase(st, kmax(st.m_s, cm_s), logits ? kmax(st.m_t, cm_t) : st.m_t, logits, fwd);
-  const T sh_s = safe_shift(st.m_s), sh_t = safe_shift(st.m_t);
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (j0 + k * stride >= npacks) continue;
+    pm_s *= scale2;
+    pm_t *= scale2;
+    if (pm_s > st.m_s || (logits && pm_t > st.m_t)) {
+      st = rebase(st, kmax(st.m_s, pm_s), logits ? kmax(st.m_t, pm_t) : st.m_t, logits, fwd);
+    }
+    const T sh_s = safe_shift(st.m_s), sh_t = safe_shift(st.m_t);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const T zs = T(px[k].v[e]) * scale2 - sh_s, es = kexp2(zs);
+      const T zs = to_acc(px[k].v[e]) * scale2 - sh_s, es = kexp2(zs);
       T p = T(0);
-      T lt = teacher_log2(T(pt[k].v[e]), a.target, scale2, p);
+      T lt = teacher_log2(to_acc(pt[k].v[e]), a.target, scale2, p);
       if (logits) {
         lt -= sh_t;
         p = kexp2(lt);
@@ -227,8 +229,8 @@ __device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const
     P ox, ot;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const T ls2 = T(px[k].v[e]) * scale2 - r.lse_s, q = kexp2(ls2), ls = ls2 * ln2;
-      const T tv = T(pt[k].v[e]);
+      const T ls2 = to_acc(px[k].v[e]) * scale2 - r.lse_s, q = kexp2(ls2), ls = ls2 * ln2;
+      const T tv = to_acc(pt[k].v[e]);
       T lt, p;
       if (tt == TargetType::Logits) {
         const T lt2 = tv * scale2 - r.lse_t;

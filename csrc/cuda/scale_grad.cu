@@ -1,7 +1,4 @@
-// scale_grad / scale_grad_: CUDA kernels (contract: csrc/scale_grad.cpp). The fused loss kernels of the CUDA
-// backend are registered beside them by the CUDA issue; until then the "cuda" backend reports itself absent
-// (kl_ext.available_backends() checks for the forward ops' CUDA kernels) and this file keeps the nvcc build
-// path compiled and linked.
+// scale_grad / scale_grad_: CUDA kernels (contract: csrc/scale_grad.cpp): the backward of every kl_ext loss.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

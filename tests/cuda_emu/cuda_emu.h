@@ -2,18 +2,19 @@
 // a block is a CPU thread, __syncthreads is a barrier over the block, warp shuffles exchange through a
 // per-warp slot array between two warp barriers, and blocks run one after another (so a function-local
 // static serves as a block's __shared__ memory). 1-D grids and blocks of whole warps only, as the kernels use.
-// It checks the kernels' logic, indexing and synchronization; not the GPU's floating-point rounding of exp2 /
-// log2, its memory model, or speed.
+// It checks the kernels' logic, indexing and warp-level exchanges; not the GPU's rounding of exp2 / log2, its
+// memory model, or speed. A missing __syncthreads before shared memory is reused rarely shows here (OS
+// threads interleave too coarsely): compute-sanitizer racecheck on the GPU (scripts/gpu_check.sh) covers that.
 #pragma once
 #include <math.h>
 
+#include <array>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <thread>
-#include <array>
 #include <vector>
 
 #define __global__

@@ -1,0 +1,161 @@
+"""The CUDA backend's kernels, executed on the CPU: csrc/cuda/<op>.cuh built against tests/cuda_emu/cuda_emu.h
+(each CUDA thread a CPU thread, real barriers and warp shuffles) and registered as torch.ops.kl_ext_cuda_emu.*
+with the real ops' schemas. Shapes are chosen to reach every launch configuration (row-resident with 1, 2, 4
+and 8 packs per thread, streamed rows, 16-byte packs and unaligned rows, blocks looping over rows).
+Compared with the float64 reference (kl_ext.reference). tests/test_gpu.py runs the same kernels on a GPU."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kl_ext import reference
+from conftest import TOL, assert_close_rel
+from test_kl_div_with_logits import make_case
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+    load(name="kl_ext_cuda_emu", sources=[os.path.join(HERE, "cuda_emu", "emu_ops.cpp")],
+         extra_cflags=["-O2"], is_python_module=False)
+    ops = torch.ops.kl_ext_cuda_emu
+    ops.set_sms(1)  # few blocks, so blocks loop over rows
+    return ops
+
+
+def kl_expected(x, t, mask, target_type, temperature, direction, gs):
+    """Row losses and the gradients of their sum times gs, from the float64 reference."""
+    x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
+    rows = reference.kl_div_with_logits(x64, t64, target_type=target_type, temperature=temperature,
+                                        direction=direction, reduction="none", mask=mask)
+    gx, gt = torch.autograd.grad(rows.sum() * gs, (x64, t64))
+    return rows.detach(), gx, gt
+
+
+def check_grads(got, exp, dtype, what):
+    # As in test_kl_div_with_logits: a 16-bit gradient can only be as good as the exact one rounded to it.
+    floor = (exp.to(dtype).double() - exp).abs().max() / exp.abs().max().clamp(min=1e-30)
+    assert_close_rel(got, exp, TOL[dtype][1] + 2 * float(floor), what)
+
+
+# (rows, V): V=1 and odd V take 1-element packs; the rest 16-byte packs, resident with 1..8 packs per thread
+# depending on the dtype, 33000 and 70000 streamed; with 70 rows of 20 and 24 of 1000, blocks of one and of
+# several warps loop over rows.
+KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 9000), (2, 33000), (2, 70000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_kernels_match_reference(emu, dtype, target_type, direction):
+    for i, (N, V) in enumerate(KL_SHAPES):
+        x, t, _ = make_case((N, V), target_type, dtype, seed=i)
+        mask = torch.arange(N) % 3 != 1
+        gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
+        rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
+        what = f"{N}x{V}"
+        assert loss.dtype == gs.dtype and gx.dtype == dtype and gt.dtype == dtype
+        assert_close_rel(loss, rloss, TOL[dtype][0], "loss " + what)
+        check_grads(gx, rgx, dtype, "grad input " + what)
+        check_grads(gt, rgt, dtype, "grad target " + what)
+
+
+@pytest.mark.parametrize("V", [37, 2100, 70000])
+def test_kl_kernels_without_gradients_and_grad_scale(emu, V):
+    x, t, _ = make_case((3, V), "logits", torch.float32)
+    rloss, rgx, _ = kl_expected(x, t, None, "logits", 1.0, "forward", 1.0)
+    loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "forward", False, False, None)
+    assert gx.numel() == 0 and gt.numel() == 0
+    assert_close_rel(loss, rloss, TOL[torch.float32][0], "loss only")
+    loss2, gx, gt = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "forward", True, False, None)
+    assert torch.equal(loss, loss2) and gt.numel() == 0  # the same statistics with or without gradients
+    check_grads(gx, rgx, torch.float32, "grad input, grad_scale absent")
+
+
+def test_kl_kernels_edge_rows(emu):
+    import kl_ext._C  # noqa: F401  (the CPU op, the reference for these conventions)
+    # Identical rows -> exactly 0; rows with no mass follow the CPU kernel's conventions (README "Semantics"),
+    # down to the NaN gradients of an infinite KL.
+    inf = float("inf")
+    V = 40
+    x = torch.randn(5, V)
+    t = torch.randn(5, V)
+    t[0] = x[0]                 # identical
+    x[1] = -inf                 # student without mass
+    t[2] = -inf                 # teacher without mass
+    x[3] = -inf
+    t[3] = -inf                 # neither
+    x[4, :7] = -inf             # student -inf where the teacher has mass
+    for direction in ("forward", "reverse"):
+        got = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, direction, True, True, None)
+        exp = torch.ops.kl_ext.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, direction, True, True, None)
+        assert got[0][0] == 0
+        for a, b, what in zip(got, exp, ("loss", "grad input", "grad target")):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, equal_nan=True, msg=f"{direction} {what}")
+
+
+def test_kl_kernels_unaligned_rows_and_determinism(emu):
+    # A view starting 4 bytes into its storage cannot use 16-byte packs: the 1-element path must take it.
+    N, V = 4, 2048
+    buf = torch.randn(N * V + 1)
+    x = buf[1:].view(N, V)
+    t = torch.randn(N, V)
+    a = emu.kl_div_with_logits_fwd(x, t, None, "logits", 2.0, "reverse", True, True, None)
+    b = emu.kl_div_with_logits_fwd(x.clone(), t, None, "logits", 2.0, "reverse", True, True, None)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-8)
+    c = emu.kl_div_with_logits_fwd(x, t, None, "logits", 2.0, "reverse", True, True, None)
+    assert all(torch.equal(u, v) for u, v in zip(a, c))  # bitwise, run to run
+
+
+def bernoulli_expected(x, t, weight, pos_weight, target_type, temperature, entropy):
+    x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
+    w = weight.double() if weight is not None else None
+    if entropy:
+        elem = reference.bernoulli_kl_div_with_logits(x64, t64, target_type=target_type, temperature=temperature,
+                                                      weight=w, reduction="none")
+    else:
+        pw = pos_weight.double() if pos_weight is not None else None
+        elem = F.binary_cross_entropy_with_logits(x64 / temperature, t64, weight=w, pos_weight=pw,
+                                                  reduction="none")
+    return (elem.detach(), *torch.autograd.grad(elem.sum() * 0.25, (x64, t64)))
+
+
+# C: 1 lane per row (C <= 8) up to a whole warp (C > 128); 300 rows of 5 classes make blocks loop.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["kl_probs", "kl_logits", "bce", "bce_pos_weight"])
+@pytest.mark.parametrize("N,C", [(300, 5), (9, 1), (17, 37), (6, 300), (4, 1000)])
+def test_bernoulli_kernels_match_reference(emu, dtype, kind, N, C):
+    gen = torch.Generator().manual_seed(C)
+    x = (torch.randn(N, C, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    u = torch.randn(N, C, generator=gen, dtype=torch.float64) * 2
+    target_type = "logits" if kind == "kl_logits" else "probs"
+    # Targets stay off 0 and 1 (in bfloat16 too), where the target gradient of the entropy is infinite.
+    t = (u if target_type == "logits" else u.sigmoid().clamp(0.01, 0.99)).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(C, generator=gen, dtype=torch.float64).to(acc) + 0.5
+    pos_weight = (torch.rand(N * C, generator=gen, dtype=torch.float64).to(acc) * 3) if kind == "bce_pos_weight" else None
+    entropy = kind.startswith("kl")
+    temperature = 1.0 if kind.startswith("bce") else 1.7
+    gs = torch.tensor(0.25, dtype=acc)
+    exp = bernoulli_expected(x, t, weight, pos_weight.view(N, C) if pos_weight is not None else None,
+                             target_type, temperature, entropy)
+    for elementwise in (True, False):
+        loss, gx, gt = emu.bernoulli_kl_div_with_logits_fwd(x, t, weight, pos_weight, target_type, temperature,
+                                                            entropy, elementwise, True, True, gs)
+        assert loss.dtype == acc and gx.dtype == dtype
+        assert_close_rel(loss, exp[0] if elementwise else exp[0].sum(-1), TOL[dtype][0], f"loss {elementwise=}")
+        check_grads(gx, exp[1], dtype, "grad input")
+        check_grads(gt, exp[2], dtype, "grad target")
+
+
+def test_bernoulli_kernels_exactly_zero_when_matched(emu):
+    x = torch.randn(7, 33)
+    loss, _, _ = emu.bernoulli_kl_div_with_logits_fwd(x, x, None, None, "logits", 1.0, True, False, False, False,
+                                                      None)
+    assert torch.equal(loss, torch.zeros(7))
