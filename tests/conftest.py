@@ -1,6 +1,9 @@
 """Shared test setup. Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter, which must
 be chosen before triton is imported."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +67,14 @@ def assert_compiled_matches_eager(step, grad_inputs, other=()):
     torch.testing.assert_close(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def triton_gpu_compile(op):
+    """Compile `op`'s Triton kernels for sm_90 in a fresh process (tests/triton_gpu_compile.py): one dict per
+    kernel configuration, with its registers and spill bytes. Skips when triton is not installed."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_gpu_compile.py")
+    r = subprocess.run([sys.executable, script, op], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines()]

@@ -139,7 +139,9 @@ def test_bernoulli_kernels_match_reference(emu, dtype, kind, N, C):
     t = (u if target_type == "logits" else u.sigmoid().clamp(0.01, 0.99)).to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     weight = torch.rand(C, generator=gen, dtype=torch.float64).to(acc) + 0.5
-    pos_weight = (torch.rand(N * C, generator=gen, dtype=torch.float64).to(acc) * 3) if kind == "bce_pos_weight" else None
+    pos_weight = None
+    if kind == "bce_pos_weight":
+        pos_weight = torch.rand(N * C, generator=gen, dtype=torch.float64).to(acc) * 3
     entropy = kind.startswith("kl")
     temperature = 1.0 if kind.startswith("bce") else 1.7
     gs = torch.tensor(0.25, dtype=acc)

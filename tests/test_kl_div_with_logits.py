@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import kl_ext
 from kl_ext import reference
-from conftest import TOL, assert_close_rel, assert_compiled_matches_eager, backend_params
+from conftest import TOL, assert_close_rel, assert_compiled_matches_eager, backend_params, triton_gpu_compile
 
 TARGET_TYPES = ["logits", "log_probs", "probs"]
 DIRECTIONS = ["forward", "reverse"]
@@ -387,3 +387,14 @@ def test_retain_graph_after_inplace_input_change_is_refused(require_backend):
     t.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         loss.backward()
+
+
+def test_triton_kernels_compile_for_gpu_without_spilling():
+    # The interpreter runs code compiled Triton rejects (a non-constexpr global once passed here), and only
+    # ptxas says whether a row held in registers spills: compile the launch configurations for sm_90.
+    kernels = triton_gpu_compile("kl")
+    assert {(k["one_chunk"], k["dtype"]) for k in kernels} == {(True, "bf16"), (False, "bf16"), (True, "fp32"),
+                                                                 (False, "fp32")}
+    for k in kernels:
+        # One-block rows up to 16384: <= 64 spill bytes (row_config); 32768 in one block would spill ~1 KB.
+        assert k["stack"] <= 64 and k["regs"] <= 128, k

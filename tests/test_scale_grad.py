@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import backend_params
+from conftest import backend_params, triton_gpu_compile
 
 
 def _op(backend, name="scale_grad"):
@@ -40,3 +40,8 @@ def test_opcheck_cpu(require_backend):
         torch.library.opcheck(torch.ops.kl_ext.scale_grad_.default, (g.clone(), scale))
     with pytest.raises(RuntimeError, match="1, rows or rows\\*V"):
         torch.ops.kl_ext.scale_grad(g, torch.rand(3))
+
+
+def test_triton_kernels_compile_for_gpu():
+    kernels = triton_gpu_compile("scale")
+    assert len(kernels) == 4 and all(k["stack"] == 0 for k in kernels), kernels

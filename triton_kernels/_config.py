@@ -8,21 +8,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def row_config(V: int, elem_size: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a one-program-per-row kernel streaming a row of V elements."""
-    # 16 KiB of input per chunk and operand keeps the online pass register-resident; the interpreter runs
-    # numpy per program, where smaller chunks are faster.
-    cap = 1024 if interpreting() else (8192 if elem_size <= 2 else 4096)
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
-    warps = 4 if block <= 2048 else (8 if block <= 4096 else 16)
-    return block, warps
+def row_config(V: int, elem_size: int) -> tuple[int, int, bool]:
+    """(BLOCK, num_warps, ONE_CHUNK) for the one-program-per-row KL kernel.
+
+    Rows up to 16384 are held in registers in one block (ONE_CHUNK: one read): warps grow with the block
+    so that ptxas (sm_90, Triton 3.8, checked by tests/triton_gpu_compile.py) needs <= 128 registers without
+    spilling (16-bit rows at 16384 spill ~48 bytes). 32768 would spill ~1 KB per thread: longer rows stream
+    in chunks of 16 KiB per operand. The interpreter runs numpy per program, where small chunks are faster.
+    """
+    if interpreting():
+        block = min(triton.next_power_of_2(max(V, 1)), 1024)
+        return block, 4, V <= block
+    block = triton.next_power_of_2(max(V, 1))
+    if block <= 16384:
+        return block, min(max(block // 512, 4), 32), True
+    block = 8192 if elem_size <= 2 else 4096
+    return block, block // 512, False
 
 
 def tile_config(C: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for elementwise kernels over (rows, C) with per-row sums."""
     block_c = min(triton.next_power_of_2(max(C, 1)), 1024)
-    block_r = max(1, (256 if interpreting() else 4096) // block_c)
-    return block_r, block_c, 4 if block_r * block_c <= 2048 else 8
+    block_r = max(1, (256 if interpreting() else 2048) // block_c)
+    return block_r, block_c, max(1, min(8, block_r * block_c // 256))
 
 
 def flat_config(n: int) -> tuple[int, int]:

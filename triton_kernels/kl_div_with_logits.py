@@ -1,7 +1,7 @@
 """kl_div_with_logits: Triton kernels, registered as torch.ops.kl_ext_triton.kl_div_with_logits_fwd.
 
-One program per row. A row that fits one block is read once and kept in registers: statistics, KL and
-gradients all come from that read. A longer row is streamed once with online statistics (running max and
+One program per row. A row that fits one block (V <= 16384) is read once and kept in registers: statistics,
+KL and gradients all come from that read. A longer row is streamed once with online statistics (running max and
 sum-exp of student and teacher, and the KL accumulator rescaled as the max moves), so a forward without
 gradients reads each input exactly once; when gradients are wanted, a second pass streams the row again and
 writes the gradients of the row's KL. Same contract and edge cases as csrc/.
@@ -14,8 +14,9 @@ from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import row_config
 
-LOGITS, LOG_PROBS, PROBS = 0, 1, 2
-_TARGET = {"logits": LOGITS, "log_probs": LOG_PROBS, "probs": PROBS}
+# constexpr: compiled kernels may only read constexpr globals (the interpreter does not check this).
+LOGITS, LOG_PROBS, PROBS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_TARGET = {"logits": 0, "log_probs": 1, "probs": 2}
 
 
 @triton.jit
@@ -212,11 +213,11 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
     gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
     gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
     if N > 0:
-        block, warps = row_config(V, input.element_size())
+        block, warps, one_chunk = row_config(V, input.element_size())
         wrap_triton(_kl_fwd_kernel)[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
             grad_scale if grad_scale is not None else loss, V, 1.0 / temperature,
             TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None,
-            GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=V <= block, BLOCK=block, num_warps=warps)
+            GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block, num_warps=warps)
     return loss, gx, gt
