@@ -23,7 +23,7 @@ def emu():
     load(name="kl_ext_cuda_emu", sources=[os.path.join(HERE, "cuda_emu", "emu_ops.cpp")],
          extra_cflags=["-O2"], is_python_module=False)
     ops = torch.ops.kl_ext_cuda_emu
-    ops.set_sms(1)  # few blocks, so blocks loop over rows
+    ops.set_device(1, True)  # one SM with clusters: blocks and clusters loop over rows
     return ops
 
 
@@ -43,7 +43,8 @@ def check_grads(got, exp, dtype, what):
 
 
 # (rows, V): V=1 and odd V take 1-element packs; the rest 16-byte packs, resident with 1..8 packs per thread
-# depending on the dtype, 33000 and 70000 streamed; with 70 rows of 20 and 24 of 1000, blocks of one and of
+# depending on the dtype; 33000 and 70000 split over clusters of 2, 4 or 8 blocks (float64 70000: streamed),
+# and streamed on a device without clusters. With 70 rows of 20 and 24 of 1000, blocks of one and of
 # several warps loop over rows.
 KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 9000), (2, 33000), (2, 70000)]
 
@@ -56,13 +57,18 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction):
         x, t, _ = make_case((N, V), target_type, dtype, seed=i)
         mask = torch.arange(N) % 3 != 1
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
         rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
-        what = f"{N}x{V}"
-        assert loss.dtype == gs.dtype and gx.dtype == dtype and gt.dtype == dtype
-        assert_close_rel(loss, rloss, TOL[dtype][0], "loss " + what)
-        check_grads(gx, rgx, dtype, "grad input " + what)
-        check_grads(gt, rgt, dtype, "grad target " + what)
+        for clusters in (True, False) if V > 30000 else (True,):
+            emu.set_device(1, clusters)
+            try:
+                loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
+            finally:
+                emu.set_device(1, True)
+            what = f"{N}x{V} {clusters=}"
+            assert loss.dtype == gs.dtype and gx.dtype == dtype and gt.dtype == dtype
+            assert_close_rel(loss, rloss, TOL[dtype][0], "loss " + what)
+            check_grads(gx, rgx, dtype, "grad input " + what)
+            check_grads(gt, rgt, dtype, "grad target " + what)
 
 
 @pytest.mark.parametrize("V", [37, 2100, 70000])
@@ -73,7 +79,9 @@ def test_kl_kernels_without_gradients_and_grad_scale(emu, V):
     assert gx.numel() == 0 and gt.numel() == 0
     assert_close_rel(loss, rloss, TOL[torch.float32][0], "loss only")
     loss2, gx, gt = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "forward", True, False, None)
-    assert torch.equal(loss, loss2) and gt.numel() == 0  # the same statistics with or without gradients
+    # Without gradients long rows stream (one read); with them they are split over a cluster.
+    assert_close_rel(loss2, rloss, TOL[torch.float32][0], "loss with grad input")
+    assert gt.numel() == 0
     check_grads(gx, rgx, torch.float32, "grad input, grad_scale absent")
 
 
@@ -161,3 +169,12 @@ def test_bernoulli_kernels_exactly_zero_when_matched(emu):
     loss, _, _ = emu.bernoulli_kl_div_with_logits_fwd(x, x, None, None, "logits", 1.0, True, False, False, False,
                                                       None)
     assert torch.equal(loss, torch.zeros(7))
+
+
+def test_kl_kernels_widest_cluster(emu):
+    # V = 262144 in bfloat16: a row over a cluster of 8 blocks of 512 threads (the widest split).
+    x, t, _ = make_case((2, 262144), "logits", torch.bfloat16)
+    loss, gx, _ = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "reverse", True, False, None)
+    rloss, rgx, _ = kl_expected(x, t, None, "logits", 1.0, "reverse", 1.0)
+    assert_close_rel(loss, rloss, TOL[torch.bfloat16][0], "loss")
+    check_grads(gx, rgx, torch.bfloat16, "grad input")

@@ -13,9 +13,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cuda(
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
     bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
   const c10::cuda::CUDAGuard guard(input.device());
+  const int device = input.get_device();
+  const cuda::KLDevice dev{cuda::sm_count(device), cuda::has_clusters(device)};
   auto out = cuda::kl_div_with_logits_fwd_impl(input, target, mask, target_type, temperature, direction, grad_input,
-                                               grad_target, grad_scale, cuda::sm_count(input.get_device()),
-                                               c10::cuda::getCurrentCUDAStream());
+                                               grad_target, grad_scale, dev, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

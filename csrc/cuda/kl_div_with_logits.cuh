@@ -1,10 +1,14 @@
 // kl_div_with_logits: the CUDA kernels and their host entry (contract: csrc/kl_div_with_logits.cpp).
 // Included by csrc/cuda/kl_div_with_logits.cu, and by tests/cuda_emu, which runs the same code on the CPU.
 //
-// One thread block per row (grid-stride over rows). A row of up to 4096 16-byte packs (32768 16-bit or 16384
-// fp32 values) stays in registers: it is read once, and the loss and both gradients come from that read
-// (fwd+bwd = read student + read teacher + write gradient, the floor). Longer rows are streamed: one pass
-// with online statistics (all a forward without gradients needs), and a second pass for the gradients.
+// When gradients are wanted, every row is kept in registers so that it is read once, and the loss and both
+// gradients come from that read (fwd+bwd = read student + read teacher + write gradient: the floor):
+//  * one thread block per row (grid-stride over rows) for rows of up to 4096 16-byte packs (32768 16-bit or
+//    16384 fp32 values);
+//  * on sm_90, longer rows of up to 8 x 4096 packs are split over a thread-block cluster of 2, 4 or 8
+//    blocks, which merge their statistics through distributed shared memory;
+//  * otherwise (longer rows, older GPUs) rows are streamed: one pass with online statistics, and a second
+//    pass for the gradients. A forward without gradients always streams: one pass reads each input once.
 //
 // Statistics are online per thread, then merged across the block in a fixed order (deterministic, no atomics).
 // Everything is in base 2 (logits pre-scaled by log2(e) / T, so every exponential is one exp2): per row,
@@ -281,8 +285,22 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_
 }
 
 constexpr int kResidentThreads = 256;  // resident rows with up to 4 packs per thread
-constexpr int kWideThreads = 512;      // resident rows with 8 packs per thread, and streamed rows
+constexpr int kWideThreads = 512;      // resident rows with 8 packs per thread, split rows, streamed rows
+constexpr int kWidePacks = 8;          // packs per thread, split rows
 constexpr int kStreamPacks = 4;        // packs in flight per thread when streaming
+constexpr int kMaxCluster = 8;         // the portable cluster size limit
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void zero_grads(const KLArgs<scalar_t>& a, int64_t off, int64_t npacks) {
+  using P = Pack<scalar_t, VEC>;
+  P zero;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
+  for (int64_t j = threadIdx.x; j < npacks; j += blockDim.x) {
+    if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = zero;
+    if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = zero;
+  }
+}
 
 // RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
 template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
@@ -302,13 +320,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
     const P* tr = reinterpret_cast<const P*>(a.t + off);
     if (a.mask != nullptr && !a.mask[row]) {
       if (tid == 0) a.loss[row] = T(0);
-      P zero;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
-      for (int64_t j = tid; j < npacks; j += stride) {
-        if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = zero;
-        if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = zero;
-      }
+      zero_grads<scalar_t, VEC>(a, off, npacks);
       continue;
     }
     RowState<T> st = empty_state<T>();
@@ -337,26 +349,91 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   }
 }
 
+// A row split over the blocks of a cluster: block `rank` holds packs [rank * slice, (rank + 1) * slice) in
+// registers. Each block reduces its slice, publishes the result in its shared memory, and every block merges
+// all of them in rank order (the same result in every block, deterministic). Launched only with clusters.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArgs<scalar_t> a, int64_t slice) {
+  using T = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  constexpr int ITEMS = kWidePacks;
+  KL_EXT_SHARED(RowState<T>, red, 32);
+  KL_EXT_SHARED(RowState<T>, mine, 1);
+  const bool logits = a.target == TargetType::Logits;
+  const T scale2 = a.inv_t * T(kLog2e);
+  const T gs = a.gs != nullptr ? *a.gs : T(1);
+  const unsigned rank = cluster_rank(), size = cluster_size();
+  const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
+  const int64_t lo = std::min<int64_t>(int64_t(rank) * slice, npacks);
+  const int64_t count = std::min<int64_t>(slice, npacks - lo);
+  for (int64_t row = blockIdx.x / size; row < a.N; row += gridDim.x / size) {
+    const int64_t off = row * a.V + lo * VEC;  // this block's slice
+    if (a.mask != nullptr && !a.mask[row]) {   // the same for every block of the cluster
+      if (rank == 0 && tid == 0) a.loss[row] = T(0);
+      zero_grads<scalar_t, VEC>(a, off, count);
+      continue;
+    }
+    const P* xr = reinterpret_cast<const P*>(a.x + off);
+    const P* tr = reinterpret_cast<const P*>(a.t + off);
+    RowState<T> st = empty_state<T>();
+    P px[ITEMS], pt[ITEMS];
+    load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
+    fold<ITEMS>(st, px, pt, tid, stride, count, a, scale2);
+    st = block_merge(st, red, logits, a.forward);
+    if (tid == 0) mine[0] = st;
+    cluster_sync();
+    RowState<T> all = *cluster_map(mine, 0);
+    for (unsigned b = 1; b < size; ++b) all = merge(all, *cluster_map(mine, b), logits, a.forward);
+    cluster_sync();  // `mine` is written again for the next row
+    const RowResult<T> r = finish(all, logits, a.forward);
+    if (rank == 0 && tid == 0) a.loss[row] = r.kl;
+    write_grads<ITEMS>(px, pt, tid, stride, count, off, r, a, scale2, gs);
+  }
+}
+
+// What the launcher needs to know of the device.
+struct KLDevice {
+  int sms;        // sizes grids: one wave of resident blocks, which then loop over rows
+  bool clusters;  // thread-block clusters (sm_90+): long rows split over a cluster
+};
+
 struct KLConfig {
-  int items, threads;
+  int items, threads, cluster;  // cluster > 0: split rows over `cluster` blocks
   bool resident;
 };
 
-// Resident when the row fits: up to 4 packs per thread with <= 256 threads (several blocks per SM), then
-// 8 packs with <= 512 threads; longer rows stream with 512 threads, 4 packs in flight each.
-inline KLConfig kl_config(int64_t npacks) {
+// Resident when the row fits a block: up to 4 packs per thread with <= 256 threads (several blocks per SM),
+// then 8 packs with <= 512 threads. With gradients and clusters, rows of up to 8 such blocks are split.
+// Everything else streams with 512 threads, 4 packs in flight each.
+inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters) {
   for (int items : {1, 2, 4, 8}) {
     const int64_t threads = round_up(std::max<int64_t>(ceil_div(npacks, items), 1), 32);
-    if (threads <= (items < 8 ? kResidentThreads : kWideThreads)) return {items, int(threads), true};
+    if (threads <= (items < 8 ? kResidentThreads : kWideThreads)) return {items, int(threads), 0, true};
   }
-  return {kStreamPacks, kWideThreads, false};
+  if (grads && clusters) {
+    for (int size = 2; size <= kMaxCluster; size *= 2) {
+      const int64_t threads = round_up(ceil_div(ceil_div(npacks, size), kWidePacks), 32);
+      if (threads <= kWideThreads) return {kWidePacks, int(threads), size, true};
+    }
+  }
+  return {kStreamPacks, kWideThreads, 0, false};
 }
 
 template <typename scalar_t, int VEC>
-void launch_kl(const KLArgs<scalar_t>& a, int sms, cudaStream_t stream) {
-  const KLConfig c = kl_config(a.V / VEC);
-  // One wave of resident blocks at most; blocks loop over rows beyond that.
-  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(sms) * std::max(1, 2048 / c.threads)))), block(c.threads);
+void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
+  const int64_t npacks = a.V / VEC;
+  const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters);
+  const int64_t wave = int64_t(dev.sms) * std::max(1, 2048 / c.threads);
+  const dim3 block(c.threads);
+  if (c.cluster > 0) {
+    // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
+    const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.sms / c.cluster));
+    auto kernel = kl_split_rows_kernel<scalar_t, VEC>;
+    KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(clusters * c.cluster)), block, c.cluster, stream, a,
+                          ceil_div(npacks, c.cluster));
+    return;
+  }
+  const dim3 grid(unsigned(std::min<int64_t>(a.N, wave)));
   if (!c.resident) {
     auto kernel = kl_rows_kernel<scalar_t, VEC, kStreamPacks, false>;
     KL_EXT_LAUNCH(kernel, grid, block, stream, a);
@@ -377,11 +454,11 @@ void launch_kl(const KLArgs<scalar_t>& a, int sms, cudaStream_t stream) {
 
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The op on device tensors. sms: the device's SM count (sizes the grid).
+// The op on device tensors.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_impl(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
-    bool grad_target, const c10::optional<at::Tensor>& grad_scale, int sms, cudaStream_t stream) {
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
   KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
                            grad_scale);
   const int64_t N = input.size(0), V = input.size(1);
@@ -403,9 +480,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_imp
     constexpr int VEC = vec_size<scalar_t>();
     // 16-byte packs need every row to start on a 16-byte boundary.
     if (V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt)) {
-      launch_kl<scalar_t, VEC>(a, sms, stream);
+      launch_kl<scalar_t, VEC>(a, dev, stream);
     } else {
-      launch_kl<scalar_t, 1>(a, sms, stream);
+      launch_kl<scalar_t, 1>(a, dev, stream);
     }
   });
   return {call.loss, call.gx, call.gt};

@@ -1,7 +1,9 @@
 // A CPU emulator for the CUDA kernels in csrc/cuda/*.cuh, so CI (no GPU) executes them: every CUDA thread of
 // a block is a CPU thread, __syncthreads is a barrier over the block, warp shuffles exchange through a
 // per-warp slot array between two warp barriers, and blocks run one after another (so a function-local
-// static serves as a block's __shared__ memory). 1-D grids and blocks of whole warps only, as the kernels use.
+// static serves as a block's __shared__ memory), except the blocks of a cluster, which run together, with
+// their own KL_EXT_SHARED memory and a barrier over the cluster. 1-D grids and blocks of whole warps only,
+// as the kernels use.
 // It checks the kernels' logic, indexing and warp-level exchanges; not the GPU's rounding of exp2 / log2, its
 // memory model, or speed. A missing __syncthreads before shared memory is reused rarely shows here (OS
 // threads interleave too coarsely): compute-sanitizer racecheck on the GPU (scripts/gpu_check.sh) covers that.
@@ -12,7 +14,10 @@
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -32,17 +37,42 @@ using cudaStream_t = void*;
 
 namespace emu {
 
+struct Cluster;
+
 struct Block {
-  explicit Block(unsigned threads)
-      : all(threads), slots(threads / 32) {
+  explicit Block(unsigned threads, unsigned rank_ = 0, Cluster* cluster_ = nullptr)
+      : all(threads), slots(threads / 32), rank(rank_), cluster(cluster_) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
   }
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<std::array<uint64_t, 32>> slots;
+  unsigned rank;
+  Cluster* cluster;
+  std::mutex lock;
+  std::map<std::string, std::vector<unsigned char>> shared;  // KL_EXT_SHARED variables, by name
+
+  // The block's variable `name` (made on first use by any of its threads; never resized after).
+  unsigned char* get_shared(const std::string& name, size_t bytes) {
+    const std::lock_guard<std::mutex> guard(lock);
+    auto& v = shared[name];
+    if (v.empty()) v.resize(bytes);
+    return v.data();
+  }
+};
+
+struct Cluster {
+  explicit Cluster(unsigned size, unsigned threads) : all(size * threads) {}
+  std::barrier<> all;
+  std::vector<std::unique_ptr<Block>> blocks;
 };
 
 inline thread_local Block* current = nullptr;
+
+template <typename T>
+T* shared(const char* name, size_t count) {
+  return reinterpret_cast<T*>(current->get_shared(name, sizeof(T) * count));
+}
 
 }  // namespace emu
 
@@ -90,6 +120,58 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   }
 }
 
+template <typename... P, typename... A>
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, unsigned size, A&&... args) {
+  if (grid.x % size != 0 || block.x % 32 != 0 || block.x > 1024) {
+    throw std::invalid_argument("cuda_emu: a grid of whole clusters, blocks of whole warps");
+  }
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned c = 0; c < grid.x / size; ++c) {
+    Cluster cluster(size, block.x);
+    for (unsigned r = 0; r < size; ++r) cluster.blocks.push_back(std::make_unique<Block>(block.x, r, &cluster));
+    std::vector<std::thread> threads;
+    threads.reserve(size * block.x);
+    for (unsigned r = 0; r < size; ++r) {
+      for (unsigned t = 0; t < block.x; ++t) {
+        threads.emplace_back([&, r, t] {
+          threadIdx = dim3(t);
+          blockIdx = dim3(c * size + r);
+          current = cluster.blocks[r].get();
+          kernel(args...);
+        });
+      }
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
 }  // namespace emu
 
+namespace kl_ext {
+namespace cuda {
+
+inline unsigned cluster_rank() { return emu::current->rank; }
+inline unsigned cluster_size() { return unsigned(emu::current->cluster->blocks.size()); }
+inline void cluster_sync() { emu::current->cluster->all.arrive_and_wait(); }
+
+// `p`, a KL_EXT_SHARED variable of this block, in block `rank` of the cluster.
+template <typename T>
+T* cluster_map(T* p, unsigned rank) {
+  const auto* at = reinterpret_cast<const unsigned char*>(p);
+  emu::Block& other = *emu::current->cluster->blocks[rank];
+  for (auto& [name, bytes] : emu::current->shared) {
+    if (at >= bytes.data() && at < bytes.data() + bytes.size()) {
+      return reinterpret_cast<T*>(other.get_shared(name, bytes.size()) + (at - bytes.data()));
+    }
+  }
+  throw std::logic_error("cuda_emu: cluster_map of a pointer outside KL_EXT_SHARED memory");
+}
+
+}  // namespace cuda
+}  // namespace kl_ext
+
 #define KL_EXT_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, (grid), (block), __VA_ARGS__)
+#define KL_EXT_LAUNCH_CLUSTER(kernel, grid, block, cluster, stream, ...) \
+  ::emu::launch_cluster(kernel, (grid), (block), unsigned(cluster), __VA_ARGS__)
+#define KL_EXT_SHARED(type, name, count) type* name = ::emu::shared<type>(#name, (count))

@@ -1,6 +1,6 @@
 // The CUDA backend's kernels and host entries (csrc/cuda/*.cuh), built for the CPU emulator (cuda_emu.h) and
-// registered as torch.ops.kl_ext_cuda_emu.* on CPU tensors, with the real ops' schemas. `sms` stands for
-// the GPU's SM count, so tests can make blocks loop over rows.
+// registered as torch.ops.kl_ext_cuda_emu.* on CPU tensors, with the real ops' schemas. set_device() stands
+// in for the GPU's facts: its SM count (few SMs make blocks loop over rows) and whether it has clusters.
 #include "cuda_emu.h"
 
 #include <torch/library.h>
@@ -10,7 +10,7 @@
 
 namespace {
 
-int64_t emulated_sms = 2;
+kl_ext::cuda::KLDevice device{2, true};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, const at::Tensor& target,
                                                       const c10::optional<at::Tensor>& mask,
@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, c
                                                       c10::string_view direction, bool grad_input, bool grad_target,
                                                       const c10::optional<at::Tensor>& grad_scale) {
   return kl_ext::cuda::kl_div_with_logits_fwd_impl(input, target, mask, target_type, temperature, direction,
-                                                   grad_input, grad_target, grad_scale, int(emulated_sms), nullptr);
+                                                   grad_input, grad_target, grad_scale, device, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_fwd(
@@ -28,10 +28,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_fwd(
     const c10::optional<at::Tensor>& grad_scale) {
   return kl_ext::cuda::bernoulli_kl_div_with_logits_fwd_impl(input, target, weight, pos_weight, target_type,
                                                              temperature, subtract_entropy, elementwise, grad_input,
-                                                             grad_target, grad_scale, int(emulated_sms), nullptr);
+                                                             grad_target, grad_scale, device.sms, nullptr);
 }
 
-void set_sms(int64_t sms) { emulated_sms = sms; }
+void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters}; }
 
 }  // namespace
 
@@ -43,7 +43,7 @@ TORCH_LIBRARY(kl_ext_cuda_emu, m) {
       "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
       "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
-  m.def("set_sms(int sms) -> ()", &set_sms);
+  m.def("set_device(int sms, bool clusters) -> ()", &set_device);
 }
 
 TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
