@@ -78,3 +78,34 @@ def triton_gpu_compile(op):
     r = subprocess.run([sys.executable, script, op], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def cuda_kernel_resources():
+    """Registers and stack (spill) bytes of every CUDA kernel in the built extension, per architecture, from
+    cuobjdump (the CUDA toolkit's, else the one bundled with Triton). Skips without either, or without CUDA
+    kernels in the build."""
+    import kl_ext._C as ext
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("kl_ext::kl_div_with_logits_fwd", "CUDA"):
+        pytest.skip("the extension was built without CUDA")
+    tools = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+        tools.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    tool = next((t for t in tools if os.path.exists(t)), None)
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    out = subprocess.run([tool, "-res-usage", ext.__file__], capture_output=True, text=True, check=True).stdout
+    kernels, arch, name = [], None, None
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("= ")[1]
+        elif line.startswith("Function "):
+            name = line[len("Function "):].rstrip(":")
+        elif line.startswith("REG:") and name:
+            fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
+            kernels.append({"arch": arch, "name": name, "regs": int(fields["REG"]), "stack": int(fields["STACK"])})
+            name = None
+    return kernels
