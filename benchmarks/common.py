@@ -27,6 +27,7 @@ class Row:
     pct_copy: float = float("nan")
     peak_extra_mb: float = float("nan")
     rel_err: float = float("nan")
+    timing: str = "median"  # "median" (do_bench / events, L2 flushed), "wall" or "graph" (small sizes)
     note: str = field(default="")
 
 
@@ -65,6 +66,42 @@ def time_ms(fn, device, reps: int, warmup: int = 1, setup=None) -> float:
     return statistics.median(times)
 
 
+def wall_ms(fn, device, calls: int = 200) -> float:
+    """Mean wall time per call of back-to-back calls, synchronized once at the end: what a training loop
+    sees when the loss is small and Python dispatch and kernel launches dominate."""
+    for _ in range(10):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def graph_ms(runs, replays: int = 20) -> float:
+    """GPU time per call with the launch overhead taken out: every run (each on its own inputs, so no call
+    finds its inputs left in L2 by the one before) captured back to back in one CUDA graph, replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compilation, allocator, autograd state
+        for run in runs[:3]:
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for run in runs:
+            run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (replays * len(runs))
+
+
 def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, reps: int = 5) -> float:
     """Device-to-device copy (bytes read + bytes written) in GB/s."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -95,13 +132,13 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
 
 def print_table(rows: list[Row], copy_gbps: float) -> None:
     print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
-    hdr = f"{'op':<10}{'mode':<9}{'dtype':<10}{'shape':<15}{'provider':<26}{'ms':>10}{'GB/s':>9}{'%copy':>7}" \
-          f"{'extraMB':>9}{'rel.err':>10}  note"
+    hdr = f"{'op':<10}{'mode':<9}{'timing':<7}{'dtype':<10}{'shape':<15}{'provider':<26}{'ms':>10}{'GB/s':>9}" \
+          f"{'%copy':>7}{'extraMB':>9}{'rel.err':>10}  note"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r.op:<10}{r.mode:<9}{r.dtype:<10}{r.shape:<15}{r.provider:<26}{r.ms:>10.3f}{r.gbps:>9.1f}"
-              f"{r.pct_copy:>7.1f}{r.peak_extra_mb:>9.1f}{r.rel_err:>10.2e}  {r.note}")
+        print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<10}{r.shape:<15}{r.provider:<26}{r.ms:>10.4f}"
+              f"{r.gbps:>9.1f}{r.pct_copy:>7.1f}{r.peak_extra_mb:>9.1f}{r.rel_err:>10.2e}  {r.note}")
 
 
 def write_csv(rows: list[Row], path: str) -> None:
@@ -119,6 +156,7 @@ def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> 
     import matplotlib.pyplot as plt
 
     paths = []
+    rows = [r for r in rows if r.timing == "median"]  # the sweep; small sizes are tabulated only
     groups = sorted({(r.op, r.mode, r.dtype) for r in rows})
     for op, mode, dtype in groups:
         sel = [r for r in rows if (r.op, r.mode, r.dtype) == (op, mode, dtype) and r.gbps == r.gbps]
@@ -168,8 +206,9 @@ def _closure(fn, a, b, mode):
 
 
 def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, shapes, dtypes, modes, reps,
-           progress) -> list[Row]:
+           progress, timing="median") -> list[Row]:
     """Time every runnable provider on every (dtype, shape, mode); report skipped providers with their reason.
+    timing: "median" (time_ms), or for small sizes "wall" (wall_ms) or "graph" (graph_ms over 32 input sets).
 
     providers: name -> loss_fn(a, b), (loss_fn, its own float64 reference), or a string (why it is skipped).
     bytes_per_elem: mode -> elements moved per input element at the floor (None: report time only). Errors are
@@ -178,7 +217,7 @@ def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, sha
     """
     rows = []
     for name, fn in providers.items():
-        if isinstance(fn, str):
+        if isinstance(fn, str) and timing == "median":
             print(f"[{op}] skipping {name}: {fn}")
     runnable = {k: v for k, v in providers.items() if not isinstance(v, str)}
     for dtype in dtypes:
@@ -193,12 +232,18 @@ def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, sha
                 ref = refs[ref_fn]
                 for mode in modes:
                     progress.set_postfix_str(f"{op} {mode} {str(dtype)[6:]} {N}x{V} {name}")
-                    row = Row(op, mode, str(dtype).replace("torch.", ""), f"{N}x{V}", V, name)
+                    row = Row(op, mode, str(dtype).replace("torch.", ""), f"{N}x{V}", V, name, timing=timing)
                     try:
                         with torch.no_grad():
                             row.rel_err = rel_err(fn(a[:n_err], b[:n_err]), ref)
                         setup, run = _closure(fn, a, b, mode)
-                        row.ms = time_ms(run, device, reps, setup=setup)
+                        if timing == "wall":
+                            row.ms = wall_ms(run, device)
+                        elif timing == "graph":
+                            inputs = [make_inputs(N, V, dtype, device, seed=i) for i in range(32)]
+                            row.ms = graph_ms([_closure(fn, x, y, mode)[1] for x, y in inputs])
+                        else:
+                            row.ms = time_ms(run, device, reps, setup=setup)
                         if bytes_per_elem[mode] is not None:
                             row.gbps = bytes_per_elem[mode] * a.numel() * a.element_size() / (row.ms * 1e-3) / 1e9
                         grad_bytes = 0 if mode == "fwd" else a.numel() * a.element_size()

@@ -22,6 +22,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_NV = 1 << 29
 GPU_VS = [4096, 32000, 65536, 128256, 262144]
 GPU_BERNOULLI = [(1 << 20, 512), (1 << 17, 4096), (1 << 15, 16384)]
+# Small losses, where dispatch and launches dominate: fwd+bwd, wall time per step (and on a GPU the
+# kernels' own time, from CUDA-graph replay over 32 input sets).
+SMALL = [(8, 1000), (64, 4096)]
 
 
 def plan(device, quick):
@@ -63,13 +66,19 @@ def main(argv=None):
     if "bernoulli" in args.ops:
         jobs.append((bern, bern_shapes))
     provs = {mod.OP: mod.providers(device) for mod, _ in jobs}
-    total = sum(sum(not isinstance(p, str) for p in provs[mod.OP].values()) * len(shapes) * len(dtypes) * len(modes)
-                for mod, shapes in jobs)
+    n_small = (1 if args.quick else len(SMALL)) * (2 if gpu else 1)
+    total = sum(sum(not isinstance(p, str) for p in provs[mod.OP].values()) * (len(shapes) * len(dtypes) * len(modes)
+                                                                                + n_small) for mod, shapes in jobs)
     rows = []
     with tqdm(total=total, desc="benchmarks", file=sys.stderr) as bar:
         for mod, shapes in jobs:
             rows += run_op(mod.OP, provs[mod.OP], mod.make_inputs, mod.reference_fn, mod.BYTES_PER_ELEM, device,
                            shapes, dtypes, modes, args.reps, bar)
+        for mod, _ in jobs:
+            for timing in ("wall", "graph") if gpu else ("wall",):
+                rows += run_op(mod.OP, provs[mod.OP], mod.make_inputs, mod.reference_fn, mod.BYTES_PER_ELEM, device,
+                               SMALL[:1] if args.quick else SMALL, dtypes[:1], ["fwd+bwd"], args.reps, bar,
+                               timing=timing)
     for r in rows:
         r.pct_copy = 100 * r.gbps / copy
     print_table(rows, copy)
@@ -82,14 +91,15 @@ def main(argv=None):
 def _speedups(rows):
     """The headline: each kl_ext provider against the eager baseline users write, per shape, forward and
     forward+backward (backward alone is not comparable: kl_ext does that work in the forward)."""
-    base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager"}
+    base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager", "bce": "BCEWithLogitsLoss eager"}
     for r in rows:
         if not r.provider.startswith("kl_ext") or r.ms != r.ms or r.mode == "bwd":
             continue
-        base = next((b for b in rows if (b.op, b.mode, b.dtype, b.shape) == (r.op, r.mode, r.dtype, r.shape)
-                     and b.provider == base_name[r.op]), None)
+        key = (r.op, r.mode, r.timing, r.dtype, r.shape)
+        base = next((b for b in rows if (b.op, b.mode, b.timing, b.dtype, b.shape) == key
+                     and b.provider == base_name["bce" if "BCE" in r.provider else r.op]), None)
         if base is not None and base.ms == base.ms:
-            print(f"{r.op:<10}{r.mode:<9}{r.dtype:<9}{r.shape:<14}{r.provider:<20} "
+            print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<9}{r.shape:<14}{r.provider:<20} "
                   f"{base.ms / r.ms:5.1f}x faster than {base.provider}")
 
 
