@@ -44,7 +44,7 @@ if platform.machine() in ("x86_64", "AMD64") and os.environ.get("KL_EXT_NO_AVX2"
 sources = sorted(glob.glob("csrc/*.cpp"))
 with_cuda, why_not = _want_cuda()
 if with_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
     print(f"kl_ext: building CPU + CUDA ops (CUDA {torch.version.cuda}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
     ext = CUDAExtension(
         "kl_ext._C",
