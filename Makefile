@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 
-.PHONY: setup run test bench bench-gpu demo
+.PHONY: setup run test bench demo gpu-wheels
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -26,3 +26,7 @@ bench: setup
 
 demo: setup
 	$(PYTHON) examples/distill_demo.py --out demo_out
+
+# Wheels the GPU box (no network) installs if present: Liger-Kernel, a benchmark baseline. Carry wheels/ there.
+gpu-wheels: setup
+	$(PYTHON) -m pip download -q --no-deps -d wheels liger-kernel
