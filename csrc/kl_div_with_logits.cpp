@@ -144,32 +144,40 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
       } else {
         load_row(t + off, lp ? c : d, V, np, acc_t(1), lp ? ninf : acc_t(0));
       }
-      // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0).
-      V_t vs_s(0), vs_t(0), vacc(0);
-      for (int64_t i = 0; i < np; i += L) {
-        const V_t av = V_t::loadu(a + i) - V_t(sh_s);  // shifted
-        const V_t eb = av.exp();
-        V_t cv, ed;
-        if (logits) {
-          cv = V_t::loadu(c + i) - V_t(sh_t);  // shifted
-          ed = cv.exp();
-        } else if (lp) {
-          cv = V_t::loadu(c + i);
-          ed = cv.exp();
-        } else {
-          ed = V_t::loadu(d + i);
-          cv = ed.log();
-          cv.store(c + i);
+      // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0), in fp32
+      // vectors over blocks of 64 vectors folded into double: one running fp32 sum of V exponentials would be
+      // off by ~1e-7 relative, as much as a whole tiny KL between near-identical rows.
+      double sum_s64 = 0, sum_t64 = 0, acc64 = 0;
+      for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
+        V_t vs_s(0), vs_t(0), vacc(0);
+        for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
+          const V_t av = V_t::loadu(a + i) - V_t(sh_s);  // shifted
+          const V_t eb = av.exp();
+          V_t cv, ed;
+          if (logits) {
+            cv = V_t::loadu(c + i) - V_t(sh_t);  // shifted
+            ed = cv.exp();
+          } else if (lp) {
+            cv = V_t::loadu(c + i);
+            ed = cv.exp();
+          } else {
+            ed = V_t::loadu(d + i);
+            cv = ed.log();
+            cv.store(c + i);
+          }
+          vs_s += eb;
+          vs_t += ed;
+          vacc += fwd ? where_pos(ed, ed * (cv - av)) : where_pos(eb, eb * (av - cv));
+          if (keep) {
+            eb.store(b + i);
+            ed.store(d + i);
+          }
         }
-        vs_s += eb;
-        vs_t += ed;
-        vacc += fwd ? where_pos(ed, ed * (cv - av)) : where_pos(eb, eb * (av - cv));
-        if (keep) {
-          eb.store(b + i);
-          ed.store(d + i);
-        }
+        sum_s64 += hsum(vs_s);
+        sum_t64 += hsum(vs_t);
+        acc64 += hsum(vacc);
       }
-      const acc_t sum_s = hsum(vs_s), sum_t = hsum(vs_t);
+      const acc_t sum_s = acc_t(sum_s64), sum_t = acc_t(sum_t64), acc = acc_t(acc64);
       const RowStats<acc_t> ss = stats(mx_s, sum_s);
       const RowStats<acc_t> st = logits ? stats(mx_t, sum_t) : RowStats<acc_t>{acc_t(0), acc_t(1), sum_t};
       const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
@@ -177,9 +185,9 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
       const acc_t inf = std::numeric_limits<acc_t>::infinity();
       // log sum_t - log sum_s; for two logit rows from their ratio, which is ~1 for near-identical rows:
       // a difference of two logs of ~log V each would add their rounding (~1e-6 in fp32) to a tiny KL.
-      const acc_t dlsum = logits ? -std::log1p((sum_s - sum_t) / sum_t) : -std::log(sum_s);
-      const acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : hsum(vacc) * st.inv - st.mass * dlsum)
-                           : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : hsum(vacc) * ss.inv + dlsum);
+      const acc_t dlsum = logits ? acc_t(-std::log1p((sum_s64 - sum_t64) / sum_t64)) : -std::log(sum_s);
+      const acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : acc * st.inv - st.mass * dlsum)
+                           : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : acc * ss.inv + dlsum);
       loss[r] = kl;
       if (!keep) continue;
 
