@@ -286,6 +286,94 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_
   }
 }
 
+// Rows held in registers take their maxima first and every sum relative to them: nothing is rescaled, and
+// the partial sums are merged in double. The sums of V exponentials then carry ~1e-9 relative error instead
+// of the ~1e-7 that online rescaling of fp32 sums leaves, which is all of a tiny KL between near-identical
+// rows (a student near convergence). Streamed rows keep the online statistics (one read).
+
+// The maxima (base 2) of the held packs j0 + k * stride below npacks: raw compares, scaled once (scale2 > 0).
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void held_max(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt, int64_t j0,
+                                         int64_t stride, int64_t npacks, bool logits, T scale2, T (&m)[2]) {
+  m[0] = -kinf<T>();
+  m[1] = -kinf<T>();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (j0 + k * stride >= npacks) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      m[0] = kmax(m[0], to_acc(px[k].v[e]));
+      if (logits) m[1] = kmax(m[1], to_acc(pt[k].v[e]));
+    }
+  }
+  m[0] *= scale2;
+  m[1] *= scale2;
+}
+
+// Every thread of the block gets op over the block of each of v[0..N) (op commutative: a butterfly leaves
+// all lanes equal; fixed order: deterministic). red: 32 * N values of shared memory.
+template <int N, typename V, typename Op>
+__device__ __forceinline__ void block_allreduce(V (&v)[N], V* red, V identity, Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o));
+  }
+  if (nwarps == 1) return;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) red[warp * N + i] = v[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = lane < nwarps ? red[lane * N + i] : identity;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o));
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) red[i] = v[i];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = red[i];
+  __syncthreads();  // red is written again by the next reduction
+}
+
+struct MaxOp {
+  template <typename V>
+  __host__ __device__ __forceinline__ V operator()(V a, V b) const { return kmax(a, b); }
+};
+struct SumOp {
+  template <typename V>
+  __host__ __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
+};
+
+// The row's statistics from this thread's share of it, given the row maxima m, summed in double.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void held_sums(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt, int64_t j0,
+                                          int64_t stride, int64_t npacks, const KLArgs<scalar_t>& a, T scale2,
+                                          const T (&m)[2], double (&sums)[4]) {
+  // fold() never rescales here: its state starts at the row maxima.
+  RowState<T> st{m[0], T(0), m[1], T(0), T(0), T(0)};
+  fold<K>(st, px, pt, j0, stride, npacks, a, scale2);
+  sums[0] = st.d_s;
+  sums[1] = st.d_t;
+  sums[2] = st.acc;
+  sums[3] = st.s_p;
+}
+
+template <typename T>
+__device__ __forceinline__ RowResult<T> finish_held(const T (&m)[2], const double (&sums)[4], bool logits, bool fwd) {
+  const RowResult<double> r = finish(RowState<double>{m[0], sums[0], m[1], sums[1], sums[2], sums[3]}, logits, fwd);
+  return {T(r.kl), T(r.lse_s), T(r.lse_t), T(r.mass_s), T(r.mass_t)};
+}
+
 constexpr int kResidentThreads = 256;  // resident rows with up to 4 packs per thread
 constexpr int kWideThreads = 512;      // resident rows with 8 packs per thread, split rows, streamed rows
 constexpr int kWidePacks = 8;          // packs per thread, split rows
@@ -311,6 +399,8 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   __shared__ RowState<T> red[32];
+  __shared__ T red_max[32 * 2];
+  __shared__ double red_sum[32 * 4];
   const bool logits = a.target == TargetType::Logits;
   const bool grads = a.gx != nullptr || a.gt != nullptr;
   const T scale2 = a.inv_t * T(kLog2e);
@@ -325,19 +415,25 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       zero_grads<scalar_t, VEC>(a, off, npacks);
       continue;
     }
-    RowState<T> st = empty_state<T>();
     P px[ITEMS], pt[ITEMS];
+    RowResult<T> r;
     if constexpr (RESIDENT) {
       load_packs<ITEMS>(px, pt, xr, tr, tid, stride, npacks);
-      fold<ITEMS>(st, px, pt, tid, stride, npacks, a, scale2);
+      T m[2];
+      held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2, m);
+      block_allreduce(m, red_max, -kinf<T>(), MaxOp());
+      double sums[4];
+      held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m, sums);
+      block_allreduce(sums, red_sum, 0.0, SumOp());
+      r = finish_held(m, sums, logits, a.forward);
     } else {
+      RowState<T> st = empty_state<T>();
       for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
         load_packs<ITEMS>(px, pt, xr, tr, j0, stride, npacks);
         fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
       }
+      r = finish(block_merge(st, red, logits, a.forward), logits, a.forward);
     }
-    st = block_merge(st, red, logits, a.forward);
-    const RowResult<T> r = finish(st, logits, a.forward);
     if (tid == 0) a.loss[row] = r.kl;
     if (!grads) continue;
     if constexpr (RESIDENT) {
@@ -351,16 +447,38 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   }
 }
 
+// op over the cluster of each v[0..N) (every block passes its block-wide values): each block publishes its
+// values in shared memory, and every block combines all of them in rank order (the same result everywhere).
+template <int N, typename V, typename Op>
+__device__ __forceinline__ void cluster_allreduce(V (&v)[N], V* mine, unsigned size, Op op) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) mine[i] = v[i];
+  }
+  cluster_sync();
+  const V* first = cluster_map(mine, 0);
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = first[i];
+  for (unsigned b = 1; b < size; ++b) {
+    const V* other = cluster_map(mine, b);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = op(v[i], other[i]);
+  }
+  cluster_sync();  // `mine` is written again by the next reduction
+}
+
 // A row split over the blocks of a cluster: block `rank` holds packs [rank * slice, (rank + 1) * slice) in
-// registers. Each block reduces its slice, publishes the result in its shared memory, and every block merges
-// all of them in rank order (the same result in every block, deterministic). Launched only with clusters.
+// registers. Maxima, then sums, are reduced over each block and then over the cluster through distributed
+// shared memory, in rank order (the same result in every block, deterministic). Launched only with clusters.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArgs<scalar_t> a, int64_t slice) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   constexpr int ITEMS = kWidePacks;
-  KL_EXT_SHARED(RowState<T>, red, 32);
-  KL_EXT_SHARED(RowState<T>, mine, 1);
+  KL_EXT_SHARED(T, red_max, 32 * 2);
+  KL_EXT_SHARED(double, red_sum, 32 * 4);
+  KL_EXT_SHARED(T, mine_max, 2);      // this block's maxima, read by the cluster
+  KL_EXT_SHARED(double, mine_sum, 4);  // this block's sums, read by the cluster
   const bool logits = a.target == TargetType::Logits;
   const T scale2 = a.inv_t * T(kLog2e);
   const T gs = a.gs != nullptr ? *a.gs : T(1);
@@ -377,17 +495,17 @@ __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArg
     }
     const P* xr = reinterpret_cast<const P*>(a.x + off);
     const P* tr = reinterpret_cast<const P*>(a.t + off);
-    RowState<T> st = empty_state<T>();
     P px[ITEMS], pt[ITEMS];
     load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
-    fold<ITEMS>(st, px, pt, tid, stride, count, a, scale2);
-    st = block_merge(st, red, logits, a.forward);
-    if (tid == 0) mine[0] = st;
-    cluster_sync();
-    RowState<T> all = *cluster_map(mine, 0);
-    for (unsigned b = 1; b < size; ++b) all = merge(all, *cluster_map(mine, b), logits, a.forward);
-    cluster_sync();  // `mine` is written again for the next row
-    const RowResult<T> r = finish(all, logits, a.forward);
+    T m[2];
+    held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2, m);
+    block_allreduce(m, red_max, -kinf<T>(), MaxOp());
+    cluster_allreduce(m, mine_max, size, MaxOp());
+    double sums[4];
+    held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m, sums);
+    block_allreduce(sums, red_sum, 0.0, SumOp());
+    cluster_allreduce(sums, mine_sum, size, SumOp());
+    const RowResult<T> r = finish_held(m, sums, logits, a.forward);
     if (rank == 0 && tid == 0) a.loss[row] = r.kl;
     write_grads<ITEMS>(px, pt, tid, stride, count, off, r, a, scale2, gs);
   }
