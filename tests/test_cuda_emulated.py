@@ -180,14 +180,17 @@ def test_kl_kernels_widest_cluster(emu):
     check_grads(gx, rgx, torch.bfloat16, "grad input")
 
 
-@pytest.mark.parametrize("V,dtype", [(4096, torch.float32), (100000, torch.bfloat16)], ids=["resident", "cluster"])
-def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype):
-    # Rows held in registers take their maxima first and merge sums in double: a ~5e-7 KL comes out within
-    # ~1.5% (online rescaling of fp32 sums, as streamed rows still do, leaves ~20%).
+@pytest.mark.parametrize("V,dtype,grads,tol", [(4096, torch.float32, True, 0.03), (100000, torch.bfloat16, True, 0.03),
+                                                (100000, torch.bfloat16, False, 0.1)],
+                         ids=["resident", "cluster", "streamed"])
+def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, tol):
+    # A ~5e-7 KL at V = 32000 and more (a student near convergence). Rows held in registers take their
+    # maxima first and merge sums in double (measured within 1.5%); streamed rows merge their threads'
+    # online statistics in double (4%). With fp32 merges both were off by ~20%.
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(4, V, generator=g) * 0.01).to(dtype)
     t = (s.float() + torch.randn(4, V, generator=g) * 0.001).to(dtype)
-    loss, _, _ = emu.kl_div_with_logits_fwd(s, t, None, "logits", 1.0, "forward", True, False, None)
+    loss, _, _ = emu.kl_div_with_logits_fwd(s, t, None, "logits", 1.0, "forward", grads, False, None)
     exp = reference.kl_div_with_logits(s.double(), t.double(), reduction="none")
     assert exp.max() < 1e-6
-    assert ((loss.double() - exp).abs() / exp).max() < 0.05
+    assert ((loss.double() - exp).abs() / exp).max() < tol
