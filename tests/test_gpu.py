@@ -127,3 +127,18 @@ def test_more_than_2_pow_31_elements(backend):
     loss = kl_ext.kl_div_with_logits(x, t, reduction="none", backend=backend)
     tail = reference.kl_div_with_logits(x[-2:].double(), t[-2:].double(), reduction="none")
     assert_close_rel(loss[-2:], tail, 1e-4)
+
+
+@pytest.mark.parametrize("V,dtype,grads,tol", [(4096, torch.float32, True, 0.03), (100000, torch.bfloat16, True, 0.03),
+                                                (100000, torch.bfloat16, False, 0.1)],
+                         ids=["resident", "cluster", "streamed"])
+def test_cuda_tiny_kl_precision(V, dtype, grads, tol):
+    # As tests/test_cuda_emulated.py measures on the CPU, now with the GPU's own exp2 / log2 and sum orders.
+    _gpu_backend("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = (torch.randn(4, V, device="cuda", generator=g) * 0.01).to(dtype)
+    t = (s.float() + torch.randn(4, V, device="cuda", generator=g) * 0.001).to(dtype)
+    x = s.clone().requires_grad_(grads)
+    loss = kl_ext.kl_div_with_logits(x, t, reduction="none", backend="cuda")
+    exp = reference.kl_div_with_logits(s.double(), t.double(), reduction="none")
+    assert ((loss.detach().double() - exp).abs() / exp).max() < tol
