@@ -3,7 +3,7 @@
 //
 // Elementwise, with per-row sums: a row is owned by a group of `group` lanes of one warp (1 for a few classes,
 // up to the whole warp for wide rows), which sum in a fixed order and combine with shuffles: deterministic, no
-// atomics, no shared memory. Each lane loads 4 elements before computing, to keep loads in flight.
+// atomics, no shared memory. 16-byte loads and stores when the row length allows them.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -51,16 +51,43 @@ __host__ __device__ __forceinline__ T xlogx(T p) {
 }
 
 constexpr int kBernoulliThreads = 256;
-constexpr int kBernoulliLoads = 4;
 
-template <typename scalar_t>
+// One element: its loss (times the weight) and its gradients (d/d input times inv_t * gs, d/d target times gs).
+template <typename T>
+__device__ __forceinline__ T bernoulli_elem(T x, T t, T w, T pw, T inv_t, bool target_logits, bool entropy, T& gx,
+                                            T& gt) {
+  const T z = x * inv_t, ez = kexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
+  T p, l, u = T(0);
+  if (target_logits) {
+    u = t * inv_t;
+    const T eu = kexp(-(u < T(0) ? -u : u));
+    p = sigmoid_from(u, eu);
+    l = (T(1) - p) * (z - u) + spz - softplus_neg(u, eu);  // exactly 0 when z == u
+  } else {
+    p = t;
+    l = (T(1) - p) * z + (T(1) + (pw - T(1)) * p) * spz;
+    if (entropy) l += xlogx(p) + xlogx(T(1) - p);
+  }
+  gx = w * ((T(1) + (pw - T(1)) * p) * sigmoid_from(z, ez) - pw * p);
+  if (target_logits) gt = -p * (T(1) - p) * (z - u) * inv_t;
+  else if (entropy) gt = klog(p) - klog(T(1) - p) - z;
+  else gt = (pw - T(1)) * spz - z;
+  gt *= w;
+  return l * w;
+}
+
+// VEC elements per load (16 bytes when rows allow, else 1); about 8 elements per lane and iteration, loaded
+// before any is computed.
+template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const BernoulliArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
-  constexpr int U = kBernoulliLoads;
+  using P = Pack<scalar_t, VEC>;
+  constexpr int U = VEC >= 8 ? 1 : (VEC >= 2 ? 8 / VEC : 4);
   const int lane = threadIdx.x & 31, group = a.group, sub = lane & (group - 1);
   const int rows_per_warp = 32 / group;
   const int64_t warp = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int64_t warp_stride = int64_t(gridDim.x) * (blockDim.x >> 5) * rows_per_warp;
+  const int64_t npacks = a.C / VEC;
   const T gs = a.gs != nullptr ? *a.gs : T(1), gx_f = a.inv_t * gs;
   // The loop bound is the same for the whole warp, so every lane reaches the shuffles.
   for (int64_t first = warp * rows_per_warp; first < a.N; first += warp_stride) {
@@ -68,48 +95,38 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
     T total = T(0);
     if (row < a.N) {
       const int64_t off = row * a.C;
-      for (int64_t c0 = sub; c0 < a.C; c0 += int64_t(U) * group) {
-        scalar_t xv[U], tv[U];
+      const P* xr = reinterpret_cast<const P*>(a.x + off);
+      const P* tr = reinterpret_cast<const P*>(a.t + off);
+      for (int64_t j0 = sub; j0 < npacks; j0 += int64_t(U) * group) {
+        P xv[U], tv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int64_t c = c0 + int64_t(u) * group;
-          if (c < a.C) {
-            xv[u] = a.x[off + c];
-            tv[u] = a.t[off + c];
+          const int64_t j = j0 + int64_t(u) * group;
+          if (j < npacks) {
+            xv[u] = xr[j];
+            tv[u] = tr[j];
           }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int64_t c = c0 + int64_t(u) * group;
-          if (c >= a.C) continue;
-          const T w = a.w != nullptr ? a.w[a.w_numel == a.C ? c : off + c] : T(1);
-          const T pw = a.pw != nullptr ? a.pw[a.pw_numel == a.C ? c : off + c] : T(1);
-          const T z = to_acc(xv[u]) * a.inv_t, ez = kexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
-          T p, l, uu = T(0);
-          if (a.target_logits) {
-            uu = to_acc(tv[u]) * a.inv_t;
-            const T eu = kexp(-(uu < T(0) ? -uu : uu));
-            p = sigmoid_from(uu, eu);
-            l = (T(1) - p) * (z - uu) + spz - softplus_neg(uu, eu);  // exactly 0 when z == u
-          } else {
-            p = to_acc(tv[u]);
-            l = (T(1) - p) * z + (T(1) + (pw - T(1)) * p) * spz;
-            if (a.entropy) l += xlogx(p) + xlogx(T(1) - p);
+          const int64_t j = j0 + int64_t(u) * group;
+          if (j >= npacks) continue;
+          P gxp, gtp;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const int64_t c = j * VEC + e;
+            const T w = a.w != nullptr ? a.w[a.w_numel == a.C ? c : off + c] : T(1);
+            const T pw = a.pw != nullptr ? a.pw[a.pw_numel == a.C ? c : off + c] : T(1);
+            T gx, gt;
+            const T l = bernoulli_elem(to_acc(xv[u].v[e]), to_acc(tv[u].v[e]), w, pw, a.inv_t, a.target_logits,
+                                       a.entropy, gx, gt);
+            if (a.elementwise) a.loss[off + c] = l;
+            else total += l;
+            gxp.v[e] = static_cast<scalar_t>(gx * gx_f);
+            gtp.v[e] = static_cast<scalar_t>(gt * gs);
           }
-          l *= w;
-          if (a.elementwise) a.loss[off + c] = l;
-          else total += l;
-          if (a.gx != nullptr) {
-            const T g = w * ((T(1) + (pw - T(1)) * p) * sigmoid_from(z, ez) - pw * p);
-            a.gx[off + c] = static_cast<scalar_t>(g * gx_f);
-          }
-          if (a.gt != nullptr) {
-            T g;
-            if (a.target_logits) g = -p * (T(1) - p) * (z - uu) * a.inv_t;
-            else if (a.entropy) g = klog(p) - klog(T(1) - p) - z;
-            else g = (pw - T(1)) * spz - z;
-            a.gt[off + c] = static_cast<scalar_t>(w * g * gs);
-          }
+          if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = gxp;
+          if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = gtp;
         }
       }
     }
@@ -158,8 +175,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logi
                                     subtract_entropy,
                                     elementwise,
                                     group};
-    auto kernel = bernoulli_rows_kernel<scalar_t>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+    constexpr int VEC = vec_size<scalar_t>();
+    if (C % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt)) {
+      auto kernel = bernoulli_rows_kernel<scalar_t, VEC>;
+      KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+    } else {
+      auto kernel = bernoulli_rows_kernel<scalar_t, 1>;
+      KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+    }
   });
   return {call.loss, call.gx, call.gt};
 }

@@ -65,6 +65,7 @@ __host__ __device__ __forceinline__ T safe_shift(T m) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 inline int round_up(int64_t a, int b) { return int(ceil_div(a, b) * b); }
 
 }  // namespace cuda

@@ -579,8 +579,6 @@ void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stre
   }
 }
 
-inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The op on device tensors.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_impl(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
