@@ -95,38 +95,71 @@ __host__ __device__ __forceinline__ RowState<T> merge(const RowState<T>& x, cons
   return {ms, a.d_s + b.d_s, mt, a.d_t + b.d_t, a.acc + b.acc, a.s_p + b.s_p};
 }
 
+// A few values reduced together (row maxima, row sums).
+template <typename T, int N>
+struct Vals {
+  T v[N];
+};
+
+// Warp shuffles of the reduced types, field by field.
 template <typename T>
-__device__ __forceinline__ RowState<T> warp_merge(RowState<T> s, bool logits, bool fwd) {
+__device__ __forceinline__ T shfl_xor(T x, int o) {
+  return __shfl_xor_sync(0xffffffffu, x, o);
+}
+template <typename T, int N>
+__device__ __forceinline__ Vals<T, N> shfl_xor(Vals<T, N> x, int o) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    RowState<T> y;
-    y.m_s = __shfl_xor_sync(0xffffffffu, s.m_s, o);
-    y.d_s = __shfl_xor_sync(0xffffffffu, s.d_s, o);
-    y.m_t = __shfl_xor_sync(0xffffffffu, s.m_t, o);
-    y.d_t = __shfl_xor_sync(0xffffffffu, s.d_t, o);
-    y.acc = __shfl_xor_sync(0xffffffffu, s.acc, o);
-    y.s_p = __shfl_xor_sync(0xffffffffu, s.s_p, o);
-    s = merge(s, y, logits, fwd);
-  }
-  return s;
+  for (int i = 0; i < N; ++i) x.v[i] = shfl_xor(x.v[i], o);
+  return x;
+}
+template <typename T>
+__device__ __forceinline__ RowState<T> shfl_xor(RowState<T> s, int o) {
+  return {shfl_xor(s.m_s, o), shfl_xor(s.d_s, o), shfl_xor(s.m_t, o),
+          shfl_xor(s.d_t, o), shfl_xor(s.acc, o), shfl_xor(s.s_p, o)};
 }
 
-// The row's statistics in every thread of the block. red: 32 states of shared memory.
-template <typename T>
-__device__ __forceinline__ RowState<T> block_merge(RowState<T> s, RowState<T>* red, bool logits, bool fwd) {
+// Commutative reductions (a butterfly then leaves every lane with the same value).
+struct MaxOp {
+  template <typename T, int N>
+  __host__ __device__ __forceinline__ Vals<T, N> operator()(Vals<T, N> a, const Vals<T, N>& b) const {
+    for (int i = 0; i < N; ++i) a.v[i] = kmax(a.v[i], b.v[i]);
+    return a;
+  }
+};
+struct SumOp {
+  template <typename T, int N>
+  __host__ __device__ __forceinline__ Vals<T, N> operator()(Vals<T, N> a, const Vals<T, N>& b) const {
+    for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+};
+struct MergeOp {
+  bool logits, fwd;
+  template <typename T>
+  __host__ __device__ __forceinline__ RowState<T> operator()(const RowState<T>& a, const RowState<T>& b) const {
+    return merge(a, b, logits, fwd);
+  }
+};
+
+// op over the whole block, in every thread, in a fixed order (deterministic). red: 32 values of shared memory.
+template <typename V, typename Op>
+__device__ __forceinline__ V block_allreduce(V v, V* red, V identity, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  s = warp_merge(s, logits, fwd);
-  if (nwarps == 1) return s;
-  if (lane == 0) red[warp] = s;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
+  if (nwarps == 1) return v;
+  if (lane == 0) red[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    s = warp_merge(lane < nwarps ? red[lane] : empty_state<T>(), logits, fwd);
-    if (lane == 0) red[0] = s;
+    v = lane < nwarps ? red[lane] : identity;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
+    if (lane == 0) red[0] = v;
   }
   __syncthreads();
-  s = red[0];
-  __syncthreads();  // red is written again for the next row
-  return s;
+  v = red[0];
+  __syncthreads();  // red is written again by the next reduction
+  return v;
 }
 
 // Teacher element -> (log2-domain log-prob or logit, prob). Logits: p is filled in by the caller.
@@ -293,79 +326,32 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_
 
 // The maxima (base 2) of the held packs j0 + k * stride below npacks: raw compares, scaled once (scale2 > 0).
 template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ void held_max(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt, int64_t j0,
-                                         int64_t stride, int64_t npacks, bool logits, T scale2, T (&m)[2]) {
-  m[0] = -kinf<T>();
-  m[1] = -kinf<T>();
+__device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                               int64_t j0, int64_t stride, int64_t npacks, bool logits, T scale2) {
+  Vals<T, 2> m{{-kinf<T>(), -kinf<T>()}};
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     if (j0 + k * stride >= npacks) continue;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      m[0] = kmax(m[0], to_acc(px[k].v[e]));
-      if (logits) m[1] = kmax(m[1], to_acc(pt[k].v[e]));
+      m.v[0] = kmax(m.v[0], to_acc(px[k].v[e]));
+      if (logits) m.v[1] = kmax(m.v[1], to_acc(pt[k].v[e]));
     }
   }
-  m[0] *= scale2;
-  m[1] *= scale2;
+  m.v[0] *= scale2;
+  m.v[1] *= scale2;
+  return m;
 }
 
-// Every thread of the block gets op over the block of each of v[0..N) (op commutative: a butterfly leaves
-// all lanes equal; fixed order: deterministic). red: 32 * N values of shared memory.
-template <int N, typename V, typename Op>
-__device__ __forceinline__ void block_allreduce(V (&v)[N], V* red, V identity, Op op) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o));
-  }
-  if (nwarps == 1) return;
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) red[warp * N + i] = v[i];
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = lane < nwarps ? red[lane * N + i] : identity;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], o));
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) red[i] = v[i];
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = red[i];
-  __syncthreads();  // red is written again by the next reduction
-}
-
-struct MaxOp {
-  template <typename V>
-  __host__ __device__ __forceinline__ V operator()(V a, V b) const { return kmax(a, b); }
-};
-struct SumOp {
-  template <typename V>
-  __host__ __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
-};
-
-// The row's statistics from this thread's share of it, given the row maxima m, summed in double.
+// This thread's share of the row's sums (d_s, d_t, acc, s_p) relative to the row maxima m, to be summed in
+// double. fold() never rescales here: its state starts at the row maxima.
 template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ void held_sums(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt, int64_t j0,
-                                          int64_t stride, int64_t npacks, const KLArgs<scalar_t>& a, T scale2,
-                                          const T (&m)[2], double (&sums)[4]) {
-  // fold() never rescales here: its state starts at the row maxima.
-  RowState<T> st{m[0], T(0), m[1], T(0), T(0), T(0)};
+__device__ __forceinline__ Vals<double, 4> held_sums(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                                     int64_t j0, int64_t stride, int64_t npacks,
+                                                     const KLArgs<scalar_t>& a, T scale2, const Vals<T, 2>& m) {
+  RowState<T> st{m.v[0], T(0), m.v[1], T(0), T(0), T(0)};
   fold<K>(st, px, pt, j0, stride, npacks, a, scale2);
-  sums[0] = st.d_s;
-  sums[1] = st.d_t;
-  sums[2] = st.acc;
-  sums[3] = st.s_p;
+  return {{st.d_s, st.d_t, st.acc, st.s_p}};
 }
 
 template <typename T>
@@ -374,8 +360,10 @@ __host__ __device__ __forceinline__ RowResult<T> narrow(const RowResult<double>&
 }
 
 template <typename T>
-__device__ __forceinline__ RowResult<T> finish_held(const T (&m)[2], const double (&sums)[4], bool logits, bool fwd) {
-  return narrow<T>(finish(RowState<double>{m[0], sums[0], m[1], sums[1], sums[2], sums[3]}, logits, fwd));
+__device__ __forceinline__ RowResult<T> finish_held(const Vals<T, 2>& m, const Vals<double, 4>& sums, bool logits,
+                                                    bool fwd) {
+  const RowState<double> st{m.v[0], sums.v[0], m.v[1], sums.v[1], sums.v[2], sums.v[3]};
+  return narrow<T>(finish(st, logits, fwd));
 }
 
 constexpr int kResidentThreads = 256;  // resident rows with up to 4 packs per thread
@@ -403,8 +391,8 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   __shared__ RowState<double> red[32];
-  __shared__ T red_max[32 * 2];
-  __shared__ double red_sum[32 * 4];
+  __shared__ Vals<T, 2> red_max[32];
+  __shared__ Vals<double, 4> red_sum[32];
   const bool logits = a.target == TargetType::Logits;
   const bool grads = a.gx != nullptr || a.gt != nullptr;
   const T scale2 = a.inv_t * T(kLog2e);
@@ -423,12 +411,10 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
     RowResult<T> r;
     if constexpr (RESIDENT) {
       load_packs<ITEMS>(px, pt, xr, tr, tid, stride, npacks);
-      T m[2];
-      held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2, m);
-      block_allreduce(m, red_max, -kinf<T>(), MaxOp());
-      double sums[4];
-      held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m, sums);
-      block_allreduce(sums, red_sum, 0.0, SumOp());
+      const Vals<T, 2> m = block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max,
+                                           Vals<T, 2>{{-kinf<T>(), -kinf<T>()}}, MaxOp());
+      const Vals<double, 4> sums = block_allreduce(held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m),
+                                                   red_sum, Vals<double, 4>{}, SumOp());
       r = finish_held(m, sums, logits, a.forward);
     } else {
       RowState<T> st = empty_state<T>();
@@ -439,7 +425,8 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       // Threads' partial statistics merged in double: fp32 rescaling at every level of the tree would
       // leave ~1e-7 relative error in the sums (per-thread partials are short and accurate).
       const RowState<double> wide{st.m_s, st.d_s, st.m_t, st.d_t, st.acc, st.s_p};
-      r = narrow<T>(finish(block_merge(wide, red, logits, a.forward), logits, a.forward));
+      const MergeOp op{logits, a.forward};
+      r = narrow<T>(finish(block_allreduce(wide, red, empty_state<double>(), op), logits, a.forward));
     }
     if (tid == 0) a.loss[row] = r.kl;
     if (!grads) continue;
@@ -454,24 +441,16 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   }
 }
 
-// op over the cluster of each v[0..N) (every block passes its block-wide values): each block publishes its
-// values in shared memory, and every block combines all of them in rank order (the same result everywhere).
-template <int N, typename V, typename Op>
-__device__ __forceinline__ void cluster_allreduce(V (&v)[N], V* mine, unsigned size, Op op) {
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) mine[i] = v[i];
-  }
+// op over the cluster (every block passes its block-wide value): each block publishes its value in shared
+// memory, and every block combines all of them in rank order (the same result everywhere).
+template <typename V, typename Op>
+__device__ __forceinline__ V cluster_allreduce(V v, V* mine, unsigned size, Op op) {
+  if (threadIdx.x == 0) mine[0] = v;
   cluster_sync();
-  const V* first = cluster_map(mine, 0);
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = first[i];
-  for (unsigned b = 1; b < size; ++b) {
-    const V* other = cluster_map(mine, b);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = op(v[i], other[i]);
-  }
+  v = *cluster_map(mine, 0);
+  for (unsigned b = 1; b < size; ++b) v = op(v, *cluster_map(mine, b));
   cluster_sync();  // `mine` is written again by the next reduction
+  return v;
 }
 
 // A row split over the blocks of a cluster: block `rank` holds packs [rank * slice, (rank + 1) * slice) in
@@ -482,10 +461,12 @@ __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArg
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   constexpr int ITEMS = kWidePacks;
-  KL_EXT_SHARED(T, red_max, 32 * 2);
-  KL_EXT_SHARED(double, red_sum, 32 * 4);
-  KL_EXT_SHARED(T, mine_max, 2);      // this block's maxima, read by the cluster
-  KL_EXT_SHARED(double, mine_sum, 4);  // this block's sums, read by the cluster
+  using Max2 = Vals<T, 2>;
+  using Sums = Vals<double, 4>;
+  KL_EXT_SHARED(Max2, red_max, 32);
+  KL_EXT_SHARED(Sums, red_sum, 32);
+  KL_EXT_SHARED(Max2, mine_max, 1);  // this block's maxima, read by the cluster
+  KL_EXT_SHARED(Sums, mine_sum, 1);  // this block's sums, read by the cluster
   const bool logits = a.target == TargetType::Logits;
   const T scale2 = a.inv_t * T(kLog2e);
   const T gs = a.gs != nullptr ? *a.gs : T(1);
@@ -504,14 +485,11 @@ __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArg
     const P* tr = reinterpret_cast<const P*>(a.t + off);
     P px[ITEMS], pt[ITEMS];
     load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
-    T m[2];
-    held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2, m);
-    block_allreduce(m, red_max, -kinf<T>(), MaxOp());
-    cluster_allreduce(m, mine_max, size, MaxOp());
-    double sums[4];
-    held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m, sums);
-    block_allreduce(sums, red_sum, 0.0, SumOp());
-    cluster_allreduce(sums, mine_sum, size, SumOp());
+    Max2 m = block_allreduce(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2), red_max,
+                             Max2{{-kinf<T>(), -kinf<T>()}}, MaxOp());
+    m = cluster_allreduce(m, mine_max, size, MaxOp());
+    Sums sums = block_allreduce(held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m), red_sum, Sums{}, SumOp());
+    sums = cluster_allreduce(sums, mine_sum, size, SumOp());
     const RowResult<T> r = finish_held(m, sums, logits, a.forward);
     if (rank == 0 && tid == 0) a.loss[row] = r.kl;
     write_grads<ITEMS>(px, pt, tid, stride, count, off, r, a, scale2, gs);

@@ -40,7 +40,7 @@ namespace emu {
 struct Cluster;
 
 struct Block {
-  explicit Block(unsigned threads, unsigned rank_ = 0, Cluster* cluster_ = nullptr)
+  Block(unsigned threads, unsigned rank_, Cluster* cluster_)
       : all(threads), slots(threads / 32), rank(rank_), cluster(cluster_) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
   }
@@ -98,32 +98,10 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
 namespace emu {
 
 template <typename... P, typename... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
-  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x > 1024) {
-    throw std::invalid_argument("cuda_emu: 1-D launches of whole warps (<= 1024 threads) only");
-  }
-  gridDim = grid;
-  blockDim = block;
-  for (unsigned b = 0; b < grid.x; ++b) {
-    Block state(block.x);
-    std::vector<std::thread> threads;
-    threads.reserve(block.x);
-    for (unsigned t = 0; t < block.x; ++t) {
-      threads.emplace_back([&, t] {
-        threadIdx = dim3(t);
-        blockIdx = dim3(b);
-        current = &state;
-        kernel(args...);
-      });
-    }
-    for (auto& th : threads) th.join();
-  }
-}
-
-template <typename... P, typename... A>
 void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, unsigned size, A&&... args) {
-  if (grid.x % size != 0 || block.x % 32 != 0 || block.x > 1024) {
-    throw std::invalid_argument("cuda_emu: a grid of whole clusters, blocks of whole warps");
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x > 1024 ||
+      grid.x % size != 0) {
+    throw std::invalid_argument("cuda_emu: 1-D grids of whole clusters, blocks of whole warps (<= 1024 threads)");
   }
   gridDim = grid;
   blockDim = block;
@@ -171,7 +149,8 @@ T* cluster_map(T* p, unsigned rank) {
 }  // namespace cuda
 }  // namespace kl_ext
 
-#define KL_EXT_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, (grid), (block), __VA_ARGS__)
+// A plain launch is a launch in clusters of one block: blocks run one after another.
+#define KL_EXT_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch_cluster(kernel, (grid), (block), 1u, __VA_ARGS__)
 #define KL_EXT_LAUNCH_CLUSTER(kernel, grid, block, cluster, stream, ...) \
   ::emu::launch_cluster(kernel, (grid), (block), unsigned(cluster), __VA_ARGS__)
 #define KL_EXT_SHARED(type, name, count) type* name = ::emu::shared<type>(#name, (count))
