@@ -36,9 +36,10 @@ def providers(device: torch.device) -> dict:
                                   reference.binary_cross_entropy_with_logits) if ok else why
     bce = torch.nn.BCEWithLogitsLoss()
     out["BCEWithLogitsLoss eager"] = (bce, reference.binary_cross_entropy_with_logits)
-    out["BCEWithLogitsLoss compiled"] = (torch.compile(lambda x, p: bce(x, p)), reference.binary_cross_entropy_with_logits)
+    out["BCEWithLogitsLoss compiled"] = (torch.compile(lambda x, p: bce(x, p), dynamic=False),
+                                         reference.binary_cross_entropy_with_logits)
     out["BCE - entropy eager"] = bce_minus_entropy
-    out["reference KL compiled"] = torch.compile(reference_fn)
+    out["reference KL compiled"] = torch.compile(reference_fn, dynamic=False)
     return out
 
 

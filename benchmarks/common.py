@@ -222,6 +222,9 @@ def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, sha
     runnable = {k: v for k, v in providers.items() if not isinstance(v, str)}
     for dtype in dtypes:
         for N, V in shapes:
+            # Compiled providers specialize on shape and grad mode: a fresh cache per shape keeps them under
+            # Dynamo's recompile limit (past it they silently ran eager).
+            torch._dynamo.reset()
             a, b = make_inputs(N, V, dtype, device)
             n_err = min(N, 256)
             refs = {}

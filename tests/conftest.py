@@ -49,7 +49,8 @@ def assert_close_rel(actual, expected, rtol, what=""):
         return
     fin = torch.isfinite(expected)
     assert torch.equal(fin, torch.isfinite(actual)), f"{what}: non-finite pattern differs"
-    assert torch.equal(actual[~fin], expected[~fin]), f"{what}: infinities differ"
+    torch.testing.assert_close(actual[~fin], expected[~fin], rtol=0, atol=0, equal_nan=True,
+                               msg=f"{what}: infinities differ")
     scale = expected[fin].abs().max().clamp(min=1e-6) if fin.any() else 1.0
     err = (actual[fin] - expected[fin]).abs().max() / scale if fin.any() else 0.0
     assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol}"

@@ -28,9 +28,10 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 ELEM = {"bf16": 2, "fp32": 4}
 
 
-def compile_one(fn, signature, constexprs, num_warps, **label):
+def compile_one(fn, signature, constexprs, num_warps, fp_fusion=True, **label):
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
-    kernel = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET, options={"num_warps": num_warps})
+    kernel = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET,
+                            options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -53,7 +54,7 @@ def kl_configs():
                            "inv_t": "fp32"}
                     consts = {"TARGET": tt, "FORWARD": fwd, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
                               "GRAD_T": True, "ONE_CHUNK": one_chunk, "BLOCK": block}
-                    compile_one(kl._kl_fwd_kernel, sig, consts, warps, op="kl", dtype=dtype, V=V, target=tt,
+                    compile_one(kl._kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="kl", dtype=dtype, V=V, target=tt,
                                 forward=fwd, one_chunk=one_chunk)
 
 

@@ -17,6 +17,9 @@ from kl_ext.triton_kernels._config import row_config
 # constexpr: compiled kernels may only read constexpr globals (the interpreter does not check this).
 LOGITS, LOG_PROBS, PROBS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _TARGET = {"logits": 0, "log_probs": 1, "probs": 2}
+# No FMA contraction: fused, x / T - max(x / T) keeps the unrounded product and is not exactly 0 at the row
+# maximum (V = 1, identical rows would get nonzero gradients; seen on an H100). The kernel is memory-bound.
+FP_FUSION = False
 
 
 @triton.jit
@@ -229,5 +232,6 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
             grad_scale if grad_scale is not None else loss, V, 1.0 / temperature,
             TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None,
-            GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block, num_warps=warps)
+            GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block, num_warps=warps,
+            enable_fp_fusion=FP_FUSION)
     return loss, gx, gt

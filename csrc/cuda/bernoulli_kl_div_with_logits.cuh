@@ -36,53 +36,54 @@ struct BernoulliArgs {
 
 template <typename T>
 __host__ __device__ __forceinline__ T softplus_neg(T z, T e_abs) {
-  return kmax(-z, T(0)) + klog1p(e_abs);  // softplus(-z), e_abs = exp(-|z|)
+  return kmax(-z, T(0)) + flog1p(e_abs);  // softplus(-z), e_abs = exp(-|z|)
 }
 
 template <typename T>
 __host__ __device__ __forceinline__ T sigmoid_from(T z, T e_abs) {
-  const T d = T(1) / (T(1) + e_abs);
+  const T d = fdiv(T(1), T(1) + e_abs);
   return z >= T(0) ? d : e_abs * d;
-}
-
-template <typename T>
-__host__ __device__ __forceinline__ T xlogx(T p) {
-  return p > T(0) ? p * klog(p) : T(0);
 }
 
 constexpr int kBernoulliThreads = 256;
 
 // One element: its loss (times the weight) and its gradients (d/d input times inv_t * gs, d/d target times gs).
+// Fast float math (common.cuh): with accurate libm calls this was bound by instructions, not memory.
 template <typename T>
 __device__ __forceinline__ T bernoulli_elem(T x, T t, T w, T pw, T inv_t, bool target_logits, bool entropy, T& gx,
                                             T& gt) {
-  const T z = x * inv_t, ez = kexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
-  T p, l, u = T(0);
+  const T z = x * inv_t, ez = fexp(-(z < T(0) ? -z : z)), spz = softplus_neg(z, ez);
+  T p, l, u = T(0), lp = T(0), lq = T(0);
   if (target_logits) {
     u = t * inv_t;
-    const T eu = kexp(-(u < T(0) ? -u : u));
+    const T eu = fexp(-(u < T(0) ? -u : u));
     p = sigmoid_from(u, eu);
     l = (T(1) - p) * (z - u) + spz - softplus_neg(u, eu);  // exactly 0 when z == u
   } else {
     p = t;
     l = (T(1) - p) * z + (T(1) + (pw - T(1)) * p) * spz;
-    if (entropy) l += xlogx(p) + xlogx(T(1) - p);
+    if (entropy) {  // + p log p + (1 - p) log(1 - p), 0 log 0 = 0; the logs serve the target gradient too
+      const T p1 = T(1) - p;
+      lp = flog(p);
+      lq = flog(p1);
+      l += (p > T(0) ? p * lp : T(0)) + (p1 > T(0) ? p1 * lq : T(0));
+    }
   }
   gx = w * ((T(1) + (pw - T(1)) * p) * sigmoid_from(z, ez) - pw * p);
   if (target_logits) gt = -p * (T(1) - p) * (z - u) * inv_t;
-  else if (entropy) gt = klog(p) - klog(T(1) - p) - z;
+  else if (entropy) gt = lp - lq - z;
   else gt = (pw - T(1)) * spz - z;
   gt *= w;
   return l * w;
 }
 
-// VEC elements per load (16 bytes when rows allow, else 1); about 8 elements per lane and iteration, loaded
-// before any is computed.
+// VEC elements per load (16 bytes when rows allow, else 1); 16 elements (8 for double) per lane and iteration,
+// all loaded before any is computed, so each lane keeps 2 - 4 loads of each input in flight.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const BernoulliArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
-  constexpr int U = VEC >= 8 ? 1 : (VEC >= 2 ? 8 / VEC : 4);
+  constexpr int U = VEC >= 8 ? 2 : 4;
   const int lane = threadIdx.x & 31, group = a.group, sub = lane & (group - 1);
   const int rows_per_warp = 32 / group;
   const int64_t warp = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -135,10 +136,10 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
   }
 }
 
-// Lanes per row: about 8 elements per lane, at most a warp.
+// Lanes per row: about 16 elements per lane, at most a warp.
 inline int bernoulli_group(int64_t C) {
   int g = 1;
-  while (g < 32 && int64_t(g) * 8 < C) g <<= 1;
+  while (g < 32 && int64_t(g) * 16 < C) g <<= 1;
   return g;
 }
 

@@ -19,6 +19,8 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "../common.h"
@@ -86,15 +88,6 @@ __host__ __device__ __forceinline__ RowState<T> rebase(const RowState<T>& s, T m
   return r;
 }
 
-// Symmetric (merge(x, y) == merge(y, x) bitwise), so a butterfly leaves every lane with the same state.
-template <typename T>
-__host__ __device__ __forceinline__ RowState<T> merge(const RowState<T>& x, const RowState<T>& y, bool logits,
-                                                      bool fwd) {
-  const T ms = kmax(x.m_s, y.m_s), mt = kmax(x.m_t, y.m_t);
-  const RowState<T> a = rebase(x, ms, mt, logits, fwd), b = rebase(y, ms, mt, logits, fwd);
-  return {ms, a.d_s + b.d_s, mt, a.d_t + b.d_t, a.acc + b.acc, a.s_p + b.s_p};
-}
-
 // A few values reduced together (row maxima, row sums).
 template <typename T, int N>
 struct Vals {
@@ -112,12 +105,6 @@ __device__ __forceinline__ Vals<T, N> shfl_xor(Vals<T, N> x, int o) {
   for (int i = 0; i < N; ++i) x.v[i] = shfl_xor(x.v[i], o);
   return x;
 }
-template <typename T>
-__device__ __forceinline__ RowState<T> shfl_xor(RowState<T> s, int o) {
-  return {shfl_xor(s.m_s, o), shfl_xor(s.d_s, o), shfl_xor(s.m_t, o),
-          shfl_xor(s.d_t, o), shfl_xor(s.acc, o), shfl_xor(s.s_p, o)};
-}
-
 // Commutative reductions (a butterfly then leaves every lane with the same value).
 struct MaxOp {
   template <typename T, int N>
@@ -133,14 +120,6 @@ struct SumOp {
     return a;
   }
 };
-struct MergeOp {
-  bool logits, fwd;
-  template <typename T>
-  __host__ __device__ __forceinline__ RowState<T> operator()(const RowState<T>& a, const RowState<T>& b) const {
-    return merge(a, b, logits, fwd);
-  }
-};
-
 // op over the whole block, in every thread, in a fixed order (deterministic). red: 32 values of shared memory.
 template <typename V, typename Op>
 __device__ __forceinline__ V block_allreduce(V v, V* red, V identity, Op op) {
@@ -165,9 +144,9 @@ __device__ __forceinline__ V block_allreduce(V v, V* red, V identity, Op op) {
 // Teacher element -> (log2-domain log-prob or logit, prob). Logits: p is filled in by the caller.
 template <typename T>
 __host__ __device__ __forceinline__ T teacher_log2(T t, TargetType tt, T scale2, T& p) {
-  if (tt == TargetType::Logits) return t * scale2;
+  if (tt == TargetType::Logits) return kmul(t, scale2);
   if (tt == TargetType::LogProbs) {
-    const T l = t * T(kLog2e);
+    const T l = kmul(t, T(kLog2e));
     p = kexp2(l);
     return l;
   }
@@ -193,15 +172,15 @@ __device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>*
       pm_s = kmax(pm_s, to_acc(px[k].v[e]));
       if (logits) pm_t = kmax(pm_t, to_acc(pt[k].v[e]));
     }
-    pm_s *= scale2;
-    pm_t *= scale2;
+    pm_s = kmul(pm_s, scale2);
+    pm_t = kmul(pm_t, scale2);
     if (pm_s > st.m_s || (logits && pm_t > st.m_t)) {
       st = rebase(st, kmax(st.m_s, pm_s), logits ? kmax(st.m_t, pm_t) : st.m_t, logits, fwd);
     }
     const T sh_s = safe_shift(st.m_s), sh_t = safe_shift(st.m_t);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const T zs = to_acc(px[k].v[e]) * scale2 - sh_s, es = kexp2(zs);
+      const T zs = kmul(to_acc(px[k].v[e]), scale2) - sh_s, es = kexp2(zs);
       T p = T(0);
       T lt = teacher_log2(to_acc(pt[k].v[e]), a.target, scale2, p);
       if (logits) {
@@ -268,11 +247,11 @@ __device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const
     P ox, ot;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const T ls2 = to_acc(px[k].v[e]) * scale2 - r.lse_s, q = kexp2(ls2), ls = ls2 * ln2;
+      const T ls2 = kmul(to_acc(px[k].v[e]), scale2) - r.lse_s, q = kexp2(ls2), ls = ls2 * ln2;
       const T tv = to_acc(pt[k].v[e]);
       T lt, p;
       if (tt == TargetType::Logits) {
-        const T lt2 = tv * scale2 - r.lse_t;
+        const T lt2 = kmul(tv, scale2) - r.lse_t;
         p = kexp2(lt2);
         lt = lt2 * ln2;
       } else if (tt == TargetType::LogProbs) {
@@ -338,8 +317,8 @@ __device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, co
       if (logits) m.v[1] = kmax(m.v[1], to_acc(pt[k].v[e]));
     }
   }
-  m.v[0] *= scale2;
-  m.v[1] *= scale2;
+  m.v[0] = kmul(m.v[0], scale2);
+  m.v[1] = kmul(m.v[1], scale2);
   return m;
 }
 
@@ -366,6 +345,30 @@ __device__ __forceinline__ RowResult<T> finish_held(const Vals<T, 2>& m, const V
   return narrow<T>(finish(st, logits, fwd));
 }
 
+// The row's sums reduced over the block (fixed order, in double) and finished once, by thread 0, into the
+// RowResult every thread reads from shared memory: finish() is a few hundred double instructions, not worth
+// repeating in every warp. `out` and `red` are next written after the next row's maxima reduction, whose
+// barriers (or, in a one-warp block, shuffles) every thread reaches only after reading `out`.
+template <typename T>
+__device__ __forceinline__ RowResult<T> block_finish(const Vals<T, 2>& m, Vals<double, 4> sums, Vals<double, 4>* red,
+                                                     RowResult<T>* out, bool logits, bool fwd) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sums = SumOp()(sums, shfl_xor(sums, o));
+  if (nwarps > 1) {
+    if (lane == 0) red[warp] = sums;
+    __syncthreads();
+    if (warp == 0) {
+      sums = lane < nwarps ? red[lane] : Vals<double, 4>{};
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sums = SumOp()(sums, shfl_xor(sums, o));
+    }
+  }
+  if (threadIdx.x == 0) *out = finish_held(m, sums, logits, fwd);
+  __syncthreads();
+  return *out;
+}
+
 constexpr int kResidentThreads = 256;  // resident rows with up to 4 packs per thread
 constexpr int kWideThreads = 512;      // resident rows with 8 packs per thread, split rows, streamed rows
 constexpr int kWidePacks = 8;          // packs per thread, split rows
@@ -385,57 +388,77 @@ __device__ __forceinline__ void zero_grads(const KLArgs<scalar_t>& a, int64_t of
 }
 
 // RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
+// Resident rows of up to 4 packs per thread load the block's next row before reducing this one: one row's
+// loads are in flight while the other's barriers, reductions and stores run (registers: 2 blocks per SM).
 template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
-__global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads)
+__global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads,
+                                  RESIDENT && ITEMS < 8 ? 2 : 1)
     kl_rows_kernel(const KLArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
-  __shared__ RowState<double> red[32];
+  constexpr bool PREFETCH = RESIDENT && ITEMS < 8;
   __shared__ Vals<T, 2> red_max[32];
   __shared__ Vals<double, 4> red_sum[32];
+  __shared__ RowResult<T> res;
   const bool logits = a.target == TargetType::Logits;
   const bool grads = a.gx != nullptr || a.gt != nullptr;
   const T scale2 = a.inv_t * T(kLog2e);
   const T gs = a.gs != nullptr ? *a.gs : T(1);
   const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
+  const Vals<T, 2> no_max{{-kinf<T>(), -kinf<T>()}};
+  const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
+  const auto packs = [&](const scalar_t* base, int64_t row) { return reinterpret_cast<const P*>(base + row * a.V); };
+  P px[ITEMS], pt[ITEMS];
+  if (PREFETCH && blockIdx.x < a.N && live(blockIdx.x)) {
+    load_packs<ITEMS>(px, pt, packs(a.x, blockIdx.x), packs(a.t, blockIdx.x), tid, stride, npacks);
+  }
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const int64_t off = row * a.V;
-    const P* xr = reinterpret_cast<const P*>(a.x + off);
-    const P* tr = reinterpret_cast<const P*>(a.t + off);
-    if (a.mask != nullptr && !a.mask[row]) {
+    const int64_t off = row * a.V, next = row + gridDim.x;
+    P nx[ITEMS], nt[ITEMS];
+    if (PREFETCH && next < a.N && live(next)) {
+      load_packs<ITEMS>(nx, nt, packs(a.x, next), packs(a.t, next), tid, stride, npacks);
+    }
+    if (!live(row)) {
       if (tid == 0) a.loss[row] = T(0);
       zero_grads<scalar_t, VEC>(a, off, npacks);
-      continue;
-    }
-    P px[ITEMS], pt[ITEMS];
-    RowResult<T> r;
-    if constexpr (RESIDENT) {
-      load_packs<ITEMS>(px, pt, xr, tr, tid, stride, npacks);
-      const Vals<T, 2> m = block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max,
-                                           Vals<T, 2>{{-kinf<T>(), -kinf<T>()}}, MaxOp());
-      const Vals<double, 4> sums = block_allreduce(held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m),
-                                                   red_sum, Vals<double, 4>{}, SumOp());
-      r = finish_held(m, sums, logits, a.forward);
     } else {
-      RowState<T> st = empty_state<T>();
-      for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-        load_packs<ITEMS>(px, pt, xr, tr, j0, stride, npacks);
-        fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
+      RowResult<T> r;
+      if constexpr (RESIDENT) {
+        if (!PREFETCH) load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
+        const Vals<T, 2> m =
+            block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
+        r = block_finish(m, held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m), red_sum, &res, logits,
+                         a.forward);
+      } else {
+        RowState<T> st = empty_state<T>();
+        for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+          load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+          fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
+        }
+        // Each thread's online statistics moved once to the row maxima, in double, then summed in double: fp32
+        // rescaling at every level of a merge tree would leave ~1e-7 relative error in the sums.
+        const Vals<T, 2> m = block_allreduce(Vals<T, 2>{{st.m_s, st.m_t}}, red_max, no_max, MaxOp());
+        const RowState<double> w = rebase(RowState<double>{st.m_s, st.d_s, st.m_t, st.d_t, st.acc, st.s_p},
+                                          double(m.v[0]), double(m.v[1]), logits, a.forward);
+        r = block_finish(m, Vals<double, 4>{{w.d_s, w.d_t, w.acc, w.s_p}}, red_sum, &res, logits, a.forward);
       }
-      // Threads' partial statistics merged in double: fp32 rescaling at every level of the tree would
-      // leave ~1e-7 relative error in the sums (per-thread partials are short and accurate).
-      const RowState<double> wide{st.m_s, st.d_s, st.m_t, st.d_t, st.acc, st.s_p};
-      const MergeOp op{logits, a.forward};
-      r = narrow<T>(finish(block_allreduce(wide, red, empty_state<double>(), op), logits, a.forward));
+      if (tid == 0) a.loss[row] = r.kl;
+      if (grads) {
+        if constexpr (RESIDENT) {
+          write_grads<ITEMS>(px, pt, tid, stride, npacks, off, r, a, scale2, gs);
+        } else {
+          for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+            load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+            write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs);
+          }
+        }
+      }
     }
-    if (tid == 0) a.loss[row] = r.kl;
-    if (!grads) continue;
-    if constexpr (RESIDENT) {
-      write_grads<ITEMS>(px, pt, tid, stride, npacks, off, r, a, scale2, gs);
-    } else {
-      for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-        load_packs<ITEMS>(px, pt, xr, tr, j0, stride, npacks);
-        write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs);
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        px[k] = nx[k];
+        pt[k] = nt[k];
       }
     }
   }
@@ -507,28 +530,41 @@ struct KLConfig {
   bool resident;
 };
 
-// Resident when the row fits a block: up to 4 packs per thread with <= 256 threads (several blocks per SM),
-// then 8 packs with <= 512 threads. With gradients and clusters, rows of up to 8 such blocks are split.
-// Everything else streams with 512 threads, 4 packs in flight each.
-inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters) {
-  for (int items : {1, 2, 4, 8}) {
+// Resident when the row fits a block: up to 4 packs per thread with <= 256 threads (2 blocks per SM, each with
+// two rows in flight), then, with gradients, 8 packs with <= 512 threads (one block per SM). With gradients
+// and clusters, rows of up to 8 such blocks are split. Everything else streams with 512 threads, 4 packs in
+// flight each (a forward without gradients reads each input once either way).
+// KL_EXT_CUDA_LONG_ROWS=stream streams every row longer than a 256-thread block holds (for comparing the
+// paths on a given GPU; read at each launch, so a benchmark can switch it).
+inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters, bool hold_long) {
+  for (int items : {1, 2, 4}) {
     const int64_t threads = round_up(std::max<int64_t>(ceil_div(npacks, items), 1), 32);
-    if (threads <= (items < 8 ? kResidentThreads : kWideThreads)) return {items, int(threads), 0, true};
+    if (threads <= kResidentThreads) return {items, int(threads), 0, true};
   }
-  if (grads && clusters) {
-    for (int size = 2; size <= kMaxCluster; size *= 2) {
-      const int64_t threads = round_up(ceil_div(ceil_div(npacks, size), kWidePacks), 32);
-      if (threads <= kWideThreads) return {kWidePacks, int(threads), size, true};
+  if (grads && hold_long) {
+    if (npacks <= int64_t(kWidePacks) * kWideThreads) {
+      return {kWidePacks, round_up(ceil_div(npacks, kWidePacks), 32), 0, true};
+    }
+    if (clusters) {
+      for (int size = 2; size <= kMaxCluster; size *= 2) {
+        const int64_t threads = round_up(ceil_div(ceil_div(npacks, size), kWidePacks), 32);
+        if (threads <= kWideThreads) return {kWidePacks, int(threads), size, true};
+      }
     }
   }
   return {kStreamPacks, kWideThreads, 0, false};
 }
 
+inline bool hold_long_rows() {
+  const char* v = std::getenv("KL_EXT_CUDA_LONG_ROWS");
+  return v == nullptr || std::string(v) != "stream";
+}
+
 template <typename scalar_t, int VEC>
 void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
   const int64_t npacks = a.V / VEC;
-  const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters);
-  const int64_t wave = int64_t(dev.sms) * std::max(1, 2048 / c.threads);
+  const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters, hold_long_rows());
+  const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 2 : 1);
   const dim3 block(c.threads);
   if (c.cluster > 0) {
     // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
