@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU box (torch preinstalled, no network): build, GPU tests, sanitizer, benchmark; logs under $OUT.
 # Run from the repo root:  OUT=/tmp/out bash scripts/gpu_check.sh [stage ...]
-# Stages: build test sanitize bench (the full sweep) bench-quick; default: build test sanitize bench.
+# Stages: build test sanitize bench (the full sweep) bench-quick ncu; default: build test sanitize bench.
 # Each stage fits a 10-minute call; a later call on the same warm box can skip the build (pip -e keeps it).
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
@@ -70,4 +70,11 @@ fi
 if has bench-quick; then
     python -m benchmarks.run --quick --out "$OUT/bench" > "$OUT/bench.log" 2>&1
     tail -60 "$OUT/bench.log"
+fi
+if has ncu; then
+    # Throughput, occupancy and stall reasons of the CUDA kernels' second (warm) launches.
+    ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        -k regex:"kl_rows_kernel|bernoulli_rows_kernel" -s 3 -c 3 python scripts/ncu_workload.py > "$OUT/ncu.txt" 2>&1
+    echo "ncu rc=$?"
+    grep -E "^  [a-z_:]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Compute \(SM\)" "$OUT/ncu.txt" | head -40
 fi

@@ -44,29 +44,31 @@ def check_grads(got, exp, dtype, what):
     assert_close_rel(got, exp, TOL[dtype][1] + 2 * float(floor), what)
 
 
-# (rows, V): V=1 and odd V take 1-element packs; the rest 16-byte packs, resident with 1..8 packs per thread
-# depending on the dtype; 33000 and 70000 split over clusters of 2, 4 or 8 blocks (float64 70000: streamed),
-# and streamed on a device without clusters. With 70 rows of 20 and 24 of 1000, blocks of one and of
-# several warps loop over rows.
+# (rows, V): V=1 and odd V take 1-element packs; the rest 16-byte packs, resident with 1..4 packs per thread
+# depending on the dtype; from 9000 on, rows stream (the default), and with KL_EXT_CUDA_LONG_ROWS=hold are held
+# with 8 packs per thread or (33000, 70000) split over clusters of 2, 4 or 8 blocks (float64 70000: streamed),
+# or, on a device without clusters, streamed. With 70 rows of 20 and 24 of 1000, blocks of one and of several
+# warps loop over rows.
 KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 9000), (2, 33000), (2, 70000)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_kl_kernels_match_reference(emu, dtype, target_type, direction):
+def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypatch):
     for i, (N, V) in enumerate(KL_SHAPES):
         x, t, _ = make_case((N, V), target_type, dtype, seed=i)
         mask = torch.arange(N) % 3 != 1
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
-        for clusters in (True, False) if V > 30000 else (True,):
+        for long_rows, clusters in (("stream", True), ("hold", True), ("hold", False)) if V >= 9000 else (("stream", True),):
+            monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
             emu.set_device(1, clusters)
             try:
                 loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
             finally:
                 emu.set_device(1, True)
-            what = f"{N}x{V} {clusters=}"
+            what = f"{N}x{V} {long_rows=} {clusters=}"
             assert loss.dtype == gs.dtype and gx.dtype == dtype and gt.dtype == dtype
             assert_close_rel(loss, rloss, TOL[dtype][0], "loss " + what)
             check_grads(gx, rgx, dtype, "grad input " + what)
@@ -81,7 +83,7 @@ def test_kl_kernels_without_gradients_and_grad_scale(emu, V):
     assert gx.numel() == 0 and gt.numel() == 0
     assert_close_rel(loss, rloss, TOL[torch.float32][0], "loss only")
     loss2, gx, gt = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "forward", True, False, None)
-    # Without gradients long rows stream (one read); with them they are split over a cluster.
+    # Without gradients long rows stream (one read); with them they stream twice.
     assert_close_rel(loss2, rloss, TOL[torch.float32][0], "loss with grad input")
     assert gt.numel() == 0
     check_grads(gx, rgx, torch.float32, "grad input, grad_scale absent")
@@ -173,8 +175,9 @@ def test_bernoulli_kernels_exactly_zero_when_matched(emu):
     assert torch.equal(loss, torch.zeros(7))
 
 
-def test_kl_kernels_widest_cluster(emu):
-    # V = 262144 in bfloat16: a row over a cluster of 8 blocks of 512 threads (the widest split).
+def test_kl_kernels_widest_cluster(emu, monkeypatch):
+    # V = 262144 in bfloat16, held: a row over a cluster of 8 blocks of 512 threads (the widest split).
+    monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", "hold")
     x, t, _ = make_case((2, 262144), "logits", torch.bfloat16)
     loss, gx, _ = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "reverse", True, False, None)
     rloss, rgx, _ = kl_expected(x, t, None, "logits", 1.0, "reverse", 1.0)
@@ -182,13 +185,15 @@ def test_kl_kernels_widest_cluster(emu):
     check_grads(gx, rgx, torch.bfloat16, "grad input")
 
 
-@pytest.mark.parametrize("V,dtype,grads,tol", [(4096, torch.float32, True, 0.03), (100000, torch.bfloat16, True, 0.03),
-                                                (100000, torch.bfloat16, False, 0.1)],
+@pytest.mark.parametrize("V,dtype,grads,long_rows,tol", [(4096, torch.float32, True, "stream", 0.03),
+                                                          (100000, torch.bfloat16, True, "hold", 0.03),
+                                                          (100000, torch.bfloat16, True, "stream", 0.1)],
                          ids=["resident", "cluster", "streamed"])
-def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, tol):
+def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, long_rows, tol, monkeypatch):
     # A ~5e-7 KL at V = 32000 and more (a student near convergence). Rows held in registers take their
-    # maxima first and merge sums in double (measured within 1.5%); streamed rows merge their threads'
-    # online statistics in double (4%). With fp32 merges both were off by ~20%.
+    # maxima first and sum in double (measured within 1.5%); streamed rows move each thread's online
+    # statistics to the row maxima once and sum them in double (4%). With fp32 merges both were off by ~20%.
+    monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(4, V, generator=g) * 0.01).to(dtype)
     t = (s.float() + torch.randn(4, V, generator=g) * 0.001).to(dtype)

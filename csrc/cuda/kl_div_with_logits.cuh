@@ -205,7 +205,7 @@ struct RowResult {
 };
 
 template <typename T>
-__host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, bool logits, bool fwd) {
+__host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, T rel, bool logits, bool fwd) {
   const T inf = kinf<T>();
   const bool has_s = st.d_s > T(0);
   RowResult<T> r;
@@ -218,7 +218,7 @@ __host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, b
     r.mass_t = has_t ? T(1) : T(0);
     // log2(d_s / d_t) from the ratio, ~1 for near-identical rows: a difference of two logs of ~log V each
     // would add their rounding to a tiny KL.
-    const T dlog = klog1p((st.d_s - st.d_t) / st.d_t) * T(kLog2e);
+    const T dlog = klog1p(rel) * T(kLog2e);
     kl2 = fwd ? (has_t ? (has_s ? st.acc / st.d_t + dlog : inf) : T(0))
               : (has_s ? (has_t ? st.acc / st.d_s - dlog : inf) : T(0));
   } else {
@@ -333,21 +333,19 @@ __device__ __forceinline__ Vals<double, 4> held_sums(const Pack<scalar_t, VEC>* 
   return {{st.d_s, st.d_t, st.acc, st.s_p}};
 }
 
+// The row's result from its maxima and its sums (in double). Only (d_s - d_t) / d_t needs the double sums: for
+// near-identical rows d_s and d_t agree to their last fp32 bits, and that ratio is all of log2(d_s / d_t). The
+// rest is fp32 math (double transcendentals are long serial chains on the GPU, paid once per row).
 template <typename T>
-__host__ __device__ __forceinline__ RowResult<T> narrow(const RowResult<double>& r) {
-  return {T(r.kl), T(r.lse_s), T(r.lse_t), T(r.mass_s), T(r.mass_t)};
-}
-
-template <typename T>
-__device__ __forceinline__ RowResult<T> finish_held(const Vals<T, 2>& m, const Vals<double, 4>& sums, bool logits,
-                                                    bool fwd) {
-  const RowState<double> st{m.v[0], sums.v[0], m.v[1], sums.v[1], sums.v[2], sums.v[3]};
-  return narrow<T>(finish(st, logits, fwd));
+__host__ __device__ __forceinline__ RowResult<T> finish_held(const Vals<T, 2>& m, const Vals<double, 4>& sums,
+                                                             bool logits, bool fwd) {
+  const RowState<T> st{m.v[0], T(sums.v[0]), m.v[1], T(sums.v[1]), T(sums.v[2]), T(sums.v[3])};
+  const T rel = sums.v[1] > 0.0 ? T(sums.v[0] - sums.v[1]) / st.d_t : T(0);
+  return finish(st, rel, logits, fwd);
 }
 
 // The row's sums reduced over the block (fixed order, in double) and finished once, by thread 0, into the
-// RowResult every thread reads from shared memory: finish() is a few hundred double instructions, not worth
-// repeating in every warp. `out` and `red` are next written after the next row's maxima reduction, whose
+// RowResult every thread reads from shared memory. `out` and `red` are next written after the next row's maxima reduction, whose
 // barriers (or, in a one-warp block, shuffles) every thread reaches only after reading `out`.
 template <typename T>
 __device__ __forceinline__ RowResult<T> block_finish(const Vals<T, 2>& m, Vals<double, 4> sums, Vals<double, 4>* red,
@@ -388,15 +386,11 @@ __device__ __forceinline__ void zero_grads(const KLArgs<scalar_t>& a, int64_t of
 }
 
 // RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
-// Resident rows of up to 4 packs per thread load the block's next row before reducing this one: one row's
-// loads are in flight while the other's barriers, reductions and stores run (registers: 2 blocks per SM).
 template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
-__global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads,
-                                  RESIDENT && ITEMS < 8 ? 2 : 1)
+__global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads)
     kl_rows_kernel(const KLArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
-  constexpr bool PREFETCH = RESIDENT && ITEMS < 8;
   __shared__ Vals<T, 2> red_max[32];
   __shared__ Vals<double, 4> red_sum[32];
   __shared__ RowResult<T> res;
@@ -409,22 +403,15 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
   const auto packs = [&](const scalar_t* base, int64_t row) { return reinterpret_cast<const P*>(base + row * a.V); };
   P px[ITEMS], pt[ITEMS];
-  if (PREFETCH && blockIdx.x < a.N && live(blockIdx.x)) {
-    load_packs<ITEMS>(px, pt, packs(a.x, blockIdx.x), packs(a.t, blockIdx.x), tid, stride, npacks);
-  }
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const int64_t off = row * a.V, next = row + gridDim.x;
-    P nx[ITEMS], nt[ITEMS];
-    if (PREFETCH && next < a.N && live(next)) {
-      load_packs<ITEMS>(nx, nt, packs(a.x, next), packs(a.t, next), tid, stride, npacks);
-    }
+    const int64_t off = row * a.V;
     if (!live(row)) {
       if (tid == 0) a.loss[row] = T(0);
       zero_grads<scalar_t, VEC>(a, off, npacks);
     } else {
       RowResult<T> r;
       if constexpr (RESIDENT) {
-        if (!PREFETCH) load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
+        load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
         const Vals<T, 2> m =
             block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
         r = block_finish(m, held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m), red_sum, &res, logits,
@@ -452,13 +439,6 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
             write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs);
           }
         }
-      }
-    }
-    if constexpr (PREFETCH) {
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        px[k] = nx[k];
-        pt[k] = nt[k];
       }
     }
   }
@@ -530,12 +510,13 @@ struct KLConfig {
   bool resident;
 };
 
-// Resident when the row fits a block: up to 4 packs per thread with <= 256 threads (2 blocks per SM, each with
-// two rows in flight), then, with gradients, 8 packs with <= 512 threads (one block per SM). With gradients
-// and clusters, rows of up to 8 such blocks are split. Everything else streams with 512 threads, 4 packs in
-// flight each (a forward without gradients reads each input once either way).
-// KL_EXT_CUDA_LONG_ROWS=stream streams every row longer than a 256-thread block holds (for comparing the
-// paths on a given GPU; read at each launch, so a benchmark can switch it).
+// Resident when the row fits a block of <= 256 threads with up to 4 packs each (several blocks per SM).
+// Longer rows stream with 512 threads, 4 packs in flight each: one read for the forward, a second for the
+// gradients. KL_EXT_CUDA_LONG_ROWS=hold instead holds them in registers when gradients are wanted: 8 packs per
+// thread in one 512-thread block (one per SM), or, with clusters (sm_90), split over 2 - 8 blocks. That reads
+// once, but on an H100 (2026-11-23, benchmarks/cuda_paths.py) it ran 1.1 - 3.9x slower than streaming: one
+// row per SM leaves its loads, reductions and stores unoverlapped. Read at each launch, so a benchmark can
+// compare the two.
 inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters, bool hold_long) {
   for (int items : {1, 2, 4}) {
     const int64_t threads = round_up(std::max<int64_t>(ceil_div(npacks, items), 1), 32);
@@ -557,14 +538,14 @@ inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters, bool hold_l
 
 inline bool hold_long_rows() {
   const char* v = std::getenv("KL_EXT_CUDA_LONG_ROWS");
-  return v == nullptr || std::string(v) != "stream";
+  return v != nullptr && std::string(v) == "hold";
 }
 
 template <typename scalar_t, int VEC>
 void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
   const int64_t npacks = a.V / VEC;
   const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters, hold_long_rows());
-  const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 2 : 1);
+  const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 4 : 1);
   const dim3 block(c.threads);
   if (c.cluster > 0) {
     // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
