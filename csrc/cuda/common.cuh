@@ -42,16 +42,14 @@ __host__ __device__ __forceinline__ double klog1p(double x) { return log1p(x); }
 
 // a * b rounded on its own. nvcc fuses `a * b - c` into one FMA, which keeps a * b unrounded: x * s - m, with
 // m the same product rounded, would then not be exactly 0 at the row maximum (V = 1, identical rows).
-__host__ __device__ __forceinline__ float kmul(float a, float b) {
+template <typename T>
+__host__ __device__ __forceinline__ T kmul(T a, T b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-__host__ __device__ __forceinline__ double kmul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
