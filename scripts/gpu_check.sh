@@ -33,14 +33,15 @@ fi
 if has sanitize; then
     # Every launch path on a small grid: resident rows (16-byte and 1-element packs), rows split over a
     # cluster (sm_90), streamed rows (forward only), Bernoulli / BCE; both GPU backends.
-    # Every launch path on a small grid: resident rows (16-byte and 1-element packs), rows split over a
-    # cluster (sm_90), streamed rows (with gradients beyond the cluster limit, and forward only), Bernoulli /
+    # Every launch path on a small grid: resident rows (16-byte and 1-element packs), streamed rows (with
+    # and without gradients), held long rows (8 packs per thread, split over a cluster on sm_90), Bernoulli /
     # BCE with weights, scale_grad with grad_output != 1; both GPU backends.
     cat > "$OUT/sanitize.py" <<'PY'
-import torch, kl_ext
-for be in kl_ext.available_backends():
-    if be not in ("cuda", "triton"):
+import os, torch, kl_ext
+for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")]:
+    if be not in kl_ext.available_backends():
         continue
+    os.environ["KL_EXT_CUDA_LONG_ROWS"] = long_rows  # cuda: held 8-pack and cluster-split rows too
     for N, V, dtype in [(37, 4099, torch.float32), (8, 4096, torch.bfloat16), (4, 40000, torch.bfloat16),
                         (2, 70000, torch.float32), (2, 140000, torch.float32)]:
         x = torch.randn(N, V, device="cuda", dtype=dtype, requires_grad=True)
