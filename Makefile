@@ -4,10 +4,13 @@ PYTHON ?= $(VENV)/bin/python
 
 .PHONY: setup run test bench demo gpu-wheels
 
+# The dev install is for this machine: AVX2 CPU kernels when its CPU has them (setup.py's default is portable).
+AVX2 := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
+
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) -m pip install -q --no-build-isolation -e .
+	KL_EXT_AVX2=$(AVX2) $(PYTHON) -m pip install -q --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed

@@ -2,6 +2,7 @@
 import glob
 import os
 import platform
+import re
 import shutil
 
 # Must be settled before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
@@ -17,12 +18,18 @@ from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
-def _cpu_has_avx2():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx2 " in f.read()
-    except OSError:
-        return False
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    # The one place the version is written: kl_ext/__init__.py (not imported here: it needs the built ops).
+    with open(os.path.join(HERE, "kl_ext", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
 
 
 def _want_cuda():
@@ -37,9 +44,14 @@ def _want_cuda():
 
 cxx_flags = ["-O3", "-Wno-unknown-pragmas"]  # the -std level comes from torch (C++20 from torch 2.13 on)
 # ATen's Vectorized<float> is only SIMD (and exp/log only Sleef-backed) when a CPU_CAPABILITY is defined;
-# extensions get the scalar fallback otherwise. AVX2+FMA is on every x86-64 server of the last decade.
-if platform.machine() in ("x86_64", "AMD64") and os.environ.get("KL_EXT_NO_AVX2") != "1" and _cpu_has_avx2():
+# extensions get the scalar fallback otherwise. The default build is portable (any x86-64 or other CPU runs
+# it, so a wheel can be shared); KL_EXT_AVX2=1 builds the vectorized AVX2+FMA kernels, for CPUs that have
+# them (`make setup` does, for the machine it runs on). kl_ext._C.cpu_capability says which was built.
+if os.environ.get("KL_EXT_AVX2") == "1":
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise SystemExit(f"kl_ext: KL_EXT_AVX2=1 needs an x86-64 build, not {platform.machine()}")
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+print(f"kl_ext: CPU kernels for {'AVX2' if os.environ.get('KL_EXT_AVX2') == '1' else 'any CPU (portable)'}")
 
 sources = sorted(glob.glob("csrc/*.cpp"))
 with_cuda, why_not = _want_cuda()
@@ -58,14 +70,33 @@ else:
 
 setup(
     name="kl_ext",
-    version="0.1.0",
+    version=_version(),
     description="Fused KL-divergence losses for PyTorch: softmax KL from logits, sigmoid-Bernoulli KL, BCE",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    keywords=["pytorch", "kl-divergence", "knowledge-distillation", "cuda", "triton"],
     packages=["kl_ext", "kl_ext.triton_kernels"],
     # The Triton sources live at the top level but must never install as a bare `triton_kernels`
     # module: that import name belongs to other projects.
     package_dir={"kl_ext": "kl_ext", "kl_ext.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.11"],
+    extras_require={
+        "triton": ["triton>=3.3"],
+        "bench": ["matplotlib", "tqdm", "numpy"],
+        "dev": ["pytest", "ninja", "numpy", "build", "matplotlib", "tqdm"],
+    },
 )

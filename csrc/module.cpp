@@ -4,6 +4,17 @@
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "kl_ext native ops (registered in torch.ops.kl_ext)", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  // Which CPU kernels were compiled (setup.py: portable by default, KL_EXT_AVX2=1 for AVX2).
+#ifdef CPU_CAPABILITY_AVX2
+  const char* capability = "avx2";
+#else
+  const char* capability = "default";
+#endif
+  if (m != nullptr && PyModule_AddStringConstant(m, "cpu_capability", capability) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 }

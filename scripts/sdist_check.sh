@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Release check (run by CI): build the sdist, check it holds every source a build needs, install it with
+# --no-build-isolation into a fresh virtual environment that has only torch (+ pip's build tools), and
+# smoke-test it from outside the source tree. Uses .venv's python (with `build`) for the sdist.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+.venv/bin/python -m build --sdist --no-isolation --outdir "$work/dist" . > "$work/build.log" 2>&1 \
+    || { tail -30 "$work/build.log"; exit 1; }
+sdist=$(ls "$work"/dist/kl_ext-*.tar.gz)
+top=$(basename "$sdist" .tar.gz)
+tar tzf "$sdist" | sed "s|^$top/||" | sort > "$work/files"
+missing=$(git ls-files csrc triton_kernels kl_ext setup.py pyproject.toml README.md LICENSE MANIFEST.in | sort \
+    | comm -23 - "$work/files")
+[ -z "$missing" ] || { echo "sdist lacks: $missing" >&2; exit 1; }
+if grep -E '(^tests/|\.so$|\.o$|^build/)' "$work/files"; then echo "sdist holds build output or tests" >&2; exit 1; fi
+echo "sdist: $(basename "$sdist"), $(wc -l < "$work/files") entries, every source present"
+
+# Only torch: the CPU wheel where this machine has it (small), else the dev venv's torch range.
+python3 -m venv "$work/venv"
+pip="$work/venv/bin/python -m pip"
+$pip install -q "torch==2.13.0+cpu" 2>/dev/null || $pip install -q "torch>=2.11,<=2.14.1"
+$pip install -q "setuptools>=64" wheel  # what --no-build-isolation builds with
+KL_EXT_NO_CUDA=1 $pip install -q --no-build-isolation "$sdist" > "$work/install.log" 2>&1 \
+    || { tail -30 "$work/install.log"; exit 1; }
+
+cd "$work"  # outside the source tree: the installed package, not the checkout
+"$work/venv/bin/python" - "$repo" <<'PY'
+import importlib.util, os, subprocess, sys
+import torch, kl_ext, kl_ext._C
+assert not kl_ext.__file__.startswith(sys.argv[1]), kl_ext.__file__
+assert importlib.util.find_spec("triton_kernels") is None, "a bare triton_kernels module was installed"
+if importlib.util.find_spec("triton") is not None:
+    import kl_ext.triton_kernels  # noqa: F401
+else:
+    assert importlib.util.find_spec("kl_ext.triton_kernels") is not None
+for be in kl_ext.available_backends():
+    dev = "cuda" if be == "cuda" else "cpu"
+    if be == "triton" and not torch.cuda.is_available():
+        continue
+    x = torch.randn(4, 37, device=dev, requires_grad=True)
+    t = torch.randn(4, 37, device=dev)
+    for loss in (kl_ext.kl_div_with_logits(x, t, backend=be),
+                 kl_ext.bernoulli_kl_div_with_logits(x, t.sigmoid(), backend=be),
+                 kl_ext.binary_cross_entropy_with_logits(x, t.sigmoid(), backend=be)):
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), be
+        x.grad = None
+    print(f"  backend {be}: fwd+bwd ok")
+# The default build is portable: no AVX (ymm) instruction in the CPU kernels, so the wheel runs on any x86-64.
+assert kl_ext._C.cpu_capability == "default", kl_ext._C.cpu_capability
+dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", kl_ext._C.__file__], capture_output=True, text=True)
+if dis.returncode == 0:
+    assert "%ymm" not in dis.stdout, "the portable build uses AVX registers"
+    print("  portable build: no AVX instructions")
+print(f"kl_ext {kl_ext.__version__} from the sdist: ok ({os.path.dirname(kl_ext.__file__)})")
+PY
