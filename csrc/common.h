@@ -63,16 +63,19 @@ inline void check_grad_scale(const c10::optional<at::Tensor>& g, const at::Tenso
               "kl_ext: grad_scale must be one value of the accumulation dtype on the input's device");
 }
 
-// A kl_div_with_logits_fwd call after its checks: parsed options and the outputs every backend fills.
+// A kl_div_with_logits_fwd / jsd_with_logits_fwd call after its checks: parsed options and the outputs every
+// backend fills (direction: forward for the JSD).
 struct KLCall {
   TargetType target_type;
   Direction direction;
   at::Tensor loss, gx, gt;
 };
 
-inline KLCall prepare_kl(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
-                         c10::string_view target_type, double temperature, c10::string_view direction,
-                         bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+// The checks and outputs of the row-softmax losses' ops (kl_div_with_logits_fwd, jsd_with_logits_fwd).
+inline KLCall prepare_softmax_rows(const at::Tensor& input, const at::Tensor& target,
+                                   const c10::optional<at::Tensor>& mask, c10::string_view target_type,
+                                   double temperature, bool grad_input, bool grad_target,
+                                   const c10::optional<at::Tensor>& grad_scale) {
   check_rows(input, target);
   check_grad_scale(grad_scale, input);
   TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
@@ -82,10 +85,27 @@ inline KLCall prepare_kl(const at::Tensor& input, const at::Tensor& target, cons
                     mask->device() == input.device(),
                 "kl_ext: mask must be a contiguous bool tensor with one value per row, on the input's device");
   }
-  return {parse_target_type(std::string(target_type)), parse_direction(std::string(direction)),
+  return {parse_target_type(std::string(target_type)), Direction::Forward,
           at::empty({N}, input.options().dtype(acc_type(input.scalar_type()))),
           grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
           grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+}
+
+inline KLCall prepare_kl(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+                         c10::string_view target_type, double temperature, c10::string_view direction,
+                         bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+  KLCall call = prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target,
+                                     grad_scale);
+  call.direction = parse_direction(std::string(direction));
+  return call;
+}
+
+inline KLCall prepare_jsd(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+                          c10::string_view target_type, double temperature, double beta, bool grad_input,
+                          bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(beta > 0 && beta < 1,
+              "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1 (beta 0 and 1 are kl_div_with_logits_fwd's directions)");
+  return prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target, grad_scale);
 }
 
 // The same for bernoulli_kl_div_with_logits_fwd.

@@ -6,6 +6,7 @@ It computes in float32, or float64 when the input is float64, and differentiates
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 
 from kl_ext._validation import acc_dtype
 
-__all__ = ["kl_div_with_logits", "bernoulli_kl_div_with_logits", "binary_cross_entropy_with_logits",
-           "safe_log_softmax"]
+__all__ = ["kl_div_with_logits", "jsd_with_logits", "bernoulli_kl_div_with_logits",
+           "binary_cross_entropy_with_logits", "safe_log_softmax"]
 
 
 def safe_log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -43,9 +44,8 @@ def _reduce(per_row: torch.Tensor, reduction: str, counted, per_row_elems: int) 
     return total / torch.clamp(torch.as_tensor(denom, device=total.device, dtype=total.dtype), min=1)
 
 
-def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
-                       temperature: float = 1.0, direction: str = "forward", reduction: str = "batchmean",
-                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _log_probs(input, target, target_type, temperature, mask):
+    """(ls, lt, p): the student's log-probs, the teacher's log-probs and probs, per the contract."""
     acc = acc_dtype(input.dtype)
     z = input.to(acc) / temperature
     t = target.to(acc)
@@ -63,14 +63,44 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
     else:
         p = t
         lt = torch.log(p)
+    return ls, lt, p
+
+
+def _finish_rows(row, reduction, mask, V):
+    if mask is not None:
+        row = torch.where(mask, row, torch.zeros_like(row))
+    counted = mask.sum() if mask is not None else row.numel()
+    return _reduce(row, reduction, counted, V)
+
+
+def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
+                       temperature: float = 1.0, direction: str = "forward", reduction: str = "batchmean",
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
     if direction == "forward":
         row = _weighted_log_ratio(p, lt, ls).sum(-1)
     else:
         row = _weighted_log_ratio(ls.exp(), ls, lt).sum(-1)
-    if mask is not None:
-        row = torch.where(mask, row, torch.zeros_like(row))
-    counted = mask.sum() if mask is not None else row.numel()
-    return _reduce(row, reduction, counted, input.shape[-1])
+    return _finish_rows(row, reduction, mask, input.shape[-1])
+
+
+def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.5, target_type: str = "logits",
+                    temperature: float = 1.0, reduction: str = "batchmean",
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Generalized JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; beta = 0 and 1 are
+    the forward and reverse KL."""
+    if beta in (0, 1):
+        return kl_div_with_logits(input, target, target_type=target_type, temperature=temperature,
+                                  direction="forward" if beta == 0 else "reverse", reduction=reduction, mask=mask)
+    ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
+    q = ls.exp()
+    # log m = logaddexp(log beta + lt, log(1 - beta) + ls), taken only where m > 0: where both are 0 the
+    # entry contributes 0 and no gradient (logaddexp(-inf, -inf) would give NaN gradients).
+    live = (p > 0) | (q > 0)
+    zero = torch.zeros_like(ls)
+    lm = torch.logaddexp(torch.where(live, lt, zero) + math.log(beta), torch.where(live, ls, zero) + math.log1p(-beta))
+    row = (beta * _weighted_log_ratio(p, lt, lm) + (1 - beta) * _weighted_log_ratio(q, ls, lm)).sum(-1)
+    return _finish_rows(row, reduction, mask, input.shape[-1])
 
 
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",

@@ -41,8 +41,8 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16
        torch.bfloat16: (1e-2, 2e-2)}
 
 
-def assert_close_rel(actual, expected, rtol, what=""):
-    """|actual - expected| <= rtol * max(|expected|, tiny), elementwise against the scale of `expected`."""
+def assert_close_rel(actual, expected, rtol, what="", atol=0.0):
+    """|actual - expected| <= rtol * max(|expected|, tiny) + atol, elementwise against the scale of `expected`."""
     actual, expected = actual.double(), expected.double()
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     if expected.numel() == 0:
@@ -52,8 +52,8 @@ def assert_close_rel(actual, expected, rtol, what=""):
     torch.testing.assert_close(actual[~fin], expected[~fin], rtol=0, atol=0, equal_nan=True,
                                msg=f"{what}: infinities differ")
     scale = expected[fin].abs().max().clamp(min=1e-6) if fin.any() else 1.0
-    err = (actual[fin] - expected[fin]).abs().max() / scale if fin.any() else 0.0
-    assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol}"
+    err = ((actual[fin] - expected[fin]).abs().max() - atol).clamp(min=0) / scale if fin.any() else 0.0
+    assert err <= rtol, f"{what}: relative error {float(err):.3g} > {rtol} (beyond atol {atol})"
 
 
 def assert_compiled_matches_eager(step, grad_inputs, other=()):

@@ -34,6 +34,13 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
+def _online_lse(m, d, z):
+    """Online log-sum-exp statistics (running max, sum of exp relative to it) after one more chunk z."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    return m_new, d * _rescale(m, m_new) + tl.sum(tl.exp(z - _safe(m_new)), 0)
+
+
+@triton.jit
 def _delta(m_old, m_new):
     # How far a running max moved (0 while nothing finite has been seen: the accumulators are 0 or +inf).
     return tl.where(m_old == float("-inf"), 0.0, _safe(m_new) - m_old)

@@ -1,0 +1,104 @@
+// The CPU kernels' row machinery, shared by the row-softmax losses (kl_div_with_logits, jsd_with_logits): a row
+// is staged in per-thread buffers of the accumulation type (padded to whole vectors), its softmax statistics
+// taken from them, and gradients written back through a staging buffer for 16-bit outputs.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace kl_ext {
+namespace cpu {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Buffers are padded to a whole number of vectors so every loop is a pure vector loop; the padding holds
+// neutral values (probability 0) that contribute nothing.
+inline int64_t padded(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
+
+template <typename T>
+inline Vec<T> where_pos(const Vec<T>& cond, const Vec<T>& a) {
+  // a where cond > 0 else 0: implements 0 * log 0 = 0 without NaN from 0 * inf.
+  return Vec<T>::blendv(Vec<T>(T(0)), a, cond > Vec<T>(T(0)));
+}
+
+// Stage a row in acc_t, times `scale`, padded with `pad`; returns the row's max (over the padded row).
+template <typename scalar_t, typename acc_t>
+acc_t load_row(const scalar_t* src, acc_t* dst, int64_t n, int64_t np, acc_t scale, acc_t pad) {
+  using V_t = Vec<acc_t>;
+  constexpr int64_t L = V_t::size();
+  const acc_t* from = dst;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    from = src;  // read the input directly: one pass over it
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+  V_t vmax(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V_t v = V_t::loadu(from + i) * V_t(scale);
+    v.store(dst + i);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  if (i < n) {
+    const V_t v = V_t::set(V_t(pad), V_t::loadu(from + i, n - i) * V_t(scale), n - i);
+    v.store(dst + i);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+// Write a gradient vector for elements [i, i + L) of a row of n, straight to the output for acc_t outputs,
+// through the staging buffer otherwise (converted once per row by flush_grad).
+template <typename scalar_t, typename acc_t>
+inline void put_grad(const Vec<acc_t>& g, scalar_t* out, acc_t* stage, int64_t i, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    g.store(out + i, std::min<int64_t>(Vec<acc_t>::size(), n - i));
+  } else {
+    g.store(stage + i);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void flush_grad(scalar_t* out, const acc_t* stage, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(stage, out, n);
+}
+
+template <typename T>
+T hsum(const Vec<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
+}
+
+// Softmax statistics of a row from its max: log-sum-exp and 1/sum. A row that is entirely -inf has no mass:
+// we define its log-probs as -inf (lse = +inf) and its probs as 0 (inv = 0).
+template <typename T>
+struct RowStats {
+  T lse, inv, mass;
+};
+
+template <typename T>
+RowStats<T> stats(T mx, T sum) {
+  if (mx == -std::numeric_limits<T>::infinity()) return {std::numeric_limits<T>::infinity(), T(0), T(0)};
+  return {mx + std::log(sum), T(1) / sum, T(1)};
+}
+
+template <typename T>
+inline T safe_shift(T mx) {
+  return mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
+}
+
+// A masked row: loss 0, gradients 0.
+template <typename scalar_t, typename acc_t>
+inline void zero_row(acc_t* loss, scalar_t* gx, scalar_t* gt, int64_t r, int64_t off, int64_t V) {
+  loss[r] = 0;
+  if (gx) std::fill(gx + off, gx + off + V, scalar_t(0));
+  if (gt) std::fill(gt + off, gt + off + V, scalar_t(0));
+}
+
+}  // namespace cpu
+}  // namespace kl_ext

@@ -1,0 +1,91 @@
+"""The fused forward / backward every kernel-backed loss shares.
+
+Training-step design: when a gradient is wanted, the forward op computes it together with the loss (the
+inputs are read once), already divided by the reduction's denominator (a device tensor: no host sync).
+Backward only multiplies it by grad_output, in place (scale_grad_), which moves no bytes when grad_output
+is 1 (loss.backward() on a reduced loss). A second backward through a retained graph recomputes the
+gradients from the saved inputs. Under torch.compile the out-of-place scale_grad keeps the graph functional.
+The backward is once_differentiable: use backend="torch" (the reference) for double backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from kl_ext._backends import op
+from kl_ext._validation import acc_dtype
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> contiguous (rows, V); works for V == 0 and empty leading dims."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
+def _factor(f: Optional[torch.Tensor], input: torch.Tensor) -> Optional[torch.Tensor]:
+    """A weight broadcast against input -> per-class (C,) or per-element (rows*C,) tensor in acc dtype."""
+    if f is None:
+        return None
+    C = input.shape[-1]
+    f = f.detach().to(acc_dtype(input.dtype))
+    if all(s == 1 for s in f.shape[:-1]) and (f.dim() == 0 or f.shape[-1] in (1, C)):
+        return f.reshape(-1).expand(C).contiguous()
+    return f.expand(input.shape).reshape(-1).contiguous()
+
+
+def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, grad_input, grad_target):
+    """Run forward op `name` on make_args() (its leading arguments), reduce its loss and keep its gradients
+    for backward. sources: the user's tensors the arguments are made from (input and target first).
+    counted: what the reduction divides by, an int or a device tensor."""
+    input, target = sources[0], sources[1]
+    acc = acc_dtype(input.dtype)
+    denom = grad_scale = None
+    if reduction in ("mean", "batchmean"):
+        # Nothing counted (empty batch, all rows masked) gives loss 0, never 0/0.
+        if isinstance(counted, torch.Tensor):
+            denom = counted.clamp(min=1).to(acc)
+            grad_scale = denom.reciprocal()
+        else:
+            denom = float(max(counted, 1))
+            grad_scale = torch.full((), 1.0 / denom, dtype=acc, device=input.device)
+    grad_args = (grad_input, grad_target, grad_scale if grad_input or grad_target else None)
+    loss, gx, gt = op(backend, name)(*make_args(), *grad_args)
+    out = loss if reduction == "none" else (loss.sum() if denom is None else loss.sum() / denom)
+    ctx.backend, ctx.shapes, ctx.scaled_in_place = backend, (input.shape, target.shape), False
+    ctx.save_for_backward(gx, gt)
+    if not torch.compiler.is_compiling():
+        # What a second backward through a retained graph needs to recompute the gradients: the user's
+        # tensors (not copies made from them, which would stay alive with the graph).
+        versions = [x._version for x in sources if x is not None]
+        ctx.rerun = (lambda: op(backend, name)(*make_args(), *grad_args), sources, versions)
+    return out
+
+
+def _recompute(ctx):
+    rerun, sources, versions = ctx.rerun
+    if [x._version for x in sources if x is not None] != versions:
+        raise RuntimeError("kl_ext: a second backward through this loss (retain_graph=True) needs its inputs, "
+                           "but they were modified in place after the forward; compute the loss again")
+    _, gx, gt = rerun()
+    return gx, gt
+
+
+def _fused_backward(ctx, grad_out):
+    """(grad input, grad target): the saved gradients times grad_output."""
+    scale = grad_out.to(acc_dtype(grad_out.dtype)).reshape(-1).contiguous()
+    wanted = ctx.needs_input_grad[:2]
+    if torch.compiler.is_compiling():
+        gx, gt = ctx.saved_tensors
+        grads = [op(ctx.backend, "scale_grad")(g, scale) if w else None for g, w in zip((gx, gt), wanted)]
+    else:
+        # The saved gradients are scaled in place once; a later backward (retained graph) recomputes them
+        # (and must not unpack the saved tensors, which the first backward modified).
+        gx, gt = _recompute(ctx) if ctx.scaled_in_place else ctx.saved_tensors
+        ctx.scaled_in_place = True
+        grads = []
+        for g, w in zip((gx, gt), wanted):
+            if w:
+                op(ctx.backend, "scale_grad_")(g, scale)
+            grads.append(g if w else None)
+    return tuple(g.reshape(shape) if g is not None else None for g, shape in zip(grads, ctx.shapes))

@@ -1,0 +1,91 @@
+"""jsd_with_logits: the generalized Jensen-Shannon divergence of on-policy distillation (GKD; TRL's
+generalized_jsd_loss, Liger's LigerJSD), fused: autograd Function, functional, Module.
+
+With q = softmax(input / T) (student) and p the teacher (softmax(target / T), or the given log-probs / probs),
+m = beta p + (1 - beta) q and row loss = beta KL(p || m) + (1 - beta) KL(q || m) for 0 < beta < 1; beta = 0 is
+KL(p || q) and beta = 1 is KL(q || p), exactly kl_div_with_logits' forward and reverse directions (the
+convention of TRL and Liger). log m is a logaddexp, so entries where both distributions underflow contribute
+0 and no gradient, never NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from kl_ext import reference
+from kl_ext._backends import resolve
+from kl_ext._fused import _fused_backward, _fused_forward, _rows
+from kl_ext._validation import check_jsd, needs_grad, validate_kl_values
+
+__all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
+
+
+class JSDWithLogitsFunction(torch.autograd.Function):
+    """Generalized JSD from logits over the last dim; see jsd_with_logits."""
+
+    @staticmethod
+    def forward(ctx, input, target, mask, beta, target_type, temperature, reduction, backend, grad_input,
+                grad_target):
+        # beta 0 / 1 are the two KL directions: the KL op (and its kernels) computes them.
+        name, options = (("jsd_with_logits_fwd", (temperature, beta)) if 0 < beta < 1 else
+                         ("kl_div_with_logits_fwd", (temperature, "forward" if beta == 0 else "reverse")))
+
+        def make_args():
+            m = mask.reshape(-1).contiguous() if mask is not None else None
+            return _rows(input), _rows(target), m, target_type, *options
+
+        counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
+        if reduction == "mean":
+            counted = counted * input.shape[-1]
+        out = _fused_forward(ctx, name, backend, make_args, (input, target, mask), reduction, counted, grad_input,
+                             grad_target)
+        return out.reshape(input.shape[:-1]) if reduction == "none" else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None
+
+
+def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.5, target_type: str = "logits",
+                    temperature: float = 1.0, reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
+                    backend: str = "auto", validate: bool = False) -> torch.Tensor:
+    """Generalized JSD between a teacher and the student softmax(input / T), over the last dim.
+
+    beta in [0, 1]: 0 = KL(teacher || student), 1 = KL(student || teacher), in between the generalized JSD
+    (0.5: the symmetric one). Everything else as kl_div_with_logits: target_type "logits" / "log_probs" /
+    "probs", reduction "batchmean" (per counted row) / "sum" / "mean" / "none", bool row mask, float32 losses
+    (float64 for float64 input), gradients w.r.t. input and target.
+    """
+    check_jsd(input, target, mask, target_type, temperature, beta, reduction)
+    be = resolve(backend, input.device)
+    if validate:
+        validate_kl_values(input, target, target_type)
+    if be == "torch":
+        return reference.jsd_with_logits(input, target, beta=beta, target_type=target_type,
+                                         temperature=temperature, reduction=reduction, mask=mask)
+    return JSDWithLogitsFunction.apply(input, target, mask, float(beta), target_type, float(temperature), reduction,
+                                       be, needs_grad(input), needs_grad(target))
+
+
+class JSDWithLogitsLoss(nn.Module):
+    """Module form of kl_ext.jsd_with_logits: forward(input, target, mask=None)."""
+
+    def __init__(self, beta: float = 0.5, target_type: str = "logits", temperature: float = 1.0,
+                 reduction: str = "batchmean", backend: str = "auto", validate: bool = False):
+        super().__init__()
+        self.beta, self.target_type, self.temperature = beta, target_type, temperature
+        self.reduction, self.backend, self.validate = reduction, backend, validate
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        return jsd_with_logits(input, target, beta=self.beta, target_type=self.target_type,
+                               temperature=self.temperature, reduction=self.reduction, mask=mask,
+                               backend=self.backend, validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, target_type={self.target_type!r}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

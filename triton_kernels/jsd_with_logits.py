@@ -1,0 +1,159 @@
+"""jsd_with_logits: Triton kernels, registered as torch.ops.kl_ext_triton.jsd_with_logits_fwd. Same contract and
+formulas as csrc/jsd_with_logits.cpp (0 < beta < 1; beta 0 and 1 go to the KL op).
+
+One program per row, on the KL kernel's row machinery (triton_kernels/kl_div_with_logits.py: loading,
+configs, online statistics): a row that fits one block is read once and its gradients come from registers;
+a longer row is streamed for the log-sum-exps, again for the loss and the gradient sums, and (gradients only)
+once more for the gradients.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kl_ext.triton_kernels._config import row_config
+from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _load_chunk,
+                                                      _online_lse, _safe)
+
+
+@triton.jit
+def _lse(m, d):
+    return tl.where(d > 0, _safe(m) + tl.log(d), float("inf"))
+
+
+@triton.jit
+def _log1p(v):
+    # log1p without libdevice (the interpreter has none): exact v where 1 + v rounds to 1.
+    w = 1.0 + v
+    return tl.where(w == 1.0, v, tl.log(w) * v / (w - 1.0))
+
+
+@triton.jit
+def _terms(zs, lt, p, lse_s, lse_t, beta, TARGET: tl.constexpr):
+    """Per element: q, p, g = (1 - beta)(ls - lm), h = beta (lt - lm) and the weighted terms q g, p h (0 where
+    the weight is 0). log m from the larger of ls, lt, as csrc/jsd_with_logits.cpp's log_mixture: exactly ls
+    for identical rows, never the log of an underflowing sum; where p = q = 0 it is never used."""
+    ls = zs - lse_s
+    q = tl.exp(ls)
+    if TARGET == LOGITS:
+        lt = lt - lse_t
+        p = tl.exp(lt)
+    d = lt - ls
+    lm = tl.where(d > 0, lt + _log1p((1.0 - beta) * (tl.exp(-d) - 1.0)), ls + _log1p(beta * (tl.exp(d) - 1.0)))
+    g = (1.0 - beta) * (ls - lm)
+    h = beta * (lt - lm)
+    return q, p, g, h, tl.where(q > 0, q * g, 0.0), tl.where(p > 0, p * h, 0.0)
+
+
+@triton.jit
+def _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET: tl.constexpr,
+                 GRAD_X: tl.constexpr, GRAD_T: tl.constexpr):
+    if GRAD_X:
+        gv = tl.where(q > 0, q * (g - sq), 0.0) * (inv_t * gs)
+        tl.store(gx_ptr + offs, gv.to(gx_ptr.dtype.element_ty), mask=inb)
+    if GRAD_T:
+        if TARGET == LOGITS:
+            gv = tl.where(p > 0, p * (h - sp), 0.0) * (inv_t * gs)
+        elif TARGET == LOG_PROBS:
+            gv = tl.where(p > 0, p * h, 0.0) * gs
+        else:
+            gv = tl.where(p + q > 0, h, 0.0) * gs
+        tl.store(gt_ptr + offs, gv.to(gt_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t, beta,
+                    TARGET: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr, GRAD_X: tl.constexpr,
+                    GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * V
+    cols = tl.arange(0, BLOCK)
+    x_ptr += base
+    t_ptr += base
+    gx_ptr += base
+    gt_ptr += base
+    live = True
+    if HAS_MASK:
+        live = tl.load(mask_ptr + row) != 0
+    if live:
+        gs = 1.0
+        if HAS_GS:
+            gs = tl.load(gs_ptr).to(tl.float32)
+        if ONE_CHUNK:
+            inb = cols < V
+            zs, lt, p = _load_chunk(x_ptr, t_ptr, cols, inb, inv_t, TARGET)
+            m_s, d_s = _online_lse(float("-inf"), 0.0, zs)
+            lse_t = 0.0
+            if TARGET == LOGITS:
+                m_t, d_t = _online_lse(float("-inf"), 0.0, lt)
+                lse_t = _lse(m_t, d_t)
+            q, p, g, h, qg, ph = _terms(zs, lt, p, _lse(m_s, d_s), lse_t, beta, TARGET)
+            tl.store(loss_ptr + row, tl.sum(qg + ph, 0))
+            if GRAD_X or GRAD_T:
+                _store_grads(q, p, g, h, tl.sum(qg, 0), tl.sum(ph, 0), cols, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET,
+                             GRAD_X, GRAD_T)
+        else:
+            m_s = float("-inf")
+            d_s = 0.0
+            m_t = float("-inf")
+            d_t = 0.0
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
+                m_s, d_s = _online_lse(m_s, d_s, zs)
+                if TARGET == LOGITS:
+                    m_t, d_t = _online_lse(m_t, d_t, lt)
+            lse_s = _lse(m_s, d_s)
+            lse_t = 0.0
+            if TARGET == LOGITS:
+                lse_t = _lse(m_t, d_t)
+            acc_l = tl.zeros([BLOCK], dtype=tl.float32)
+            acc_q = tl.zeros([BLOCK], dtype=tl.float32)
+            acc_p = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
+                q, p, g, h, qg, ph = _terms(zs, lt, p, lse_s, lse_t, beta, TARGET)
+                acc_l += qg + ph
+                acc_q += qg
+                acc_p += ph
+            tl.store(loss_ptr + row, tl.sum(acc_l, 0))
+            if GRAD_X or GRAD_T:
+                sq = tl.sum(acc_q, 0)
+                sp = tl.sum(acc_p, 0)
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    inb = offs < V
+                    zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, inb, inv_t, TARGET)
+                    q, p, g, h, qg, ph = _terms(zs, lt, p, lse_s, lse_t, beta, TARGET)
+                    _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET, GRAD_X, GRAD_T)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if GRAD_X or GRAD_T:
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                inb = offs < V
+                if GRAD_X:
+                    tl.store(gx_ptr + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
+                if GRAD_T:
+                    tl.store(gt_ptr + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
+
+
+@triton_op("kl_ext_triton::jsd_with_logits_fwd", mutates_args=())
+def jsd_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
+                        temperature: float, beta: float, grad_input: bool, grad_target: bool,
+                        grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch._check(0 < beta < 1, lambda: "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1")
+    N, V = input.shape
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss = torch.empty((N,), device=input.device, dtype=acc)
+    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    if N > 0:
+        block, warps, one_chunk = row_config(V, input.element_size())
+        wrap_triton(_jsd_fwd_kernel)[(N,)](
+            input, target, mask if mask is not None else input, loss, gx, gt,
+            grad_scale if grad_scale is not None else loss, V, 1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
+            HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block,
+            num_warps=warps, enable_fp_fusion=FP_FUSION)
+    return loss, gx, gt
