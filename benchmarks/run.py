@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import bench_bernoulli_kl_div_with_logits as bern
+from benchmarks import bench_jsd_with_logits as jsd
 from benchmarks import bench_kl_div_with_logits as kl
 from benchmarks.common import copy_bandwidth_gbps, plot, print_table, run_op, write_csv
 
@@ -43,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
     ap.add_argument("--modes", default=None, help="comma list of fwd,fwd+bwd,bwd")
-    ap.add_argument("--ops", default="kl,bernoulli")
+    ap.add_argument("--ops", default="kl,bernoulli,jsd")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU uses do_bench)")
     args = ap.parse_args(argv)
 
@@ -65,6 +66,8 @@ def main(argv=None):
         jobs.append((kl, kl_shapes))
     if "bernoulli" in args.ops:
         jobs.append((bern, bern_shapes))
+    if "jsd" in args.ops:
+        jobs.append((jsd, kl_shapes))
     provs = {mod.OP: mod.providers(device) for mod, _ in jobs}
     n_small = (1 if args.quick else len(SMALL)) * (2 if gpu else 1)
     total = sum(sum(not isinstance(p, str) for p in provs[mod.OP].values()) * (len(shapes) * len(dtypes) * len(modes)
@@ -91,7 +94,8 @@ def main(argv=None):
 def _speedups(rows):
     """The headline: each kl_ext provider against the eager baseline users write, per shape, forward and
     forward+backward (backward alone is not comparable: kl_ext does that work in the forward)."""
-    base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager", "bce": "BCEWithLogitsLoss eager"}
+    base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager", "bce": "BCEWithLogitsLoss eager",
+                 "jsd": "TRL formula eager"}
     for r in rows:
         if not r.provider.startswith("kl_ext") or r.ms != r.ms or r.mode == "bwd":
             continue

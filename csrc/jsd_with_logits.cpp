@@ -21,15 +21,13 @@ namespace {
 
 using namespace cpu;
 
-// log m = log(beta e^lt + (1 - beta) e^ls), from the larger of the two: ls + log1p(beta expm1(lt - ls)) where
-// lt <= ls, else lt + log1p((1 - beta) expm1(ls - lt)). Exactly ls when lt == ls (identical rows: loss 0), and
-// never the log of a sum that underflows. NaN only where both are -inf, where every use is masked.
+// log m = log(beta e^lt + (1 - beta) e^ls) from the larger of the two: max(ls, lt) + log1p(c expm1(-|lt - ls|)),
+// c = beta where lt <= ls, else 1 - beta. Exactly ls when lt == ls (identical rows: loss 0), never the log of
+// a sum that underflows; NaN only where both are -inf, where every use is masked.
 template <typename T>
 inline Vec<T> log_mixture(const Vec<T>& ls, const Vec<T>& lt, T beta, T beta1) {
-  const Vec<T> d = lt - ls;
-  const Vec<T> from_s = ls + (Vec<T>(beta) * d.expm1()).log1p();
-  const Vec<T> from_t = lt + (Vec<T>(beta1) * (Vec<T>(T(0)) - d).expm1()).log1p();
-  return Vec<T>::blendv(from_s, from_t, d > Vec<T>(T(0)));
+  const Vec<T> d = lt - ls, c = Vec<T>::blendv(Vec<T>(beta), Vec<T>(beta1), d > Vec<T>(T(0)));
+  return at::vec::maximum(ls, lt) + (c * (Vec<T>(T(0)) - d.abs()).expm1()).log1p();
 }
 
 template <typename scalar_t>

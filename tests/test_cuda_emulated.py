@@ -75,6 +75,35 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
             check_grads(gt, rgt, dtype, "grad target " + what)
 
 
+# The JSD runs the KL's row kernels with one more pass: resident (1, 2, 4 packs; 1-element packs) and streamed.
+JSD_SHAPES = [(3, 1), (5, 37), (70, 20), (4, 1000), (3, 2101), (2, 9000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+def test_jsd_kernels_match_reference(emu, dtype, target_type):
+    for i, (N, V) in enumerate(JSD_SHAPES):
+        x, t, _ = make_case((N, V), target_type, dtype, seed=i)
+        mask = torch.arange(N) % 3 != 1
+        beta = (0.1, 0.5, 0.9)[i % 3]
+        gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
+        rows = reference.jsd_with_logits(x64, t64, beta=beta, target_type=target_type, temperature=1.5,
+                                         reduction="none", mask=mask)
+        rgx, rgt = torch.autograd.grad(rows.sum() * 0.5, (x64, t64))
+        loss, gx, gt = emu.jsd_with_logits_fwd(x, t, mask, target_type, 1.5, beta, True, True, gs)
+        what = f"{N}x{V} beta={beta}"
+        assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
+        check_grads(gx, rgx, dtype, "grad input " + what)
+        check_grads(gt, rgt, dtype, "grad target " + what)
+    x, t, _ = make_case((3, 5000), "logits", torch.float32)  # forward only, streamed
+    loss, gx, _ = emu.jsd_with_logits_fwd(x, t, None, "logits", 1.0, 0.3, False, False, None)
+    assert gx.numel() == 0
+    assert_close_rel(loss, reference.jsd_with_logits(x.double(), t.double(), beta=0.3, reduction="none"), 2e-5)
+    assert torch.equal(emu.jsd_with_logits_fwd(x, x, None, "logits", 1.0, 0.5, False, False, None)[0],
+                       torch.zeros(3))  # identical rows: exactly 0
+
+
 @pytest.mark.parametrize("V", [37, 2100, 70000])
 def test_kl_kernels_without_gradients_and_grad_scale(emu, V):
     x, t, _ = make_case((3, V), "logits", torch.float32)

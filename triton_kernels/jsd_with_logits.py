@@ -39,7 +39,8 @@ def _terms(zs, lt, p, lse_s, lse_t, beta, TARGET: tl.constexpr):
         lt = lt - lse_t
         p = tl.exp(lt)
     d = lt - ls
-    lm = tl.where(d > 0, lt + _log1p((1.0 - beta) * (tl.exp(-d) - 1.0)), ls + _log1p(beta * (tl.exp(d) - 1.0)))
+    c = tl.where(d > 0, 1.0 - beta, beta)
+    lm = tl.maximum(ls, lt) + _log1p(c * (tl.exp(-tl.abs(d)) - 1.0))
     g = (1.0 - beta) * (ls - lm)
     h = beta * (lt - lm)
     return q, p, g, h, tl.where(q > 0, q * g, 0.0), tl.where(p > 0, p * h, 0.0)

@@ -1,24 +1,36 @@
 // kl_div_with_logits: the CUDA registration. Kernels and the host entry are in kl_div_with_logits.cuh (shared
-// with the CPU emulation in tests/cuda_emu).
+// with the CPU emulation in tests/cuda_emu); softmax_rows_fwd also serves jsd_with_logits.cu.
 #include "launch.cuh"
 #include "kl_div_with_logits.cuh"
+#include "softmax_rows.h"
 
 #include <torch/library.h>
 
 namespace kl_ext {
+namespace cuda {
+
+void softmax_rows_fwd(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                      const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                      const c10::optional<at::Tensor>& grad_scale) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int device = input.get_device();
+  const KLDevice dev{sm_count(device), has_clusters(device)};
+  softmax_rows_cuda(call, input, target, mask, temperature, beta, grad_scale, dev, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
     bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const int device = input.get_device();
-  const cuda::KLDevice dev{cuda::sm_count(device), cuda::has_clusters(device)};
-  auto out = cuda::kl_div_with_logits_fwd_impl(input, target, mask, target_type, temperature, direction, grad_input,
-                                               grad_target, grad_scale, dev, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
+                           grad_scale);
+  cuda::softmax_rows_fwd(call, input, target, mask, temperature, 0.0, grad_scale);
+  return {call.loss, call.gx, call.gt};
 }
 
 }  // namespace

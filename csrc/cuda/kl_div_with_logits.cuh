@@ -1,5 +1,7 @@
-// kl_div_with_logits: the CUDA kernels and their host entry (contract: csrc/kl_div_with_logits.cpp).
-// Included by csrc/cuda/kl_div_with_logits.cu, and by tests/cuda_emu, which runs the same code on the CPU.
+// kl_div_with_logits and jsd_with_logits: the CUDA kernels and their host entries (contracts:
+// csrc/kl_div_with_logits.cpp, csrc/jsd_with_logits.cpp). Included by csrc/cuda/kl_div_with_logits.cu, and by
+// tests/cuda_emu, which runs the same code on the CPU. Both losses share the row machinery (statistics,
+// reductions, launch paths); the JSD adds one pass over the row for its loss and gradient sums.
 //
 // When gradients are wanted, every row is kept in registers so that it is read once, and the loss and both
 // gradients come from that read (fwd+bwd = read student + read teacher + write gradient: the floor):
@@ -42,7 +44,8 @@ struct KLArgs {
   int64_t N, V;
   acc_t inv_t;          // 1 / temperature
   TargetType target;
-  bool forward;         // direction
+  bool forward;         // direction (KL)
+  acc_t beta;           // JSD: 0 < beta < 1
 };
 
 // Online statistics of (part of) a row, base 2. For teacher probs / log-probs, m_t and d_t are unused and s_p
@@ -191,7 +194,7 @@ __device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>*
         st.s_p += p;
       }
       st.d_s += es;
-      // Terms of zero weight are 0 (0 log 0 = 0), never 0 * inf.
+      // Terms of zero weight are 0 (0 log 0 = 0), never 0 * inf. (Unused by the JSD.)
       st.acc += fwd ? (p > T(0) ? p * (lt - zs) : T(0)) : (es > T(0) ? es * (zs - lt) : T(0));
     }
   }
@@ -298,6 +301,87 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_
   }
 }
 
+// The JSD per element (natural log) from the row's statistics: q, p, g = (1 - beta)(ls - lm), h = beta (lt - lm).
+// log m from the larger of ls, lt (as csrc/jsd_with_logits.cpp): exactly ls for identical rows, never the log
+// of an underflowing sum; NaN only where p = q = 0, where every use is masked.
+template <typename T>
+struct JSDElem {
+  T q, p, g, h;
+};
+
+template <typename T>
+__device__ __forceinline__ JSDElem<T> jsd_elem(T xv, T tv, const RowResult<T>& r, TargetType tt, T scale2, T beta) {
+  const T ln2 = T(kLn2);
+  const T ls2 = kmul(xv, scale2) - r.lse_s, ls = ls2 * ln2;
+  JSDElem<T> e;
+  e.q = kexp2(ls2);
+  T lt;
+  if (tt == TargetType::Logits) {
+    const T lt2 = kmul(tv, scale2) - r.lse_t;
+    e.p = kexp2(lt2);
+    lt = lt2 * ln2;
+  } else if (tt == TargetType::LogProbs) {
+    lt = tv;
+    e.p = kexp(tv);
+  } else {
+    e.p = tv;
+    lt = klog(tv);
+  }
+  const T d = lt - ls, c = d > T(0) ? T(1) - beta : beta;
+  const T lm = kmax(ls, lt) + klog1p(c * kexpm1(-(d < T(0) ? -d : d)));
+  e.g = (T(1) - beta) * (ls - lm);
+  e.h = beta * (lt - lm);
+  return e;
+}
+
+// This thread's share of the row's JSD sums (loss, sum q g, sum p h) over packs j0 + k * stride.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ Vals<double, 4> jsd_sums(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                                    int64_t j0, int64_t stride, int64_t npacks,
+                                                    const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2) {
+  T sq = T(0), sp = T(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (j0 + k * stride >= npacks) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const JSDElem<T> j = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, a.target, scale2, a.beta);
+      sq += j.q > T(0) ? j.q * j.g : T(0);
+      sp += j.p > T(0) ? j.p * j.h : T(0);
+    }
+  }
+  return {{double(sq) + double(sp), double(sq), double(sp), 0.0}};
+}
+
+// The JSD's gradients for packs j0 + k * stride, times grad_scale; sq, sp: the row's sums.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                                int64_t j0, int64_t stride, int64_t npacks, int64_t off,
+                                                const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs,
+                                                T sq, T sp) {
+  using P = Pack<scalar_t, VEC>;
+  const TargetType tt = a.target;
+  const T gx_f = a.inv_t * gs, gt_f = tt == TargetType::Logits ? a.inv_t * gs : gs;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = j0 + k * stride;
+    if (j >= npacks) continue;
+    P ox, ot;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const JSDElem<T> v = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2, a.beta);
+      ox.v[e] = static_cast<scalar_t>((v.q > T(0) ? v.q * (v.g - sq) : T(0)) * gx_f);
+      T g;
+      if (tt == TargetType::Logits) g = v.p > T(0) ? v.p * (v.h - sp) : T(0);
+      else if (tt == TargetType::LogProbs) g = v.p > T(0) ? v.p * v.h : T(0);
+      else g = v.p + v.q > T(0) ? v.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
+      ot.v[e] = static_cast<scalar_t>(g * gt_f);
+    }
+    if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = ox;
+    if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = ot;
+  }
+}
+
 // Rows held in registers take their maxima first and every sum relative to them: nothing is rescaled, and
 // the partial sums are merged in double. The sums of V exponentials then carry ~1e-9 relative error instead
 // of the ~1e-7 that online rescaling of fp32 sums leaves, which is all of a tiny KL between near-identical
@@ -386,7 +470,9 @@ __device__ __forceinline__ void zero_grads(const KLArgs<scalar_t>& a, int64_t of
 }
 
 // RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
-template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
+// JSD: the row's statistics as for the KL, then one more pass for the JSD's loss and gradient sums (a template
+// parameter, so the KL kernels carry none of its code or registers).
+template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT, bool JSD>
 __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads)
     kl_rows_kernel(const KLArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
@@ -429,14 +515,37 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
                                           double(m.v[0]), double(m.v[1]), logits, a.forward);
         r = block_finish(m, Vals<double, 4>{{w.d_s, w.d_t, w.acc, w.s_p}}, red_sum, &res, logits, a.forward);
       }
-      if (tid == 0) a.loss[row] = r.kl;
-      if (grads) {
+      T sq = T(0), sp = T(0);
+      if constexpr (JSD) {
+        Vals<double, 4> js{};
         if constexpr (RESIDENT) {
-          write_grads<ITEMS>(px, pt, tid, stride, npacks, off, r, a, scale2, gs);
+          js = jsd_sums<ITEMS>(px, pt, tid, stride, npacks, r, a, scale2);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
             load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+            js = SumOp()(js, jsd_sums<ITEMS>(px, pt, j0, stride, npacks, r, a, scale2));
+          }
+        }
+        js = block_allreduce(js, red_sum, Vals<double, 4>{}, SumOp());
+        r.kl = T(js.v[0]);
+        sq = T(js.v[1]);
+        sp = T(js.v[2]);
+      }
+      if (tid == 0) a.loss[row] = r.kl;
+      if (grads) {
+        const auto grads_of = [&](int64_t j0) {
+          if constexpr (JSD) {
+            jsd_write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs, sq, sp);
+          } else {
             write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs);
+          }
+        };
+        if constexpr (RESIDENT) {
+          grads_of(tid);
+        } else {
+          for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+            load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+            grads_of(j0);
           }
         }
       }
@@ -541,13 +650,34 @@ inline bool hold_long_rows() {
   return v != nullptr && std::string(v) == "hold";
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool JSD>
+void launch_rows(const KLArgs<scalar_t>& a, const KLConfig& c, dim3 grid, dim3 block, cudaStream_t stream) {
+  if (!c.resident) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, kStreamPacks, false, JSD>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if (c.items == 1) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 1, true, JSD>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if (c.items == 2) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 2, true, JSD>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if (c.items == 4) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 4, true, JSD>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  } else if constexpr (!JSD) {  // held long rows: the KL only (kl_config)
+    auto kernel = kl_rows_kernel<scalar_t, VEC, 8, true, false>;
+    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
+  }
+}
+
+template <typename scalar_t, int VEC, bool JSD>
 void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
   const int64_t npacks = a.V / VEC;
-  const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters, hold_long_rows());
+  const KLConfig c =
+      kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters, !JSD && hold_long_rows());
   const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 4 : 1);
   const dim3 block(c.threads);
-  if (c.cluster > 0) {
+  if (!JSD && c.cluster > 0) {
     // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
     const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.sms / c.cluster));
     auto kernel = kl_split_rows_kernel<scalar_t, VEC>;
@@ -555,57 +685,39 @@ void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stre
                           ceil_div(npacks, c.cluster));
     return;
   }
-  const dim3 grid(unsigned(std::min<int64_t>(a.N, wave)));
-  if (!c.resident) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, kStreamPacks, false>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if (c.items == 1) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 1, true>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if (c.items == 2) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 2, true>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if (c.items == 4) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 4, true>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 8, true>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  }
+  launch_rows<scalar_t, VEC, JSD>(a, c, dim3(unsigned(std::min<int64_t>(a.N, wave))), block, stream);
 }
 
-// The op on device tensors.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_impl(
-    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
-    c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
-    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
-  KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
-                           grad_scale);
+// Both ops on device tensors, after their checks (call); beta > 0 selects the JSD.
+inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                              const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                              const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
   const int64_t N = input.size(0), V = input.size(1);
-  if (N == 0) return {call.loss, call.gx, call.gt};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cuda", [&] {
+  if (N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "softmax_rows_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const KLArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
                              target.const_data_ptr<scalar_t>(),
                              mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
                              call.loss.mutable_data_ptr<acc_t>(),
-                             grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-                             grad_target ? call.gt.mutable_data_ptr<scalar_t>() : nullptr,
+                             call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                             call.gt.numel() > 0 ? call.gt.mutable_data_ptr<scalar_t>() : nullptr,
                              grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
                              N,
                              V,
                              acc_t(1.0 / temperature),
                              call.target_type,
-                             call.direction == Direction::Forward};
+                             call.direction == Direction::Forward,
+                             acc_t(beta)};
     constexpr int VEC = vec_size<scalar_t>();
     // 16-byte packs need every row to start on a 16-byte boundary.
-    if (V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt)) {
-      launch_kl<scalar_t, VEC>(a, dev, stream);
+    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt);
+    if (beta > 0) {
+      packs ? launch_kl<scalar_t, VEC, true>(a, dev, stream) : launch_kl<scalar_t, 1, true>(a, dev, stream);
     } else {
-      launch_kl<scalar_t, 1>(a, dev, stream);
+      packs ? launch_kl<scalar_t, VEC, false>(a, dev, stream) : launch_kl<scalar_t, 1, false>(a, dev, stream);
     }
   });
-  return {call.loss, call.gx, call.gt};
 }
 
 }  // namespace cuda

@@ -17,8 +17,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, c
                                                       c10::string_view target_type, double temperature,
                                                       c10::string_view direction, bool grad_input, bool grad_target,
                                                       const c10::optional<at::Tensor>& grad_scale) {
-  return kl_ext::cuda::kl_div_with_logits_fwd_impl(input, target, mask, target_type, temperature, direction,
-                                                   grad_input, grad_target, grad_scale, device, nullptr);
+  kl_ext::KLCall call = kl_ext::prepare_kl(input, target, mask, target_type, temperature, direction, grad_input,
+                                           grad_target, grad_scale);
+  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, 0.0, grad_scale, device, nullptr);
+  return {call.loss, call.gx, call.gt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                       const c10::optional<at::Tensor>& mask,
+                                                       c10::string_view target_type, double temperature, double beta,
+                                                       bool grad_input, bool grad_target,
+                                                       const c10::optional<at::Tensor>& grad_scale) {
+  kl_ext::KLCall call = kl_ext::prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input,
+                                            grad_target, grad_scale);
+  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, beta, grad_scale, device, nullptr);
+  return {call.loss, call.gx, call.gt};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_fwd(
@@ -40,6 +53,9 @@ TORCH_LIBRARY(kl_ext_cuda_emu, m) {
       "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
       "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "jsd_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
+      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
       "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
@@ -48,5 +64,6 @@ TORCH_LIBRARY(kl_ext_cuda_emu, m) {
 
 TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
   m.impl("kl_div_with_logits_fwd", &kl_fwd);
+  m.impl("jsd_with_logits_fwd", &jsd_fwd);
   m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_fwd);
 }

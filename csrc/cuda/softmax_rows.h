@@ -1,0 +1,16 @@
+// The row-softmax losses' CUDA launcher (kl_div_with_logits, jsd_with_logits), defined in
+// kl_div_with_logits.cu so that their kernels are compiled once. beta > 0: the JSD; otherwise the KL.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "../common.h"
+
+namespace kl_ext {
+namespace cuda {
+
+void softmax_rows_fwd(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                      const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                      const c10::optional<at::Tensor>& grad_scale);
+
+}  // namespace cuda
+}  // namespace kl_ext
