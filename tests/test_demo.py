@@ -23,6 +23,7 @@ def test_distillation(result):
     assert mc["teacher_acc"] > 0.8 and mc["student_acc"] > 0.6  # chance is 1/3
     assert mc["max_step_diff"] < 1e-5                            # same loss as the nn.KLDivLoss pipeline
     assert mc["kl_curve"][-1] < mc["kl_curve"][0]
+    assert mc["jsd_student_acc"] > 0.6 and mc["jsd_curve"][-1] < 0.5 * mc["jsd_curve"][0]
 
 
 def test_multilabel(result):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kl_ext
 from kl_ext import reference
-from conftest import TOL, assert_close_rel, assert_compiled_matches_eager, backend_params
+from conftest import TOL, assert_close_rel, assert_compiled_matches_eager, backend_params, triton_gpu_compile
 from test_kl_div_with_logits import DTYPES, REDUCTIONS, TARGET_TYPES, make_case
 from test_kl_div_with_logits import run as run_kl
 
@@ -197,3 +197,11 @@ def test_symmetric_jsd_is_bounded_by_log_2():
     x, t, _ = make_case((64, 5), "logits", torch.float64)
     loss = reference.jsd_with_logits(x * 10, t * 10, reduction="none")
     assert (loss >= 0).all() and (loss <= math.log(2) + 1e-12).all()
+
+
+def test_triton_kernels_compile_for_gpu_without_spilling():
+    kernels = triton_gpu_compile("jsd")
+    assert {(k["one_chunk"], k["dtype"]) for k in kernels} == {(True, "bf16"), (False, "bf16"), (True, "fp32"),
+                                                                 (False, "fp32")}
+    for k in kernels:
+        assert k["stack"] <= 128 and k["regs"] <= 128, k

@@ -3,7 +3,7 @@ choose, and print each kernel's registers and spill (stack) bytes as JSON lines.
 
 The interpreter (how CI runs the kernels) accepts code that compiled Triton rejects, e.g. a global that is
 not a tl.constexpr; and only ptxas tells whether a row held in registers spills. Run in a fresh process:
-TRITON_INTERPRET must not be set when triton is imported.  Usage: python tests/triton_gpu_compile.py kl|bernoulli|scale
+TRITON_INTERPRET must not be set when triton is imported.  Usage: python tests/triton_gpu_compile.py kl|jsd|bernoulli|scale
 """
 import json
 import os
@@ -20,6 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kl_ext.triton_kernels import _config  # noqa: E402
 from kl_ext.triton_kernels import bernoulli_kl_div_with_logits as bern  # noqa: E402
+from kl_ext.triton_kernels import jsd_with_logits as jsd  # noqa: E402
 from kl_ext.triton_kernels import kl_div_with_logits as kl  # noqa: E402
 from kl_ext.triton_kernels import scale_grad as sg  # noqa: E402
 
@@ -58,6 +59,21 @@ def kl_configs():
                                 forward=fwd, one_chunk=one_chunk)
 
 
+def jsd_configs():
+    # The one-block and streamed paths at their largest, every target type.
+    for dtype in ("bf16", "fp32"):
+        for V in (jsd.ONE_BLOCK_MAX, 262144):
+            block, warps, one_chunk = _config.row_config(V, ELEM[dtype], jsd.ONE_BLOCK_MAX)
+            for tt in (0, 1, 2):
+                sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
+                       "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32", "inv_t": "fp32",
+                       "beta": "fp32"}
+                consts = {"TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True, "GRAD_T": True,
+                          "ONE_CHUNK": one_chunk, "BLOCK": block}
+                compile_one(jsd._jsd_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="jsd", dtype=dtype, V=V,
+                            target=tt, one_chunk=one_chunk)
+
+
 def bernoulli_configs():
     for dtype in ("bf16", "fp32"):
         for C in (5, 1000):
@@ -84,4 +100,4 @@ def scale_configs():
 
 
 if __name__ == "__main__":
-    {"kl": kl_configs, "bernoulli": bernoulli_configs, "scale": scale_configs}[sys.argv[1]]()
+    {"kl": kl_configs, "jsd": jsd_configs, "bernoulli": bernoulli_configs, "scale": scale_configs}[sys.argv[1]]()

@@ -8,19 +8,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def row_config(V: int, elem_size: int) -> tuple[int, int, bool]:
+def row_config(V: int, elem_size: int, one_block_max: int = 16384) -> tuple[int, int, bool]:
     """(BLOCK, num_warps, ONE_CHUNK) for the one-program-per-row KL kernel.
 
     Rows up to 16384 are held in registers in one block (ONE_CHUNK: one read): warps grow with the block
     so that ptxas (sm_90, Triton 3.8, checked by tests/triton_gpu_compile.py) needs <= 128 registers without
     spilling (16-bit rows at 16384 spill up to 72 bytes). 32768 would spill ~1 KB per thread: longer rows stream
-    in chunks of 16 KiB per operand. The interpreter runs numpy per program, where small chunks are faster.
+    in chunks of 16 KiB per operand. Kernels that keep more per element (the JSD: 144 - 464 bytes of spills at
+    16384) pass a smaller one_block_max. The interpreter runs numpy per program, where small chunks are faster.
     """
     if interpreting():
         block = min(triton.next_power_of_2(max(V, 1)), 1024)
         return block, 4, V <= block
     block = triton.next_power_of_2(max(V, 1))
-    if block <= 16384:
+    if block <= one_block_max:
         return block, min(max(block // 512, 4), 32), True
     block = 8192 if elem_size <= 2 else 4096
     return block, block // 512, False
