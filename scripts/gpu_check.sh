@@ -49,6 +49,7 @@ for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")
         (2 * kl_ext.kl_div_with_logits(x, t, backend=be, mask=torch.rand(N, device="cuda") > .3)).backward()
         with torch.no_grad():
             kl_ext.kl_div_with_logits(x, t, backend=be, direction="reverse")
+        kl_ext.jsd_with_logits(x, t, beta=0.3, backend=be, mask=torch.rand(N, device="cuda") > .3).backward()
         kl_ext.bernoulli_kl_div_with_logits(x, t.detach().float().sigmoid().to(dtype), backend=be).backward()
         w = torch.rand(V, device="cuda", dtype=dtype)
         kl_ext.binary_cross_entropy_with_logits(x, t.detach().float().sigmoid().to(dtype), weight=w, pos_weight=w,

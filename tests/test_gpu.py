@@ -50,6 +50,40 @@ def test_kl_vs_reference(backend, dtype, tt, direction, V):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tt", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("V", [1, 37, 4096, 32000, 128256])
+def test_jsd_vs_reference(backend, dtype, tt, V):
+    _gpu_backend(backend)
+    x, t = _case(4 if V > 100000 else 64, V, dtype, tt)
+    mask = torch.rand(x.shape[0], device="cuda") > 0.25
+    out = []
+    for be, xx, tt_ in ((backend, x, t), ("torch", x.double(), t.double())):
+        a, b = xx.clone().requires_grad_(), tt_.clone().requires_grad_()
+        loss = kl_ext.jsd_with_logits(a, b, beta=0.3, target_type=tt, mask=mask, temperature=1.5, reduction="none",
+                                      backend=be)
+        g = torch.randn(loss.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        out.append((loss.detach(), *torch.autograd.grad(loss, (a, b), g.to(loss.dtype))))
+    for got, exp, what in zip(out[0], out[1], ("loss", "grad input", "grad target")):
+        assert_close_rel(got, exp, TOL[dtype][0 if what == "loss" else 1], what, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_jsd_deterministic_compiled_and_opcheck(backend):
+    _gpu_backend(backend)
+    x, t = _case(32, 40000, torch.bfloat16)  # streamed on both backends
+    runs = [kl_ext.jsd_with_logits(x.clone().requires_grad_(), t, beta=0.5, backend=backend, reduction="none")
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert_compiled_matches_eager(lambda a, b: kl_ext.jsd_with_logits(a, b, beta=0.5, backend=backend),
+                                  (x[:, :4096], t[:, :4096]))
+    ops = torch.ops.kl_ext if backend == "cuda" else torch.ops.kl_ext_triton
+    xs, ts = _case(8, 1000, torch.float32)
+    torch.library.opcheck(ops.jsd_with_logits_fwd.default,
+                          (xs, ts, None, "logits", 1.0, 0.5, True, True, torch.tensor(0.5, device="cuda")))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_no_host_sync_deterministic_and_graph_capture(backend):
     _gpu_backend(backend)
     x, t = _case(256, 32000, torch.bfloat16)
