@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import kl_ext
 from kl_ext import reference
 from kl_ext._backends import _usable
+from benchmarks.bench_kl_div_with_logits import make_inputs  # noqa: F401  (the same student / teacher logits)
 
 OP = "jsd"
 BETA = 0.5
@@ -50,9 +51,3 @@ def providers(device: torch.device) -> dict:
             out["liger JSD"] = f"Liger-Kernel not importable ({type(e).__name__}: {e})"
     return out
 
-
-def make_inputs(N, V, dtype, device, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    s = (torch.randn(N, V, device=device, generator=g) * 2).to(dtype)
-    t = (torch.randn(N, V, device=device, generator=g) * 2).to(dtype)
-    return s, t

@@ -34,7 +34,6 @@ def main():
                 ms = time_ms(run, dev, reps=20)
                 line += f"  {mode} {ms:7.3f} ms {100 * 3 * s.numel() * s.element_size() / (ms * 1e-3) / 1e9 / copy:5.1f}%"
             print(line, flush=True)
-            del s, t, x
     os.environ.pop("KL_EXT_CUDA_LONG_ROWS")
 
 

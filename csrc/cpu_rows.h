@@ -6,10 +6,15 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
+
+#include "common.h"
 
 namespace kl_ext {
 namespace cpu {
@@ -98,6 +103,34 @@ inline void zero_row(acc_t* loss, scalar_t* gx, scalar_t* gt, int64_t r, int64_t
   loss[r] = 0;
   if (gx) std::fill(gx + off, gx + off + V, scalar_t(0));
   if (gt) std::fill(gt + off, gt + off + V, scalar_t(0));
+}
+
+// Stage the teacher row: logits -> c = t / T (returns its max); log-probs -> c = t; probs -> d = t (returns 0).
+template <typename scalar_t, typename acc_t>
+acc_t stage_teacher(const scalar_t* t, acc_t* c, acc_t* d, int64_t V, int64_t np, acc_t inv_T, TargetType tt) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (tt == TargetType::Logits) return load_row(t, c, V, np, inv_T, ninf);
+  const bool lp = tt == TargetType::LogProbs;
+  load_row(t, lp ? c : d, V, np, acc_t(1), lp ? ninf : acc_t(0));
+  return acc_t(0);
+}
+
+// The rows of a row-softmax loss over threads: each thread has 6 staging rows of np values (buf); masked rows
+// get loss 0 and zero gradients; row(r, r * V, buf) does the rest.
+template <typename scalar_t, typename acc_t, typename F>
+void for_each_row(const bool* mask, acc_t* loss, scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, int64_t np,
+                  const F& row) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(6 * np);
+    for (int64_t r = begin; r < end; ++r) {
+      if (mask != nullptr && !mask[r]) {
+        zero_row(loss, gx, gt, r, r * V, V);
+      } else {
+        row(r, r * V, buf.data());
+      }
+    }
+  });
 }
 
 }  // namespace cpu

@@ -42,91 +42,77 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
   const acc_t b = acc_t(beta), b1 = acc_t(1.0 - beta);
   const bool keep = gx != nullptr || gt != nullptr;
   const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
 
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    // a: student logits / T, then ls, then g; c: teacher (log domain), then lt, then h; b, d: q and p.
-    std::vector<acc_t> buf(6 * np);
-    acc_t *a = buf.data(), *qb = a + np, *c = qb + np, *pd = c + np, *stage_x = pd + np, *stage_t = stage_x + np;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = r * V;
-      if (mask != nullptr && !mask[r]) {
-        zero_row(loss, gx, gt, r, off, V);
-        continue;
-      }
-      const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
-      acc_t mx_t = 0;
-      if (logits) {
-        mx_t = load_row(t + off, c, V, np, inv_T, ninf);
-      } else {
-        load_row(t + off, lp ? c : pd, V, np, acc_t(1), lp ? ninf : acc_t(0));
-      }
-      // Exp pass: the softmax sums (fp32 vectors folded into double per 64 vectors, as for the KL).
-      const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
-      double sum_s64 = 0, sum_t64 = 0;
-      for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
-        V_t vs(0), vt(0);
-        for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
-          const V_t eq = (V_t::loadu(a + i) - V_t(sh_s)).exp();
-          eq.store(qb + i);
-          vs += eq;
-          if (logits) {
-            const V_t ep = (V_t::loadu(c + i) - V_t(sh_t)).exp();
-            ep.store(pd + i);
-            vt += ep;
-          } else if (lp) {
-            V_t::loadu(c + i).exp().store(pd + i);
-          } else {
-            V_t::loadu(pd + i).log().store(c + i);
-          }
-        }
-        sum_s64 += hsum(vs);
-        sum_t64 += hsum(vt);
-      }
-      const RowStats<acc_t> ss = stats(mx_s, acc_t(sum_s64));
-      const RowStats<acc_t> st = logits ? stats(mx_t, acc_t(sum_t64)) : RowStats<acc_t>{acc_t(0), acc_t(1), acc_t(1)};
-      // Loss pass: terms and the gradient sums sum q g, sum p h.
-      double loss64 = 0, sq64 = 0, sp64 = 0;
-      for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
-        V_t vl(0), vq(0), vp(0);
-        for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
-          const V_t ls = V_t::loadu(a + i) - V_t(ss.lse), lt = V_t::loadu(c + i) - V_t(st.lse);
-          const V_t q = V_t::loadu(qb + i) * V_t(ss.inv), p = V_t::loadu(pd + i) * V_t(st.inv);
-          const V_t lm = log_mixture(ls, lt, b, b1);
-          const V_t g = V_t(b1) * (ls - lm), h = V_t(b) * (lt - lm);
-          const V_t qg = where_pos(q, q * g), ph = where_pos(p, p * h);
-          vl += ph + qg;  // beta p (lt - lm) + (1 - beta) q (ls - lm), 0 where the weight is 0
-          vq += qg;
-          vp += ph;
-          if (keep) {
-            q.store(qb + i);
-            p.store(pd + i);
-            g.store(a + i);
-            // Probs targets: h is their gradient; where m = 0 (p = q = 0) the entry has none.
-            (lp || logits ? h : where_pos(p + q, h)).store(c + i);
-          }
-        }
-        loss64 += hsum(vl);
-        sq64 += hsum(vq);
-        sp64 += hsum(vp);
-      }
-      loss[r] = acc_t(loss64);
-      if (!keep) continue;
-
-      const V_t Vsq(static_cast<acc_t>(sq64)), Vsp(static_cast<acc_t>(sp64)), Vgx(inv_T * gs),
-          Vgt(logits ? inv_T * gs : gs);
-      for (int64_t i = 0; i < np; i += L) {
-        const V_t q = V_t::loadu(qb + i), p = V_t::loadu(pd + i);
-        if (gx) put_grad<scalar_t, acc_t>(where_pos(q, q * (V_t::loadu(a + i) - Vsq)) * Vgx, gx + off, stage_x, i, V);
-        if (gt) {
-          const V_t h = V_t::loadu(c + i);
-          const V_t gv = logits ? where_pos(p, p * (h - Vsp)) : lp ? where_pos(p, p * h) : h;
-          put_grad<scalar_t, acc_t>(gv * Vgt, gt + off, stage_t, i, V);
+  for_each_row(mask, loss, gx, gt, N, V, np, [&](int64_t r, int64_t off, acc_t* buf) {
+    // a: student logits / T, then ls, then g; c: teacher (log domain), then lt, then h; qb, pd: q and p.
+    acc_t *a = buf, *qb = a + np, *c = qb + np, *pd = c + np, *stage_x = pd + np, *stage_t = stage_x + np;
+    const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
+    const acc_t mx_t = stage_teacher(t + off, c, pd, V, np, inv_T, tt);
+    // Exp pass: the softmax sums (fp32 vectors folded into double per 64 vectors, as for the KL).
+    const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
+    double sum_s64 = 0, sum_t64 = 0;
+    for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
+      V_t vs(0), vt(0);
+      for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
+        const V_t eq = (V_t::loadu(a + i) - V_t(sh_s)).exp();
+        eq.store(qb + i);
+        vs += eq;
+        if (logits) {
+          const V_t ep = (V_t::loadu(c + i) - V_t(sh_t)).exp();
+          ep.store(pd + i);
+          vt += ep;
+        } else if (lp) {
+          V_t::loadu(c + i).exp().store(pd + i);
+        } else {
+          V_t::loadu(pd + i).log().store(c + i);
         }
       }
-      if (gx) flush_grad(gx + off, stage_x, V);
-      if (gt) flush_grad(gt + off, stage_t, V);
+      sum_s64 += hsum(vs);
+      sum_t64 += hsum(vt);
     }
+    const RowStats<acc_t> ss = stats(mx_s, acc_t(sum_s64));
+    const RowStats<acc_t> st = logits ? stats(mx_t, acc_t(sum_t64)) : RowStats<acc_t>{acc_t(0), acc_t(1), acc_t(1)};
+    // Loss pass: terms and the gradient sums sum q g, sum p h.
+    double loss64 = 0, sq64 = 0, sp64 = 0;
+    for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
+      V_t vl(0), vq(0), vp(0);
+      for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
+        const V_t ls = V_t::loadu(a + i) - V_t(ss.lse), lt = V_t::loadu(c + i) - V_t(st.lse);
+        const V_t q = V_t::loadu(qb + i) * V_t(ss.inv), p = V_t::loadu(pd + i) * V_t(st.inv);
+        const V_t lm = log_mixture(ls, lt, b, b1);
+        const V_t g = V_t(b1) * (ls - lm), h = V_t(b) * (lt - lm);
+        const V_t qg = where_pos(q, q * g), ph = where_pos(p, p * h);
+        vl += ph + qg;  // beta p (lt - lm) + (1 - beta) q (ls - lm), 0 where the weight is 0
+        vq += qg;
+        vp += ph;
+        if (keep) {
+          q.store(qb + i);
+          p.store(pd + i);
+          g.store(a + i);
+          // Probs targets: h is their gradient; where m = 0 (p = q = 0) the entry has none.
+          (lp || logits ? h : where_pos(p + q, h)).store(c + i);
+        }
+      }
+      loss64 += hsum(vl);
+      sq64 += hsum(vq);
+      sp64 += hsum(vp);
+    }
+    loss[r] = acc_t(loss64);
+    if (!keep) return;
+
+    const V_t Vsq(static_cast<acc_t>(sq64)), Vsp(static_cast<acc_t>(sp64)), Vgx(inv_T * gs),
+        Vgt(logits ? inv_T * gs : gs);
+    for (int64_t i = 0; i < np; i += L) {
+      const V_t q = V_t::loadu(qb + i), p = V_t::loadu(pd + i);
+      if (gx) put_grad<scalar_t, acc_t>(where_pos(q, q * (V_t::loadu(a + i) - Vsq)) * Vgx, gx + off, stage_x, i, V);
+      if (gt) {
+        const V_t h = V_t::loadu(c + i);
+        const V_t gv = logits ? where_pos(p, p * (h - Vsp)) : lp ? where_pos(p, p * h) : h;
+        put_grad<scalar_t, acc_t>(gv * Vgt, gt + off, stage_t, i, V);
+      }
+    }
+    if (gx) flush_grad(gx + off, stage_x, V);
+    if (gt) flush_grad(gt + off, stage_t, V);
   });
 }
 

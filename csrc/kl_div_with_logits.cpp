@@ -46,100 +46,85 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool fwd = dir == Direction::Forward;
   const bool keep = gx != nullptr || gt != nullptr;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
+  const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
 
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(6 * np);
-    acc_t *a = buf.data(), *b = a + np, *c = b + np, *d = c + np, *stage_x = d + np, *stage_t = stage_x + np;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = r * V;
-      if (mask != nullptr && !mask[r]) {
-        zero_row(loss, gx, gt, r, off, V);
-        continue;
-      }
-      const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
-      const acc_t sh_s = safe_shift(mx_s);
-      const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
-      acc_t sh_t = 0, mx_t = 0;
-      if (logits) {
-        mx_t = load_row(t + off, c, V, np, inv_T, ninf);
-        sh_t = safe_shift(mx_t);
-      } else {
-        load_row(t + off, lp ? c : d, V, np, acc_t(1), lp ? ninf : acc_t(0));
-      }
-      // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0), in fp32
-      // vectors over blocks of 64 vectors folded into double: one running fp32 sum of V exponentials would be
-      // off by ~1e-7 relative, as much as a whole tiny KL between near-identical rows.
-      double sum_s64 = 0, sum_t64 = 0, acc64 = 0;
-      for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
-        V_t vs_s(0), vs_t(0), vacc(0);
-        for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
-          const V_t av = V_t::loadu(a + i) - V_t(sh_s);  // shifted
-          const V_t eb = av.exp();
-          V_t cv, ed;
-          if (logits) {
-            cv = V_t::loadu(c + i) - V_t(sh_t);  // shifted
-            ed = cv.exp();
-          } else if (lp) {
-            cv = V_t::loadu(c + i);
-            ed = cv.exp();
-          } else {
-            ed = V_t::loadu(d + i);
-            cv = ed.log();
-            cv.store(c + i);
-          }
-          vs_s += eb;
-          vs_t += ed;
-          vacc += fwd ? where_pos(ed, ed * (cv - av)) : where_pos(eb, eb * (av - cv));
-          if (keep) {
-            eb.store(b + i);
-            ed.store(d + i);
-          }
+  for_each_row(mask, loss, gx, gt, N, V, np, [&](int64_t r, int64_t off, acc_t* buf) {
+    acc_t *a = buf, *b = a + np, *c = b + np, *d = c + np, *stage_x = d + np, *stage_t = stage_x + np;
+    const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
+    const acc_t mx_t = stage_teacher(t + off, c, d, V, np, inv_T, tt);
+    const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
+    // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0), in fp32
+    // vectors over blocks of 64 vectors folded into double: one running fp32 sum of V exponentials would be
+    // off by ~1e-7 relative, as much as a whole tiny KL between near-identical rows.
+    double sum_s64 = 0, sum_t64 = 0, acc64 = 0;
+    for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
+      V_t vs_s(0), vs_t(0), vacc(0);
+      for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
+        const V_t av = V_t::loadu(a + i) - V_t(sh_s);  // shifted
+        const V_t eb = av.exp();
+        V_t cv, ed;
+        if (logits) {
+          cv = V_t::loadu(c + i) - V_t(sh_t);  // shifted
+          ed = cv.exp();
+        } else if (lp) {
+          cv = V_t::loadu(c + i);
+          ed = cv.exp();
+        } else {
+          ed = V_t::loadu(d + i);
+          cv = ed.log();
+          cv.store(c + i);
         }
-        sum_s64 += hsum(vs_s);
-        sum_t64 += hsum(vs_t);
-        acc64 += hsum(vacc);
-      }
-      const acc_t sum_s = acc_t(sum_s64), sum_t = acc_t(sum_t64), acc = acc_t(acc64);
-      const RowStats<acc_t> ss = stats(mx_s, sum_s);
-      const RowStats<acc_t> st = logits ? stats(mx_t, sum_t) : RowStats<acc_t>{acc_t(0), acc_t(1), sum_t};
-      const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
-      // A side with no mass gives 0 (it is the weight) or +inf (the other side has mass where it has none).
-      const acc_t inf = std::numeric_limits<acc_t>::infinity();
-      // log sum_t - log sum_s; for two logit rows from their ratio, which is ~1 for near-identical rows:
-      // a difference of two logs of ~log V each would add their rounding (~1e-6 in fp32) to a tiny KL.
-      const acc_t dlsum = logits ? acc_t(-std::log1p((sum_s64 - sum_t64) / sum_t64)) : -std::log(sum_s);
-      const acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : acc * st.inv - st.mass * dlsum)
-                           : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : acc * ss.inv + dlsum);
-      loss[r] = kl;
-      if (!keep) continue;
-
-      const V_t Vinv_s(ss.inv), Vinv_t(st.inv), Vdlse(dlse), Vkl(kl);
-      for (int64_t i = 0; i < np; i += L) {
-        const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
-        const bool need_diff = gt != nullptr || !fwd;
-        const V_t diff = need_diff ? (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse : V_t(0);  // lt - ls
-        if (gx) {
-          const V_t gv = fwd ? q * V_t(st.mass) - p : where_pos(q, q * ((V_t(0) - diff) - Vkl));
-          put_grad<scalar_t, acc_t>(gv * V_t(gx_f), gx + off, stage_x, i, V);
-        }
-        if (gt) {
-          V_t gv;
-          if (fwd) {
-            if (logits) gv = where_pos(p, p * (diff - Vkl)) * V_t(inv_T);
-            else if (lp) gv = where_pos(p, p * (diff + V_t(1)));
-            else gv = diff + V_t(1);  // d/dp [p log p - p ls]; -inf at p = 0, as the math says
-          } else {
-            if (logits) gv = (p * V_t(ss.mass) - q) * V_t(inv_T);
-            else if (lp) gv = V_t(0) - q;
-            else gv = where_pos(q, V_t(0) - q / p);
-          }
-          put_grad<scalar_t, acc_t>(gv * V_t(gs), gt + off, stage_t, i, V);
+        vs_s += eb;
+        vs_t += ed;
+        vacc += fwd ? where_pos(ed, ed * (cv - av)) : where_pos(eb, eb * (av - cv));
+        if (keep) {
+          eb.store(b + i);
+          ed.store(d + i);
         }
       }
-      if (gx) flush_grad(gx + off, stage_x, V);
-      if (gt) flush_grad(gt + off, stage_t, V);
+      sum_s64 += hsum(vs_s);
+      sum_t64 += hsum(vs_t);
+      acc64 += hsum(vacc);
     }
+    const acc_t sum_s = acc_t(sum_s64), sum_t = acc_t(sum_t64), acc = acc_t(acc64);
+    const RowStats<acc_t> ss = stats(mx_s, sum_s);
+    const RowStats<acc_t> st = logits ? stats(mx_t, sum_t) : RowStats<acc_t>{acc_t(0), acc_t(1), sum_t};
+    const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
+    // A side with no mass gives 0 (it is the weight) or +inf (the other side has mass where it has none).
+    const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    // log sum_t - log sum_s; for two logit rows from their ratio, which is ~1 for near-identical rows:
+    // a difference of two logs of ~log V each would add their rounding (~1e-6 in fp32) to a tiny KL.
+    const acc_t dlsum = logits ? acc_t(-std::log1p((sum_s64 - sum_t64) / sum_t64)) : -std::log(sum_s);
+    const acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : acc * st.inv - st.mass * dlsum)
+                         : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : acc * ss.inv + dlsum);
+    loss[r] = kl;
+    if (!keep) return;
+
+    const V_t Vinv_s(ss.inv), Vinv_t(st.inv), Vdlse(dlse), Vkl(kl);
+    for (int64_t i = 0; i < np; i += L) {
+      const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
+      const bool need_diff = gt != nullptr || !fwd;
+      const V_t diff = need_diff ? (V_t::loadu(c + i) - V_t::loadu(a + i)) - Vdlse : V_t(0);  // lt - ls
+      if (gx) {
+        const V_t gv = fwd ? q * V_t(st.mass) - p : where_pos(q, q * ((V_t(0) - diff) - Vkl));
+        put_grad<scalar_t, acc_t>(gv * V_t(gx_f), gx + off, stage_x, i, V);
+      }
+      if (gt) {
+        V_t gv;
+        if (fwd) {
+          if (logits) gv = where_pos(p, p * (diff - Vkl)) * V_t(inv_T);
+          else if (lp) gv = where_pos(p, p * (diff + V_t(1)));
+          else gv = diff + V_t(1);  // d/dp [p log p - p ls]; -inf at p = 0, as the math says
+        } else {
+          if (logits) gv = (p * V_t(ss.mass) - q) * V_t(inv_T);
+          else if (lp) gv = V_t(0) - q;
+          else gv = where_pos(q, V_t(0) - q / p);
+        }
+        put_grad<scalar_t, acc_t>(gv * V_t(gs), gt + off, stage_t, i, V);
+      }
+    }
+    if (gx) flush_grad(gx + off, stage_x, V);
+    if (gt) flush_grad(gt + off, stage_t, V);
   });
 }
 

@@ -62,6 +62,22 @@ def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, g
     return out
 
 
+def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, options, reduction, grad_input,
+                          grad_target):
+    """_fused_forward for the row-softmax losses (op `name` takes rows, target rows, flat mask, target_type and
+    `options`): the mask counts rows, 'none' keeps the leading shape."""
+    def make_args():
+        m = mask.reshape(-1).contiguous() if mask is not None else None
+        return _rows(input), _rows(target), m, target_type, *options
+
+    counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
+    if reduction == "mean":
+        counted = counted * input.shape[-1]
+    out = _fused_forward(ctx, name, backend, make_args, (input, target, mask), reduction, counted, grad_input,
+                         grad_target)
+    return out.reshape(input.shape[:-1]) if reduction == "none" else out
+
+
 def _recompute(ctx):
     rerun, sources, versions = ctx.rerun
     if [x._version for x in sources if x is not None] != versions:

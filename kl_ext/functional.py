@@ -10,8 +10,8 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows
-from kl_ext._validation import (acc_dtype, check_bce, check_bernoulli, check_kl, needs_grad,
+from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward
+from kl_ext._validation import (check_bce, check_bernoulli, check_kl, needs_grad,
                                 validate_bernoulli_values, validate_kl_values)
 
 __all__ = ["kl_div_with_logits", "bernoulli_kl_div_with_logits", "binary_cross_entropy_with_logits",
@@ -24,16 +24,8 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, mask, target_type, temperature, direction, reduction, backend,
                 grad_input, grad_target):
-        def make_args():
-            m = mask.reshape(-1).contiguous() if mask is not None else None
-            return _rows(input), _rows(target), m, target_type, temperature, direction
-
-        counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
-        if reduction == "mean":
-            counted = counted * input.shape[-1]
-        out = _fused_forward(ctx, "kl_div_with_logits_fwd", backend, make_args, (input, target, mask), reduction,
-                             counted, grad_input, grad_target)
-        return out.reshape(input.shape[:-1]) if reduction == "none" else out
+        return _softmax_rows_forward(ctx, "kl_div_with_logits_fwd", backend, input, target, mask, target_type,
+                                     (temperature, direction), reduction, grad_input, grad_target)
 
     @staticmethod
     @once_differentiable

@@ -9,7 +9,6 @@ convention of TRL and Liger). log m is a logaddexp, so entries where both distri
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -18,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _fused_backward, _fused_forward, _rows
+from kl_ext._fused import _fused_backward, _softmax_rows_forward
 from kl_ext._validation import check_jsd, needs_grad, validate_kl_values
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
@@ -33,17 +32,8 @@ class JSDWithLogitsFunction(torch.autograd.Function):
         # beta 0 / 1 are the two KL directions: the KL op (and its kernels) computes them.
         name, options = (("jsd_with_logits_fwd", (temperature, beta)) if 0 < beta < 1 else
                          ("kl_div_with_logits_fwd", (temperature, "forward" if beta == 0 else "reverse")))
-
-        def make_args():
-            m = mask.reshape(-1).contiguous() if mask is not None else None
-            return _rows(input), _rows(target), m, target_type, *options
-
-        counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
-        if reduction == "mean":
-            counted = counted * input.shape[-1]
-        out = _fused_forward(ctx, name, backend, make_args, (input, target, mask), reduction, counted, grad_input,
-                             grad_target)
-        return out.reshape(input.shape[:-1]) if reduction == "none" else out
+        return _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, options, reduction,
+                                     grad_input, grad_target)
 
     @staticmethod
     @once_differentiable

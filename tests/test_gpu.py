@@ -29,6 +29,19 @@ def _case(N, V, dtype, tt="logits", seed=0):
     return x, t
 
 
+def _check_vs_reference(loss_fn, backend, x, t, dtype, atol=0.0):
+    """loss_fn(input, target, backend) ('none' reduction) and its gradients under a random upstream gradient,
+    against the float64 reference."""
+    out = []
+    for be, xx, tt_ in ((backend, x, t), ("torch", x.double(), t.double())):
+        a, b = xx.clone().requires_grad_(), tt_.clone().requires_grad_()
+        loss = loss_fn(a, b, be)
+        g = torch.randn(loss.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        out.append((loss.detach(), *torch.autograd.grad(loss, (a, b), g.to(loss.dtype))))
+    for got, exp, what in zip(out[0], out[1], ("loss", "grad input", "grad target")):
+        assert_close_rel(got, exp, TOL[dtype][0 if what == "loss" else 1], what, atol=atol)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("tt", ["logits", "log_probs", "probs"])
@@ -38,15 +51,9 @@ def test_kl_vs_reference(backend, dtype, tt, direction, V):
     _gpu_backend(backend)
     x, t = _case(4 if V > 100000 else 64, V, dtype, tt)
     mask = torch.rand(x.shape[0], device="cuda") > 0.25
-    out = []
-    for be, xx, tt_ in ((backend, x, t), ("torch", x.double(), t.double())):
-        a, b = xx.clone().requires_grad_(), tt_.clone().requires_grad_()
-        loss = kl_ext.kl_div_with_logits(a, b, target_type=tt, direction=direction, mask=mask, temperature=1.5,
-                                         reduction="none", backend=be)
-        g = torch.randn(loss.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        out.append((loss.detach(), *torch.autograd.grad(loss, (a, b), g.to(loss.dtype))))
-    for got, exp, what in zip(out[0], out[1], ("loss", "grad input", "grad target")):
-        assert_close_rel(got, exp, TOL[dtype][0 if what == "loss" else 1], what)
+    _check_vs_reference(lambda a, b, be: kl_ext.kl_div_with_logits(
+        a, b, target_type=tt, direction=direction, mask=mask, temperature=1.5, reduction="none", backend=be),
+        backend, x, t, dtype)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -57,15 +64,9 @@ def test_jsd_vs_reference(backend, dtype, tt, V):
     _gpu_backend(backend)
     x, t = _case(4 if V > 100000 else 64, V, dtype, tt)
     mask = torch.rand(x.shape[0], device="cuda") > 0.25
-    out = []
-    for be, xx, tt_ in ((backend, x, t), ("torch", x.double(), t.double())):
-        a, b = xx.clone().requires_grad_(), tt_.clone().requires_grad_()
-        loss = kl_ext.jsd_with_logits(a, b, beta=0.3, target_type=tt, mask=mask, temperature=1.5, reduction="none",
-                                      backend=be)
-        g = torch.randn(loss.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        out.append((loss.detach(), *torch.autograd.grad(loss, (a, b), g.to(loss.dtype))))
-    for got, exp, what in zip(out[0], out[1], ("loss", "grad input", "grad target")):
-        assert_close_rel(got, exp, TOL[dtype][0 if what == "loss" else 1], what, atol=1e-6)
+    _check_vs_reference(lambda a, b, be: kl_ext.jsd_with_logits(
+        a, b, beta=0.3, target_type=tt, mask=mask, temperature=1.5, reduction="none", backend=be),
+        backend, x, t, dtype, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

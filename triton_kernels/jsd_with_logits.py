@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import row_config
 from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _load_chunk,
-                                                      _online_lse, _safe)
+                                                      _online_lse, _row_start, _safe, _zero_grads)
 
 
 # One block holds rows up to 8192: q, p, g and h per element spill 144 - 464 bytes at 16384 (sm_90, checked by
@@ -71,20 +71,10 @@ def _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGE
 def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t, beta,
                     TARGET: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr, GRAD_X: tl.constexpr,
                     GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = row * V
+    row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
+                                                            HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
-    x_ptr += base
-    t_ptr += base
-    gx_ptr += base
-    gt_ptr += base
-    live = True
-    if HAS_MASK:
-        live = tl.load(mask_ptr + row) != 0
     if live:
-        gs = 1.0
-        if HAS_GS:
-            gs = tl.load(gs_ptr).to(tl.float32)
         if ONE_CHUNK:
             inb = cols < V
             zs, lt, p = _load_chunk(x_ptr, t_ptr, cols, inb, inv_t, TARGET)
@@ -135,14 +125,7 @@ def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V,
                     _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET, GRAD_X, GRAD_T)
     else:
         tl.store(loss_ptr + row, 0.0)
-        if GRAD_X or GRAD_T:
-            for start in range(0, V, BLOCK):
-                offs = start + cols
-                inb = offs < V
-                if GRAD_X:
-                    tl.store(gx_ptr + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
-                if GRAD_T:
-                    tl.store(gt_ptr + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
+        _zero_grads(gx_ptr, gt_ptr, V, BLOCK, GRAD_X, GRAD_T)
 
 
 @triton_op("kl_ext_triton::jsd_with_logits_fwd", mutates_args=())

@@ -161,23 +161,41 @@ def _store_grads(zs, lt, p, offs, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_
 
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
-                   TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
-                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr):
+    """This program's row: its pointers (int64 offsets), whether it counts (mask), and grad_scale."""
     row = tl.program_id(0).to(tl.int64)
     base = row * V
-    cols = tl.arange(0, BLOCK)
-    x_ptr += base
-    t_ptr += base
-    gx_ptr += base
-    gt_ptr += base
     live = True
     if HAS_MASK:
         live = tl.load(mask_ptr + row) != 0
+    gs = 1.0
+    if HAS_GS:
+        gs = tl.load(gs_ptr).to(tl.float32)  # the reduction's 1 / denominator
+    return row, x_ptr + base, t_ptr + base, gx_ptr + base, gt_ptr + base, live, gs
+
+
+@triton.jit
+def _zero_grads(gx_ptr, gt_ptr, V, BLOCK: tl.constexpr, GRAD_X: tl.constexpr, GRAD_T: tl.constexpr):
+    """A masked row's gradients: 0."""
+    if GRAD_X or GRAD_T:
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inb = offs < V
+            if GRAD_X:
+                tl.store(gx_ptr + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
+            if GRAD_T:
+                tl.store(gt_ptr + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
+                   TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
+                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
+                                                            HAS_MASK, HAS_GS)
+    cols = tl.arange(0, BLOCK)
     if live:
-        gs = 1.0
-        if HAS_GS:
-            gs = tl.load(gs_ptr).to(tl.float32)
         if ONE_CHUNK:
             # The whole row fits one block: read it once, keep it in registers for the gradients.
             inb = cols < V
@@ -212,14 +230,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, 
                                  TARGET, FORWARD, GRAD_X, GRAD_T)
     else:
         tl.store(loss_ptr + row, 0.0)
-        if GRAD_X or GRAD_T:
-            for start in range(0, V, BLOCK):
-                offs = start + cols
-                inb = offs < V
-                if GRAD_X:
-                    tl.store(gx_ptr + offs, tl.zeros([BLOCK], dtype=gx_ptr.dtype.element_ty), mask=inb)
-                if GRAD_T:
-                    tl.store(gt_ptr + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
+        _zero_grads(gx_ptr, gt_ptr, V, BLOCK, GRAD_X, GRAD_T)
 
 
 @triton_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())

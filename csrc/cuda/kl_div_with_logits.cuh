@@ -234,57 +234,77 @@ __host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, T
   return r;
 }
 
-// Gradients of the row's KL for packs j0 + k * stride, times grad_scale.
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
-                                            int64_t j0, int64_t stride, int64_t npacks, int64_t off,
-                                            const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs) {
+// An element's student and teacher log-probs (natural log) and probs, from the row's statistics.
+template <typename T>
+struct ElemProbs {
+  T ls, q, lt, p;
+};
+
+template <typename T>
+__device__ __forceinline__ ElemProbs<T> elem_probs(T xv, T tv, const RowResult<T>& r, TargetType tt, T scale2) {
+  const T ln2 = T(kLn2);
+  const T ls2 = kmul(xv, scale2) - r.lse_s;
+  ElemProbs<T> e{ls2 * ln2, kexp2(ls2), T(0), T(0)};
+  if (tt == TargetType::Logits) {
+    const T lt2 = kmul(tv, scale2) - r.lse_t;
+    e.p = kexp2(lt2);
+    e.lt = lt2 * ln2;
+  } else if (tt == TargetType::LogProbs) {
+    e.lt = tv;
+    e.p = kexp(tv);
+  } else {
+    e.p = tv;
+    e.lt = klog(tv);
+  }
+  return e;
+}
+
+// Gradient packs j0 + k * stride below npacks: elem(k, e, gx, gt) sets element e of pack k of each.
+template <int K, typename scalar_t, int VEC, typename F>
+__device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t npacks, int64_t off,
+                                            const KLArgs<scalar_t>& a, const F& elem) {
   using P = Pack<scalar_t, VEC>;
-  const TargetType tt = a.target;
-  const bool fwd = a.forward;
-  const T gx_f = a.inv_t * gs, ln2 = T(kLn2);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t j = j0 + k * stride;
     if (j >= npacks) continue;
     P ox, ot;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const T ls2 = kmul(to_acc(px[k].v[e]), scale2) - r.lse_s, q = kexp2(ls2), ls = ls2 * ln2;
-      const T tv = to_acc(pt[k].v[e]);
-      T lt, p;
-      if (tt == TargetType::Logits) {
-        const T lt2 = kmul(tv, scale2) - r.lse_t;
-        p = kexp2(lt2);
-        lt = lt2 * ln2;
-      } else if (tt == TargetType::LogProbs) {
-        lt = tv;
-        p = kexp(tv);
-      } else {
-        p = tv;
-        lt = klog(tv);
-      }
-      if (a.gx != nullptr) {
-        const T g = fwd ? q * r.mass_t - p : (q > T(0) ? q * ((ls - lt) - r.kl) : T(0));
-        ox.v[e] = static_cast<scalar_t>(g * gx_f);
-      }
-      if (a.gt != nullptr) {
-        T g;
-        if (fwd) {
-          if (tt == TargetType::Logits) g = (p > T(0) ? p * ((lt - ls) - r.kl) : T(0)) * a.inv_t;
-          else if (tt == TargetType::LogProbs) g = p > T(0) ? p * (lt - ls + T(1)) : T(0);
-          else g = lt - ls + T(1);  // -inf at p = 0, as the math says
-        } else {
-          if (tt == TargetType::Logits) g = (p * r.mass_s - q) * a.inv_t;
-          else if (tt == TargetType::LogProbs) g = -q;
-          else g = q > T(0) ? -q / p : T(0);
-        }
-        ot.v[e] = static_cast<scalar_t>(g * gs);
-      }
-    }
+    for (int e = 0; e < VEC; ++e) elem(k, e, ox.v[e], ot.v[e]);
     if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = ox;
     if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = ot;
   }
+}
+
+// Gradients of the row's KL for packs j0 + k * stride, times grad_scale.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+                                            int64_t j0, int64_t stride, int64_t npacks, int64_t off,
+                                            const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs) {
+  const TargetType tt = a.target;
+  const bool fwd = a.forward;
+  const T gx_f = a.inv_t * gs;
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
+    const ElemProbs<T> v = elem_probs(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2);
+    const T ls = v.ls, q = v.q, lt = v.lt, p = v.p;
+    if (a.gx != nullptr) {
+      const T g = fwd ? q * r.mass_t - p : (q > T(0) ? q * ((ls - lt) - r.kl) : T(0));
+      ox = static_cast<scalar_t>(g * gx_f);
+    }
+    if (a.gt != nullptr) {
+      T g;
+      if (fwd) {
+        if (tt == TargetType::Logits) g = (p > T(0) ? p * ((lt - ls) - r.kl) : T(0)) * a.inv_t;
+        else if (tt == TargetType::LogProbs) g = p > T(0) ? p * (lt - ls + T(1)) : T(0);
+        else g = lt - ls + T(1);  // -inf at p = 0, as the math says
+      } else {
+        if (tt == TargetType::Logits) g = (p * r.mass_s - q) * a.inv_t;
+        else if (tt == TargetType::LogProbs) g = -q;
+        else g = q > T(0) ? -q / p : T(0);
+      }
+      ot = static_cast<scalar_t>(g * gs);
+    }
+  });
 }
 
 template <int K, typename scalar_t, int VEC>
@@ -311,27 +331,10 @@ struct JSDElem {
 
 template <typename T>
 __device__ __forceinline__ JSDElem<T> jsd_elem(T xv, T tv, const RowResult<T>& r, TargetType tt, T scale2, T beta) {
-  const T ln2 = T(kLn2);
-  const T ls2 = kmul(xv, scale2) - r.lse_s, ls = ls2 * ln2;
-  JSDElem<T> e;
-  e.q = kexp2(ls2);
-  T lt;
-  if (tt == TargetType::Logits) {
-    const T lt2 = kmul(tv, scale2) - r.lse_t;
-    e.p = kexp2(lt2);
-    lt = lt2 * ln2;
-  } else if (tt == TargetType::LogProbs) {
-    lt = tv;
-    e.p = kexp(tv);
-  } else {
-    e.p = tv;
-    lt = klog(tv);
-  }
-  const T d = lt - ls, c = d > T(0) ? T(1) - beta : beta;
-  const T lm = kmax(ls, lt) + klog1p(c * kexpm1(-(d < T(0) ? -d : d)));
-  e.g = (T(1) - beta) * (ls - lm);
-  e.h = beta * (lt - lm);
-  return e;
+  const ElemProbs<T> v = elem_probs(xv, tv, r, tt, scale2);
+  const T d = v.lt - v.ls, c = d > T(0) ? T(1) - beta : beta;
+  const T lm = kmax(v.ls, v.lt) + klog1p(c * kexpm1(-(d < T(0) ? -d : d)));
+  return {v.q, v.p, (T(1) - beta) * (v.ls - lm), beta * (v.lt - lm)};
 }
 
 // This thread's share of the row's JSD sums (loss, sum q g, sum p h) over packs j0 + k * stride.
@@ -359,27 +362,17 @@ __device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, c
                                                 int64_t j0, int64_t stride, int64_t npacks, int64_t off,
                                                 const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs,
                                                 T sq, T sp) {
-  using P = Pack<scalar_t, VEC>;
   const TargetType tt = a.target;
   const T gx_f = a.inv_t * gs, gt_f = tt == TargetType::Logits ? a.inv_t * gs : gs;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int64_t j = j0 + k * stride;
-    if (j >= npacks) continue;
-    P ox, ot;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const JSDElem<T> v = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2, a.beta);
-      ox.v[e] = static_cast<scalar_t>((v.q > T(0) ? v.q * (v.g - sq) : T(0)) * gx_f);
-      T g;
-      if (tt == TargetType::Logits) g = v.p > T(0) ? v.p * (v.h - sp) : T(0);
-      else if (tt == TargetType::LogProbs) g = v.p > T(0) ? v.p * v.h : T(0);
-      else g = v.p + v.q > T(0) ? v.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
-      ot.v[e] = static_cast<scalar_t>(g * gt_f);
-    }
-    if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = ox;
-    if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = ot;
-  }
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
+    const JSDElem<T> v = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2, a.beta);
+    ox = static_cast<scalar_t>((v.q > T(0) ? v.q * (v.g - sq) : T(0)) * gx_f);
+    T g;
+    if (tt == TargetType::Logits) g = v.p > T(0) ? v.p * (v.h - sp) : T(0);
+    else if (tt == TargetType::LogProbs) g = v.p > T(0) ? v.p * v.h : T(0);
+    else g = v.p + v.q > T(0) ? v.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
+    ot = static_cast<scalar_t>(g * gt_f);
+  });
 }
 
 // Rows held in registers take their maxima first and every sum relative to them: nothing is rescaled, and
