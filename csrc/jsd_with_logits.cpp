@@ -8,10 +8,7 @@
 //
 // Per row (staged as in kl_div_with_logits, csrc/cpu_rows.h): load (+ max), exp (+ sums), a loss pass that
 // also sums q g and p h and keeps q, p, g, h when a gradient is wanted, and one gradient pass.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "common.h"
 #include "cpu_rows.h"

@@ -44,6 +44,7 @@ for be in kl_ext.available_backends():
     x = torch.randn(4, 37, device=dev, requires_grad=True)
     t = torch.randn(4, 37, device=dev)
     for loss in (kl_ext.kl_div_with_logits(x, t, backend=be),
+                 kl_ext.jsd_with_logits(x, t, beta=0.3, backend=be),
                  kl_ext.bernoulli_kl_div_with_logits(x, t.sigmoid(), backend=be),
                  kl_ext.binary_cross_entropy_with_logits(x, t.sigmoid(), backend=be)):
         loss.backward()

@@ -13,24 +13,12 @@ from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import row_config
 from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _load_chunk,
-                                                      _online_lse, _row_start, _safe, _zero_grads)
+                                                      _log1p, _lse, _online_lse, _row_start, _zero_grads)
 
 
 # One block holds rows up to 8192: q, p, g and h per element spill 144 - 464 bytes at 16384 (sm_90, checked by
 # tests/test_jsd_with_logits.py).
 ONE_BLOCK_MAX = 8192
-
-
-@triton.jit
-def _lse(m, d):
-    return tl.where(d > 0, _safe(m) + tl.log(d), float("inf"))
-
-
-@triton.jit
-def _log1p(v):
-    # log1p without libdevice (the interpreter has none): exact v where 1 + v rounds to 1.
-    w = 1.0 + v
-    return tl.where(w == 1.0, v, tl.log(w) * v / (w - 1.0))
 
 
 @triton.jit

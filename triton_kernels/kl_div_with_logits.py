@@ -47,13 +47,24 @@ def _delta(m_old, m_new):
 
 
 @triton.jit
-def _log_ratio(a, b):
-    """log(a / b) accurate when a ~ b: log1p((a - b) / b), written so the interpreter runs it (no tl.log1p):
-    log1p(u) = u * log(w) / (w - 1) with w = 1 + u (exact u where w rounds to 1). The ratio of two rows' sums is
-    ~1 for near-identical rows: a difference of two logs of ~log V each would add their rounding to a tiny KL."""
-    u = (a - b) / b
+def _log1p(u):
+    """log1p written so the interpreter runs it (no tl.log1p, no libdevice): u * log(w) / (w - 1) with w = 1 + u
+    (exact u where w rounds to 1)."""
     w = 1.0 + u
     return tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+
+
+@triton.jit
+def _log_ratio(a, b):
+    """log(a / b) accurate when a ~ b: log1p((a - b) / b). The ratio of two rows' sums is ~1 for near-identical
+    rows: a difference of two logs of ~log V each would add their rounding to a tiny KL."""
+    return _log1p((a - b) / b)
+
+
+@triton.jit
+def _lse(m, d):
+    """log-sum-exp from online statistics; +inf for a row with no mass (its log-probs are -inf)."""
+    return tl.where(d > 0, _safe(m) + tl.log(d), float("inf"))
 
 
 @triton.jit
@@ -109,10 +120,10 @@ def _accumulate(zs, lt, p, m_s, d_s, m_t, d_t, acc, s_p, TARGET: tl.constexpr, F
 def _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET: tl.constexpr, FORWARD: tl.constexpr):
     """Row KL and statistics (lse_s, lse_t, teacher mass, student mass). A row that is entirely -inf has mass 0,
     log-probs -inf (lse = +inf), probs 0; a side with no mass where the other has some gives KL = +inf."""
-    lse_s = tl.where(d_s > 0, _safe(m_s) + tl.log(d_s), float("inf"))
+    lse_s = _lse(m_s, d_s)
     s_q = tl.where(d_s > 0, 1.0, 0.0)
     if TARGET == LOGITS:
-        lse_t = tl.where(d_t > 0, _safe(m_t) + tl.log(d_t), float("inf"))
+        lse_t = _lse(m_t, d_t)
         s_p = tl.where(d_t > 0, 1.0, 0.0)
         if FORWARD:
             kl = tl.where(d_t > 0, tl.where(d_s > 0, acc / d_t + _log_ratio(d_s, d_t), float("inf")), 0.0)

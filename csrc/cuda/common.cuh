@@ -38,9 +38,9 @@ __host__ __device__ __forceinline__ double kexp(double x) { return exp(x); }
 __host__ __device__ __forceinline__ float klog(float x) { return logf(x); }
 __host__ __device__ __forceinline__ double klog(double x) { return log(x); }
 __host__ __device__ __forceinline__ float klog1p(float x) { return log1pf(x); }
+__host__ __device__ __forceinline__ double klog1p(double x) { return log1p(x); }
 __host__ __device__ __forceinline__ float kexpm1(float x) { return expm1f(x); }
 __host__ __device__ __forceinline__ double kexpm1(double x) { return expm1(x); }
-__host__ __device__ __forceinline__ double klog1p(double x) { return log1p(x); }
 
 // a * b rounded on its own. nvcc fuses `a * b - c` into one FMA, which keeps a * b unrounded: x * s - m, with
 // m the same product rounded, would then not be exactly 0 at the row maximum (V = 1, identical rows).
