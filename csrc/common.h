@@ -63,6 +63,14 @@ inline void check_grad_scale(const c10::optional<at::Tensor>& g, const at::Tenso
               "kl_ext: grad_scale must be one value of the accumulation dtype on the input's device");
 }
 
+// The row losses' optional mask: one bool per row.
+inline void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& input) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == input.size(0) && mask->is_contiguous() &&
+                  mask->device() == input.device(),
+              "kl_ext: mask must be a contiguous bool tensor with one value per row, on the input's device");
+}
+
 // A kl_div_with_logits_fwd / jsd_with_logits_fwd call after its checks: parsed options and the outputs every
 // backend fills (direction: forward for the JSD).
 struct KLCall {
@@ -80,11 +88,7 @@ inline KLCall prepare_softmax_rows(const at::Tensor& input, const at::Tensor& ta
   check_grad_scale(grad_scale, input);
   TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
   const int64_t N = input.size(0);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == N && mask->is_contiguous() &&
-                    mask->device() == input.device(),
-                "kl_ext: mask must be a contiguous bool tensor with one value per row, on the input's device");
-  }
+  check_mask(mask, input);
   return {parse_target_type(std::string(target_type)), Direction::Forward,
           at::empty({N}, input.options().dtype(acc_type(input.scalar_type()))),
           grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
@@ -106,6 +110,37 @@ inline KLCall prepare_jsd(const at::Tensor& input, const at::Tensor& target, con
   TORCH_CHECK(beta > 0 && beta < 1,
               "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1 (beta 0 and 1 are kl_div_with_logits_fwd's directions)");
   return prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target, grad_scale);
+}
+
+// sparse_kl_div_with_logits_fwd after its checks: parsed options and the outputs every backend fills (gv: the
+// gradient w.r.t. the k target values, in their accumulation dtype).
+struct SparseCall {
+  TargetType target_type;
+  bool normalize;  // teacher renormalized over its support (logits, or tail "renorm"): no tail term
+  at::Tensor loss, gx, gv;
+};
+
+inline SparseCall prepare_sparse(const at::Tensor& input, const at::Tensor& indices, const at::Tensor& values,
+                                 const c10::optional<at::Tensor>& mask, c10::string_view target_type,
+                                 c10::string_view tail, double temperature, bool grad_input, bool grad_target,
+                                 const c10::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "kl_ext: input must be 2-D contiguous");
+  const int64_t N = input.size(0);
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == N && indices.is_contiguous() &&
+                  indices.scalar_type() == at::kLong && indices.device() == input.device(),
+              "kl_ext: target_indices must be contiguous int64 (rows, k) on the input's device");
+  TORCH_CHECK(values.sizes() == indices.sizes() && values.is_contiguous() &&
+                  values.scalar_type() == acc_type(input.scalar_type()) && values.device() == input.device(),
+              "kl_ext: target_values must be contiguous (rows, k) in the accumulation dtype on the input's device");
+  check_grad_scale(grad_scale, input);
+  TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
+  TORCH_CHECK(tail == "bucket" || tail == "renorm", "kl_ext: tail must be 'bucket' or 'renorm'");
+  check_mask(mask, input);
+  const TargetType tt = parse_target_type(std::string(target_type));
+  return {tt, tt == TargetType::Logits || tail == "renorm",
+          at::empty({N}, input.options().dtype(acc_type(input.scalar_type()))),
+          grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
+          grad_target ? at::empty_like(values) : at::empty({0}, values.options())};
 }
 
 // The same for bernoulli_kl_div_with_logits_fwd.

@@ -97,12 +97,42 @@ inline T safe_shift(T mx) {
   return mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
 }
 
-// A masked row: loss 0, gradients 0.
-template <typename scalar_t, typename acc_t>
-inline void zero_row(acc_t* loss, scalar_t* gx, scalar_t* gt, int64_t r, int64_t off, int64_t V) {
+// A masked row: loss 0, gradients 0 (Vt: the length of a teacher row).
+template <typename scalar_t, typename acc_t, typename target_t>
+inline void zero_row(acc_t* loss, scalar_t* gx, target_t* gt, int64_t r, int64_t V, int64_t Vt) {
   loss[r] = 0;
-  if (gx) std::fill(gx + off, gx + off + V, scalar_t(0));
-  if (gt) std::fill(gt + off, gt + off + V, scalar_t(0));
+  if (gx) std::fill(gx + r * V, gx + (r + 1) * V, scalar_t(0));
+  if (gt) std::fill(gt + r * Vt, gt + (r + 1) * Vt, target_t(0));
+}
+
+// exp(a - shift) into e over a padded row; returns the sum (fp32 vectors folded into double per 64 vectors).
+template <typename T>
+double exp_row(const T* a, T* e, int64_t np, T shift) {
+  constexpr int64_t L = Vec<T>::size();
+  double sum = 0;
+  for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
+    Vec<T> v(0);
+    for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
+      const Vec<T> x = (Vec<T>::loadu(a + i) - Vec<T>(shift)).exp();
+      x.store(e + i);
+      v += x;
+    }
+    sum += hsum(v);
+  }
+  return sum;
+}
+
+// The sum of a padded row, folded into double as exp_row's.
+template <typename T>
+double sum_row(const T* e, int64_t np) {
+  constexpr int64_t L = Vec<T>::size();
+  double sum = 0;
+  for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
+    Vec<T> v(0);
+    for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) v += Vec<T>::loadu(e + i);
+    sum += hsum(v);
+  }
+  return sum;
 }
 
 // Stage the teacher row: logits -> c = t / T (returns its max); log-probs -> c = t; probs -> d = t (returns 0).
@@ -115,17 +145,17 @@ acc_t stage_teacher(const scalar_t* t, acc_t* c, acc_t* d, int64_t V, int64_t np
   return acc_t(0);
 }
 
-// The rows of a row-softmax loss over threads: each thread has 6 staging rows of np values (buf); masked rows
-// get loss 0 and zero gradients; row(r, r * V, buf) does the rest.
-template <typename scalar_t, typename acc_t, typename F>
-void for_each_row(const bool* mask, acc_t* loss, scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, int64_t np,
-                  const F& row) {
+// The rows of a row-softmax loss over threads: each thread has `staging` values of buffer (buf); masked rows
+// get loss 0 and zero gradients (gt: rows of Vt); row(r, r * V, buf) does the rest.
+template <typename scalar_t, typename acc_t, typename target_t, typename F>
+void for_each_row(const bool* mask, acc_t* loss, scalar_t* gx, target_t* gt, int64_t N, int64_t V, int64_t Vt,
+                  int64_t staging, const F& row) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(6 * np);
+    std::vector<acc_t> buf(staging);
     for (int64_t r = begin; r < end; ++r) {
       if (mask != nullptr && !mask[r]) {
-        zero_row(loss, gx, gt, r, r * V, V);
+        zero_row(loss, gx, gt, r, V, Vt);
       } else {
         row(r, r * V, buf.data());
       }

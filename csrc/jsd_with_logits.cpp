@@ -40,7 +40,7 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
   const bool keep = gx != nullptr || gt != nullptr;
   const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
 
-  for_each_row(mask, loss, gx, gt, N, V, np, [&](int64_t r, int64_t off, acc_t* buf) {
+  for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
     // a: student logits / T, then ls, then g; c: teacher (log domain), then lt, then h; qb, pd: q and p.
     acc_t *a = buf, *qb = a + np, *c = qb + np, *pd = c + np, *stage_x = pd + np, *stage_t = stage_x + np;
     const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);

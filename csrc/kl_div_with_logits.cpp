@@ -48,7 +48,7 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
   const bool keep = gx != nullptr || gt != nullptr;
   const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
 
-  for_each_row(mask, loss, gx, gt, N, V, np, [&](int64_t r, int64_t off, acc_t* buf) {
+  for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
     acc_t *a = buf, *b = a + np, *c = b + np, *d = c + np, *stage_x = d + np, *stage_t = stage_x + np;
     const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
     const acc_t mx_t = stage_teacher(t + off, c, d, V, np, inv_T, tt);

@@ -25,6 +25,13 @@ def _jsd_fwd(input, target, mask, target_type, temperature, beta, grad_input, gr
             *_grads(input, target, grad_input, grad_target))
 
 
+@torch.library.register_fake("kl_ext::sparse_kl_div_with_logits_fwd")
+def _sparse_fwd(input, target_indices, target_values, mask, target_type, tail, temperature, grad_input, grad_target,
+                grad_scale=None):
+    return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
+            *_grads(input, target_values, grad_input, grad_target))
+
+
 @torch.library.register_fake("kl_ext::bernoulli_kl_div_with_logits_fwd")
 def _bernoulli_fwd(input, target, weight, pos_weight, target_type, temperature, subtract_entropy, elementwise,
                    grad_input, grad_target, grad_scale=None):

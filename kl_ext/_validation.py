@@ -64,23 +64,28 @@ def _pair(input, target, what: str = "target") -> None:
                         f"cast one of them, e.g. {what}.to(input.dtype)")
 
 
+def _mask(mask, input) -> None:
+    if mask is None:
+        return
+    _tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"kl_ext: mask must be a bool tensor (True = row counted), got {mask.dtype}; "
+                        "use mask.bool() or (labels != ignore_index)")
+    if mask.shape != input.shape[:-1]:
+        raise ValueError(f"kl_ext: mask shape {tuple(mask.shape)} must equal the input's leading shape "
+                         f"{tuple(input.shape[:-1])} (one value per row)")
+    if mask.device != input.device:
+        raise ValueError(f"kl_ext: mask is on {mask.device} but input is on {input.device}; "
+                         "use mask.to(input.device)")
+
+
 def check_kl(input, target, mask, target_type, temperature, direction, reduction) -> None:
     _option("target_type", target_type, TARGET_TYPES)
     _option("direction", direction, DIRECTIONS)
     _option("reduction", reduction, REDUCTIONS)
     _temperature(temperature)
     _pair(input, target)
-    if mask is not None:
-        _tensor("mask", mask)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"kl_ext: mask must be a bool tensor (True = row counted), got {mask.dtype}; "
-                            "use mask.bool() or (labels != ignore_index)")
-        if mask.shape != input.shape[:-1]:
-            raise ValueError(f"kl_ext: mask shape {tuple(mask.shape)} must equal the input's leading shape "
-                             f"{tuple(input.shape[:-1])} (one value per row)")
-        if mask.device != input.device:
-            raise ValueError(f"kl_ext: mask is on {mask.device} but input is on {input.device}; "
-                             "use mask.to(input.device)")
+    _mask(mask, input)
 
 
 def check_jsd(input, target, mask, target_type, temperature, beta, reduction) -> None:
@@ -88,6 +93,52 @@ def check_jsd(input, target, mask, target_type, temperature, beta, reduction) ->
         raise ValueError(f"kl_ext: beta must be a number in [0, 1] (0: KL(teacher || student), 1: KL(student || "
                          f"teacher), 0.5: the symmetric JSD), got {beta!r}")
     check_kl(input, target, mask, target_type, temperature, "forward", reduction)
+
+
+TAILS = ("bucket", "renorm")
+
+
+def check_sparse(input, target_indices, target_values, mask, target_type, tail, temperature, reduction) -> None:
+    _option("target_type", target_type, TARGET_TYPES)
+    _option("tail", tail, TAILS)
+    _option("reduction", reduction, REDUCTIONS)
+    _temperature(temperature)
+    _tensor("input", input)
+    _tensor("target_indices", target_indices)
+    _tensor("target_values", target_values)
+    _floating("input", input)
+    _floating("target_values", target_values)
+    if input.dim() == 0:
+        raise ValueError("kl_ext: input must have a class dimension (at least 1-D, classes last)")
+    if target_indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"kl_ext: target_indices must be int64 or int32 class indices (-1 for an empty slot), "
+                         f"got {target_indices.dtype}; e.g. the indices of torch.topk, or kl_ext.topk_target")
+    if target_indices.shape != target_values.shape:
+        raise ValueError(f"kl_ext: target_indices shape {tuple(target_indices.shape)} must equal target_values "
+                         f"shape {tuple(target_values.shape)} (one index per value, k per row)")
+    if target_indices.dim() != input.dim() or target_indices.shape[:-1] != input.shape[:-1]:
+        raise ValueError(f"kl_ext: target_indices / target_values shape {tuple(target_indices.shape)} must be the "
+                         f"input's leading shape {tuple(input.shape[:-1])} plus k (the teacher's entries per row)")
+    for name, t in (("target_indices", target_indices), ("target_values", target_values)):
+        if t.device != input.device:
+            raise ValueError(f"kl_ext: input is on {input.device} but {name} is on {t.device}; "
+                             f"use {name}.to(input.device)")
+    _mask(mask, input)
+
+
+def validate_sparse_indices(target_indices: torch.Tensor, V: int) -> None:
+    """validate=True for sparse teachers: every index in [-1, V), no class twice in a row (reads values, syncs)."""
+    if target_indices.numel() == 0:
+        return
+    bad = (target_indices < -1) | (target_indices >= V)
+    if bool(bad.any()):
+        i = target_indices[bad][0].item()
+        raise ValueError(f"kl_ext: target_indices holds {i}, outside [-1, {V}): indices must be classes of the "
+                         "input's last dim, or -1 for an empty slot")
+    s = target_indices.sort(-1).values
+    if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+        raise ValueError("kl_ext: a row of target_indices names the same class twice; each class may appear once "
+                         "per row (the result is undefined otherwise): deduplicate, or merge their values")
 
 
 def _factor(name: str, f, input) -> None:

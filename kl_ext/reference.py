@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kl_ext._validation import acc_dtype
 
-__all__ = ["kl_div_with_logits", "jsd_with_logits", "bernoulli_kl_div_with_logits",
+__all__ = ["kl_div_with_logits", "jsd_with_logits", "sparse_kl_div_with_logits", "bernoulli_kl_div_with_logits",
            "binary_cross_entropy_with_logits", "safe_log_softmax"]
 
 
@@ -101,6 +101,58 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
     lm = torch.logaddexp(torch.where(live, lt, zero) + math.log(beta), torch.where(live, ls, zero) + math.log1p(-beta))
     row = (beta * _weighted_log_ratio(p, lt, lm) + (1 - beta) * _weighted_log_ratio(q, ls, lm)).sum(-1)
     return _finish_rows(row, reduction, mask, input.shape[-1])
+
+
+def _masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of the kept entries: -inf (and a zero gradient) where none has mass."""
+    x = torch.where(keep, x, torch.full_like(x, float("-inf")))
+    live = ~torch.isneginf(x).all(-1, keepdim=True)
+    out = torch.logsumexp(torch.where(live, x, torch.zeros_like(x)), -1, keepdim=True)
+    return torch.where(live, out, torch.full_like(out, float("-inf"))).squeeze(-1)
+
+
+def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor, *,
+                              target_type: str = "log_probs", tail: str = "bucket", temperature: float = 1.0,
+                              reduction: str = "batchmean", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(teacher || student) with the teacher on k entries per row (index -1: an empty slot). Normalized teacher
+    (target_type "logits" or tail "renorm"): p = softmax of its log-weights over the support. "bucket": the given
+    probs, plus the tail bucket p_tail = max(1 - sum p, 0) against the student's mass outside the support."""
+    acc = acc_dtype(input.dtype)
+    V = input.shape[-1]
+    z = input.to(acc) / temperature
+    v = target_values.to(acc)
+    valid = target_indices >= 0
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        z = torch.where(keep, z, torch.zeros_like(z))
+        valid = valid & keep
+    idx = torch.where(valid, target_indices, torch.zeros_like(target_indices)).long()
+    ls = safe_log_softmax(z)
+    ls_s = ls.gather(-1, idx)
+    if target_type == "logits":
+        w = v / temperature
+    elif target_type == "log_probs":
+        w = v
+    else:
+        w = torch.log(torch.where(valid, v, torch.ones_like(v)))
+    lse_w = _masked_logsumexp(w, valid)
+    ninf = torch.full_like(w, float("-inf"))
+    if target_type == "logits" or tail == "renorm":
+        has = torch.isfinite(lse_w).unsqueeze(-1)
+        lp = torch.where(valid & has, w - torch.where(has, lse_w.unsqueeze(-1), torch.zeros_like(w)), ninf)
+        p = lp.exp()
+        p_tail = torch.zeros_like(lse_w)
+    else:
+        lp = torch.where(valid, w, ninf)
+        p = torch.where(valid, v if target_type == "probs" else v.exp(), torch.zeros_like(v))
+        full = valid.sum(-1) == V
+        p_tail = torch.where(full, torch.zeros_like(lse_w), torch.clamp(-torch.expm1(lse_w), min=0))
+    head = _weighted_log_ratio(p, lp, ls_s).sum(-1)
+    member = torch.zeros_like(ls).scatter_add(-1, idx, valid.to(ls.dtype)) > 0  # (empty slots add 0 at 0)
+    log_qt = _masked_logsumexp(ls, ~member)
+    row = head + _weighted_log_ratio(p_tail, torch.log(torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))),
+                                     log_qt)
+    return _finish_rows(row, reduction, mask, V)
 
 
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",
