@@ -35,14 +35,19 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
 
   for_each_row(mask, loss, gx, gv, N, V, K, 3 * np + 3 * K, [&](int64_t r, int64_t off, acc_t* buf) {
     // a: student logits / T; e: their exp (support entries then zeroed); per slot: d (student logit, then
-    // lp - ls), es (exp), w (teacher log-weight, then p).
+    // lp - ls), es (its exp), w (the teacher's prob).
     acc_t *a = buf, *e = a + np, *stage = e + np, *d = stage + np, *es = d + K, *w = es + K;
     const int64_t* id = ind + r * K;
     const acc_t* v = val + r * K;
     const acc_t mx = load_row(x + off, a, V, np, inv_T, ninf);
     const double sum_all = exp_row(a, e, np, safe_shift(mx));
+    // The teacher's log-weights in double: the tail bucket 1 - sum_S p is a difference near 1 - 1, so its sums
+    // are taken from the exact values (k per row: cheap).
+    const auto log_weight = [&](int64_t s) {
+      return tt == TargetType::Logits ? double(v[s]) * inv_T : tt == TargetType::LogProbs ? double(v[s]) : std::log(double(v[s]));
+    };
     int64_t nvalid = 0;
-    acc_t mw = ninf;
+    double mw = -std::numeric_limits<double>::infinity();
     for (int64_t s = 0; s < K; ++s) {
       const int64_t i = id[s];
       TORCH_CHECK(i >= -1 && i < V, "kl_ext: target_indices holds ", i, " (row ", r, ", slot ", s,
@@ -50,8 +55,7 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
       if (i < 0) continue;
       d[s] = a[i];
       es[s] = e[i];
-      w[s] = tt == TargetType::Logits ? v[s] * inv_T : tt == TargetType::LogProbs ? v[s] : std::log(v[s]);
-      mw = std::max(mw, w[s]);
+      mw = std::max(mw, log_weight(s));
       ++nvalid;
     }
     for (int64_t s = 0; s < K; ++s) {
@@ -60,18 +64,18 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
     const double sum_tail = sum_row(e, np);
     double sw = 0;
     for (int64_t s = 0; s < K; ++s) {
-      if (id[s] >= 0) sw += std::exp(w[s] - safe_shift(mw));
+      if (id[s] >= 0) sw += std::exp(log_weight(s) - (std::isinf(mw) ? 0.0 : mw));
     }
-    const acc_t lse_w = mw == ninf ? ninf : mw + acc_t(std::log(sw));
+    const double lse_w = sw > 0 ? mw + std::log(sw) : -std::numeric_limits<double>::infinity();
     const acc_t lse_s = stats(mx, acc_t(sum_all)).lse;
     // P: the teacher's mass on S; c = P + p_tail weighs the student's probs in its gradient.
-    const acc_t P = normalize ? acc_t(lse_w > ninf) : std::exp(lse_w);
-    const acc_t p_tail = normalize || nvalid == V ? acc_t(0) : std::max(-std::expm1(lse_w), acc_t(0));
-    const acc_t log_qt = acc_t(std::log(sum_tail) - std::log(sum_all));
+    const acc_t P = normalize ? acc_t(sw > 0) : acc_t(std::exp(lse_w));
+    const acc_t p_tail = normalize || nvalid == V ? acc_t(0) : acc_t(std::max(-std::expm1(lse_w), 0.0));
+    const acc_t log_qt = sum_tail > 0 ? acc_t(std::log(sum_tail) - std::log(sum_all)) : ninf;
     double head = 0;
     for (int64_t s = 0; s < K; ++s) {
       if (id[s] < 0) continue;
-      const acc_t lp = normalize ? (P > 0 ? w[s] - lse_w : ninf) : w[s];
+      const acc_t lp = normalize ? (P > 0 ? acc_t(log_weight(s) - lse_w) : ninf) : acc_t(log_weight(s));
       const acc_t p = normalize || tt == TargetType::LogProbs ? std::exp(lp) : v[s];
       d[s] = lp - (d[s] - lse_s);
       w[s] = p;
@@ -104,7 +108,7 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
         if (id[s] < 0) {
         } else if (normalize) {
           // probs: dw/dv = 1 / v, and p / v = exp(-lse_w); -inf at v = 0, as the math says.
-          g = tt == TargetType::Probs ? (d[s] - h) * std::exp(-lse_w) : (p > 0 ? p * (d[s] - h) : acc_t(0)) * dw;
+          g = tt == TargetType::Probs ? (d[s] - h) * acc_t(std::exp(-lse_w)) : (p > 0 ? p * (d[s] - h) : acc_t(0)) * dw;
         } else {
           g = tt == TargetType::Probs ? d[s] + 1 - t : (p > 0 ? p * (d[s] + 1 - t) : acc_t(0));
         }

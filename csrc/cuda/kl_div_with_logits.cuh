@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../common.h"
 #include "common.cuh"
@@ -259,10 +260,11 @@ __device__ __forceinline__ ElemProbs<T> elem_probs(T xv, T tv, const RowResult<T
   return e;
 }
 
-// Gradient packs j0 + k * stride below npacks: elem(k, e, gx, gt) sets element e of pack k of each.
+// Gradient packs j0 + k * stride below npacks of the rows at gx + off and gt + off (nullptr: not wanted):
+// elem(k, e, gx, gt) sets element e of pack k of each.
 template <int K, typename scalar_t, int VEC, typename F>
-__device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t npacks, int64_t off,
-                                            const KLArgs<scalar_t>& a, const F& elem) {
+__device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t npacks, int64_t off, scalar_t* gx,
+                                            scalar_t* gt, const F& elem) {
   using P = Pack<scalar_t, VEC>;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -271,8 +273,8 @@ __device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t 
     P ox, ot;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) elem(k, e, ox.v[e], ot.v[e]);
-    if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = ox;
-    if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = ot;
+    if (gx != nullptr) reinterpret_cast<P*>(gx + off)[j] = ox;
+    if (gt != nullptr) reinterpret_cast<P*>(gt + off)[j] = ot;
   }
 }
 
@@ -284,7 +286,7 @@ __device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const
   const TargetType tt = a.target;
   const bool fwd = a.forward;
   const T gx_f = a.inv_t * gs;
-  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
     const ElemProbs<T> v = elem_probs(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2);
     const T ls = v.ls, q = v.q, lt = v.lt, p = v.p;
     if (a.gx != nullptr) {
@@ -318,6 +320,17 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_
       px[k] = xr[j];
       pt[k] = tr[j];
     }
+  }
+}
+
+// The same for a row of one operand.
+template <int K, typename scalar_t, int VEC>
+__device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* xr, int64_t j0,
+                                           int64_t stride, int64_t npacks) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = j0 + k * stride;
+    if (j < npacks) px[k] = xr[j];
   }
 }
 
@@ -364,7 +377,7 @@ __device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, c
                                                 T sq, T sp) {
   const TargetType tt = a.target;
   const T gx_f = a.inv_t * gs, gt_f = tt == TargetType::Logits ? a.inv_t * gs : gs;
-  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
     const JSDElem<T> v = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2, a.beta);
     ox = static_cast<scalar_t>((v.q > T(0) ? v.q * (v.g - sq) : T(0)) * gx_f);
     T g;
@@ -450,15 +463,16 @@ constexpr int kWidePacks = 8;          // packs per thread, split rows
 constexpr int kStreamPacks = 4;        // packs in flight per thread when streaming
 constexpr int kMaxCluster = 8;         // the portable cluster size limit
 
+// A masked row's gradients (nullptr: not wanted): 0.
 template <typename scalar_t, int VEC>
-__device__ __forceinline__ void zero_grads(const KLArgs<scalar_t>& a, int64_t off, int64_t npacks) {
+__device__ __forceinline__ void zero_grads(scalar_t* gx, scalar_t* gt, int64_t off, int64_t npacks) {
   using P = Pack<scalar_t, VEC>;
   P zero;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
   for (int64_t j = threadIdx.x; j < npacks; j += blockDim.x) {
-    if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = zero;
-    if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = zero;
+    if (gx != nullptr) reinterpret_cast<P*>(gx + off)[j] = zero;
+    if (gt != nullptr) reinterpret_cast<P*>(gt + off)[j] = zero;
   }
 }
 
@@ -486,7 +500,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
     const int64_t off = row * a.V;
     if (!live(row)) {
       if (tid == 0) a.loss[row] = T(0);
-      zero_grads<scalar_t, VEC>(a, off, npacks);
+      zero_grads<scalar_t, VEC>(a.gx, a.gt, off, npacks);
     } else {
       RowResult<T> r;
       if constexpr (RESIDENT) {
@@ -583,7 +597,7 @@ __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArg
     const int64_t off = row * a.V + lo * VEC;  // this block's slice
     if (a.mask != nullptr && !a.mask[row]) {   // the same for every block of the cluster
       if (rank == 0 && tid == 0) a.loss[row] = T(0);
-      zero_grads<scalar_t, VEC>(a, off, count);
+      zero_grads<scalar_t, VEC>(a.gx, a.gt, off, count);
       continue;
     }
     const P* xr = reinterpret_cast<const P*>(a.x + off);
@@ -643,24 +657,31 @@ inline bool hold_long_rows() {
   return v != nullptr && std::string(v) == "hold";
 }
 
+// launch(items, resident) with the configuration's packs per thread and residency as compile-time constants
+// (std::integral_constant / std::bool_constant): the row kernels' template arguments. HELD8: whether held
+// rows of 8 packs per thread can occur (kl_config with hold_long).
+template <bool HELD8, typename F>
+void with_row_kernel(const KLConfig& c, const F& launch) {
+  if (!c.resident) {
+    launch(std::integral_constant<int, kStreamPacks>{}, std::false_type{});
+  } else if (c.items == 1) {
+    launch(std::integral_constant<int, 1>{}, std::true_type{});
+  } else if (c.items == 2) {
+    launch(std::integral_constant<int, 2>{}, std::true_type{});
+  } else if (c.items == 4) {
+    launch(std::integral_constant<int, 4>{}, std::true_type{});
+  } else if constexpr (HELD8) {
+    launch(std::integral_constant<int, kWidePacks>{}, std::true_type{});
+  }
+}
+
 template <typename scalar_t, int VEC, bool JSD>
 void launch_rows(const KLArgs<scalar_t>& a, const KLConfig& c, dim3 grid, dim3 block, cudaStream_t stream) {
-  if (!c.resident) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, kStreamPacks, false, JSD>;
+  // Held long rows: the KL only (kl_config).
+  with_row_kernel<!JSD>(c, [&](auto items, auto resident) {
+    auto kernel = kl_rows_kernel<scalar_t, VEC, decltype(items)::value, decltype(resident)::value, JSD>;
     KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if (c.items == 1) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 1, true, JSD>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if (c.items == 2) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 2, true, JSD>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if (c.items == 4) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 4, true, JSD>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  } else if constexpr (!JSD) {  // held long rows: the KL only (kl_config)
-    auto kernel = kl_rows_kernel<scalar_t, VEC, 8, true, false>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  }
+  });
 }
 
 template <typename scalar_t, int VEC, bool JSD>

@@ -11,6 +11,15 @@
 
 #define KL_EXT_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
 
+// A launch with `smem` bytes of dynamic shared memory (KL_EXT_DYN_SHARED), opted into above the default 48 KB.
+#define KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...)                                  \
+  do {                                                                                             \
+    if ((smem) > 48 * 1024) {                                                                      \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem))); \
+    }                                                                                              \
+    kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__);                                    \
+  } while (0)
+
 // A launch in clusters of `cluster` consecutive blocks (sm_90+).
 #define KL_EXT_LAUNCH_CLUSTER(kernel, grid, block, cluster, stream, ...)          \
   do {                                                                           \
@@ -31,6 +40,8 @@
 
 // Shared memory that other blocks of a cluster may read (the emulator gives each block its own).
 #define KL_EXT_SHARED(type, name, count) __shared__ type name[count]
+// The block's dynamic shared memory, as `count` values of `type` (the launch's smem bytes; one per kernel).
+#define KL_EXT_DYN_SHARED(type, name, count) extern __shared__ type name[]
 
 namespace kl_ext {
 namespace cuda {

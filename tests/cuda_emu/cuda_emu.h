@@ -81,6 +81,8 @@ inline dim3 blockDim, gridDim;
 
 inline void __syncthreads() { emu::current->all.arrive_and_wait(); }
 
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
@@ -154,3 +156,5 @@ T* cluster_map(T* p, unsigned rank) {
 #define KL_EXT_LAUNCH_CLUSTER(kernel, grid, block, cluster, stream, ...) \
   ::emu::launch_cluster(kernel, (grid), (block), unsigned(cluster), __VA_ARGS__)
 #define KL_EXT_SHARED(type, name, count) type* name = ::emu::shared<type>(#name, (count))
+#define KL_EXT_DYN_SHARED(type, name, count) KL_EXT_SHARED(type, name, count)
+#define KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) KL_EXT_LAUNCH(kernel, grid, block, stream, __VA_ARGS__)

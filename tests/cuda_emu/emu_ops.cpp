@@ -7,6 +7,7 @@
 
 #include "../../csrc/cuda/bernoulli_kl_div_with_logits.cuh"
 #include "../../csrc/cuda/kl_div_with_logits.cuh"
+#include "../../csrc/cuda/sparse_kl_div_with_logits.cuh"
 
 namespace {
 
@@ -34,6 +35,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_fwd(const at::Tensor& input, 
   return {call.loss, call.gx, call.gt};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fwd(const at::Tensor& input, const at::Tensor& indices,
+                                                          const at::Tensor& values,
+                                                          const c10::optional<at::Tensor>& mask,
+                                                          c10::string_view target_type, c10::string_view tail,
+                                                          double temperature, bool grad_input, bool grad_target,
+                                                          const c10::optional<at::Tensor>& grad_scale) {
+  kl_ext::SparseCall call = kl_ext::prepare_sparse(input, indices, values, mask, target_type, tail, temperature,
+                                                   grad_input, grad_target, grad_scale);
+  kl_ext::cuda::sparse_kl_cuda(call, input, indices, values, mask, temperature, grad_scale, device, nullptr);
+  return {call.loss, call.gx, call.gv};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_fwd(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pos_weight, c10::string_view target_type, double temperature,
@@ -56,6 +69,10 @@ TORCH_LIBRARY(kl_ext_cuda_emu, m) {
       "jsd_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
       "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "sparse_kl_div_with_logits_fwd(Tensor input, Tensor target_indices, Tensor target_values, Tensor? mask, "
+      "str target_type, str tail, float temperature, bool grad_input, bool grad_target, Tensor? grad_scale=None) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
       "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
       "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
@@ -65,5 +82,6 @@ TORCH_LIBRARY(kl_ext_cuda_emu, m) {
 TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
   m.impl("kl_div_with_logits_fwd", &kl_fwd);
   m.impl("jsd_with_logits_fwd", &jsd_fwd);
+  m.impl("sparse_kl_div_with_logits_fwd", &sparse_fwd);
   m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_fwd);
 }

@@ -1,0 +1,301 @@
+// sparse_kl_div_with_logits: the CUDA kernel and its host entry (contract and formulas:
+// csrc/sparse_kl_div_with_logits.cpp). Included by sparse_kl_div_with_logits.cu and by tests/cuda_emu.
+//
+// The student row goes through the KL's row machinery (kl_div_with_logits.cuh: launch configurations, packs,
+// block reductions, held or streamed rows); only the sparse teacher's per-slot math is new. The tail sum
+// Q_tail must cover exactly the classes outside the support, so each block first marks the row's support in
+// a bitmap in shared memory (V / 8 bytes), and the statistics pass sums the exponentials of all classes and
+// of the unmarked ones. Indices outside [0, V) are skipped: no slot ever reads or writes out of bounds.
+// Gradients: one pass writes every class's non-support gradient, then (after a barrier) the support's k
+// entries are overwritten with theirs.
+#pragma once
+#include "kl_div_with_logits.cuh"
+
+namespace kl_ext {
+namespace cuda {
+
+template <typename scalar_t>
+struct SparseArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const int64_t* idx;  // (N, K); -1: empty slot
+  const acc_t* val;    // (N, K)
+  const bool* mask;    // nullptr: every row counts
+  acc_t* loss;         // (N,)
+  scalar_t* gx;        // nullptr: not wanted
+  acc_t* gv;           // (N, K), nullptr: not wanted
+  const acc_t* gs;     // grad_scale on the device, nullptr: 1
+  int64_t N, V, K;
+  acc_t inv_t;
+  TargetType target;
+  bool normalize;      // teacher renormalized over its support: no tail term
+};
+
+// Largest V whose support bitmap fits the shared memory a block may opt into (227 KB on sm_90).
+constexpr int64_t kMaxSparseClasses = int64_t(200) * 1024 * 8;
+
+__device__ __forceinline__ bool is_member(const uint32_t* member, int64_t c) {
+  return (member[c >> 5] >> (c & 31)) & 1u;
+}
+
+// Slot s of a row: its class, or -1 for an empty slot or an index outside [0, V).
+template <typename scalar_t>
+__device__ __forceinline__ int64_t slot_class(const SparseArgs<scalar_t>& a, int64_t row, int64_t s) {
+  const int64_t i = a.idx[row * a.K + s];
+  return i >= 0 && i < a.V ? i : -1;
+}
+
+// The teacher's log-weight of a slot (natural log), in double: logits v / T, log-probs v, probs log v. The tail
+// bucket 1 - sum_S p is a difference near 1 - 1, so its slot sums are taken in double from the exact values
+// (k per row: cheap).
+template <typename T>
+__device__ __forceinline__ double teacher_w(T v, TargetType tt, T inv_t) {
+  if (tt == TargetType::Logits) return double(v) * double(inv_t);
+  if (tt == TargetType::LogProbs) return double(v);
+  return log(double(v));
+}
+
+// A thread's student statistics, base 2: running max, and the sums of exp2 over all its classes and over those
+// outside the support.
+template <typename T>
+struct TailState {
+  T m, d_all, d_tail;
+};
+
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void fold_tail(TailState<T>& st, const Pack<scalar_t, VEC>* px, int64_t j0, int64_t stride,
+                                          int64_t npacks, const uint32_t* member, T scale2) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = j0 + k * stride;
+    if (j >= npacks) continue;
+    T pm = to_acc(px[k].v[0]);
+#pragma unroll
+    for (int e = 1; e < VEC; ++e) pm = kmax(pm, to_acc(px[k].v[e]));
+    pm = kmul(pm, scale2);
+    if (pm > st.m) {
+      const Move<T> mv = move(st.m, pm);
+      st = {pm, st.d_all * mv.scale, st.d_tail * mv.scale};
+    }
+    const T sh = safe_shift(st.m);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T es = kexp2(kmul(to_acc(px[k].v[e]), scale2) - sh);
+      st.d_all += es;
+      if (!is_member(member, j * VEC + e)) st.d_tail += es;
+    }
+  }
+}
+
+// The row's scalars, from the maxima (student, base 2; teacher log-weights) and the sums (student d_all and
+// d_tail relative to its max; teacher sum of exp(w - max) in natural log; valid slots).
+template <typename T>
+struct SparseRow {
+  T m_s, lse_s;         // base 2; lse_s = +inf for a row with no mass
+  double lse_w;         // natural; -inf for a support with no mass
+  T P, p_tail, log_qt;  // the teacher's mass on S, its tail bucket, log Q_tail (natural)
+  T c, an;              // gradient weights: c q_j - p_j on S; an * exp2(z_j - m_s) elsewhere
+};
+
+template <typename T>
+__device__ __forceinline__ SparseRow<T> sparse_row(const Vals<T, 2>& m, const Vals<double, 4>& s, bool normalize,
+                                                    int64_t V) {
+  SparseRow<T> r;
+  r.m_s = safe_shift(m.v[0]);
+  r.lse_s = s.v[0] > 0.0 ? r.m_s + klog2(T(s.v[0])) : kinf<T>();
+  r.lse_w = s.v[2] > 0.0 ? double(safe_shift(m.v[1])) + log(s.v[2]) : -kinf<double>();
+  r.P = normalize ? T(r.lse_w > -kinf<double>()) : T(exp(r.lse_w));
+  r.p_tail = normalize || int64_t(s.v[3]) == V ? T(0) : T(-expm1(r.lse_w) > 0.0 ? -expm1(r.lse_w) : 0.0);
+  r.log_qt = s.v[1] > 0.0 ? T(log(s.v[1]) - log(s.v[0])) : -kinf<T>();
+  r.c = r.P + r.p_tail;
+  r.an = T(double(r.c) / s.v[0] - (r.p_tail > T(0) ? double(r.p_tail) / s.v[1] : 0.0));
+  return r;
+}
+
+// A slot's teacher prob p and d = lp - ls (natural log); i = -1 for a slot that is not there.
+template <typename T>
+struct SlotTerms {
+  int64_t i;
+  T p, d, zs2;
+};
+
+template <typename scalar_t, typename T>
+__device__ __forceinline__ SlotTerms<T> slot_terms(const SparseArgs<scalar_t>& a, int64_t row, int64_t s,
+                                                   const SparseRow<T>& r, T scale2) {
+  SlotTerms<T> t{slot_class(a, row, s), T(0), T(0), T(0)};
+  if (t.i < 0) return t;
+  const T v = a.val[row * a.K + s], ln2 = T(kLn2);
+  t.zs2 = kmul(to_acc(a.x[row * a.V + t.i]), scale2);
+  T lp;
+  if (a.normalize) {
+    lp = r.P > T(0) ? T(teacher_w(v, a.target, a.inv_t) - r.lse_w) : -kinf<T>();
+    t.p = kexp(lp);
+  } else if (a.target == TargetType::LogProbs) {
+    lp = v;
+    t.p = kexp(v);
+  } else {
+    lp = klog(v);
+    t.p = v;
+  }
+  t.d = lp - (t.zs2 - r.lse_s) * ln2;
+  return t;
+}
+
+// RESIDENT: the row (ITEMS packs per thread) stays in registers; otherwise it is streamed ITEMS packs at a time
+// (kl_config, as for the KL). One block per row at a time, looping over rows.
+template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
+__global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
+    sparse_kl_rows_kernel(const SparseArgs<scalar_t> a) {
+  using T = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  using Sums = Vals<double, 4>;
+  __shared__ Vals<T, 2> red_max[32];
+  __shared__ Sums red_sum[32];
+  const int64_t words = (a.V + 31) >> 5;
+  KL_EXT_DYN_SHARED(uint32_t, member, words);
+  const T scale2 = a.inv_t * T(kLog2e), ninf = -kinf<T>();
+  const T gs = a.gs != nullptr ? *a.gs : T(1);
+  const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
+  P px[ITEMS];
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const int64_t off = row * a.V;
+    const P* xr = reinterpret_cast<const P*>(a.x + off);
+    __syncthreads();  // every thread is done with the previous row's bitmap
+    if (a.mask != nullptr && !a.mask[row]) {
+      if (tid == 0) a.loss[row] = T(0);
+      zero_grads<scalar_t, VEC>(a.gx, static_cast<scalar_t*>(nullptr), off, npacks);
+      for (int64_t s = tid; a.gv != nullptr && s < a.K; s += stride) a.gv[row * a.K + s] = T(0);
+      continue;
+    }
+    for (int64_t w = tid; w < words; w += stride) member[w] = 0u;
+    __syncthreads();
+    for (int64_t s = tid; s < a.K; s += stride) {
+      const int64_t i = slot_class(a, row, s);
+      if (i >= 0) atomicOr(&member[i >> 5], 1u << (i & 31));
+    }
+    __syncthreads();
+    T mw = ninf;  // a shift for the teacher's sum: rounded to T, it is still exact
+    for (int64_t s = tid; s < a.K; s += stride) {
+      if (slot_class(a, row, s) >= 0) mw = kmax(mw, T(teacher_w(a.val[row * a.K + s], a.target, a.inv_t)));
+    }
+    Vals<T, 2> m;
+    Sums sums{};
+    if constexpr (RESIDENT) {
+      // Maxima first, then sums relative to them: nothing is rescaled.
+      load_packs<ITEMS>(px, xr, tid, stride, npacks);
+      const T mx = held_max<ITEMS>(px, px, tid, stride, npacks, false, scale2).v[0];
+      m = block_allreduce(Vals<T, 2>{{mx, mw}}, red_max, Vals<T, 2>{{ninf, ninf}}, MaxOp());
+      TailState<T> st{m.v[0], T(0), T(0)};
+      fold_tail<ITEMS>(st, px, tid, stride, npacks, member, scale2);
+      sums = {{st.d_all, st.d_tail, 0.0, 0.0}};
+    } else {
+      TailState<T> st{ninf, T(0), T(0)};
+      for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load_packs<ITEMS>(px, xr, j0, stride, npacks);
+        fold_tail<ITEMS>(st, px, j0, stride, npacks, member, scale2);
+      }
+      m = block_allreduce(Vals<T, 2>{{st.m, mw}}, red_max, Vals<T, 2>{{ninf, ninf}}, MaxOp());
+      // Moved to the row max in double (fp32 rescaling would leave ~1e-7 relative error in the sums).
+      const double sc = st.m == ninf ? 0.0 : exp2(double(st.m) - double(m.v[0]));
+      sums = {{double(st.d_all) * sc, double(st.d_tail) * sc, 0.0, 0.0}};
+    }
+    for (int64_t s = tid; s < a.K; s += stride) {
+      if (slot_class(a, row, s) < 0) continue;
+      sums.v[2] += exp(teacher_w(a.val[row * a.K + s], a.target, a.inv_t) - double(safe_shift(m.v[1])));
+      sums.v[3] += 1.0;
+    }
+    sums = block_allreduce(sums, red_sum, Sums{}, SumOp());
+    const SparseRow<T> r = sparse_row(m, sums, a.normalize, a.V);
+    double head = 0.0;
+    for (int64_t s = tid; s < a.K; s += stride) {
+      const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
+      if (t.p > T(0)) head += double(t.p) * double(t.d);
+    }
+    const T h = T(block_allreduce(Sums{{head, 0.0, 0.0, 0.0}}, red_sum, Sums{}, SumOp()).v[0]);
+    if (tid == 0) a.loss[row] = h + (r.p_tail > T(0) ? r.p_tail * (klog(r.p_tail) - r.log_qt) : T(0));
+
+    if (a.gx != nullptr) {
+      const T f = a.inv_t * gs, an = r.an * f;
+      const auto grads_of = [&](int64_t j0) {
+        store_grads<ITEMS, scalar_t, VEC>(j0, stride, npacks, off, a.gx, static_cast<scalar_t*>(nullptr),
+                                          [&](int k, int e, scalar_t& ox, scalar_t&) {
+          ox = static_cast<scalar_t>(kexp2(kmul(to_acc(px[k].v[e]), scale2) - r.m_s) * an);
+        });
+      };
+      if constexpr (RESIDENT) {
+        grads_of(tid);
+      } else {
+        for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+          load_packs<ITEMS>(px, xr, j0, stride, npacks);
+          grads_of(j0);
+        }
+      }
+      __syncthreads();  // the support's entries are overwritten after every thread's full-row write
+      for (int64_t s = tid; s < a.K; s += stride) {
+        const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
+        if (t.i >= 0) a.gx[off + t.i] = static_cast<scalar_t>((r.c * kexp2(t.zs2 - r.lse_s) - t.p) * f);
+      }
+    }
+    if (a.gv != nullptr) {
+      const T tl = r.p_tail > T(0) ? klog(r.p_tail) - r.log_qt + T(1) : T(0);
+      const T dw = a.target == TargetType::Logits ? a.inv_t : T(1);
+      for (int64_t s = tid; s < a.K; s += stride) {
+        const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
+        T g = T(0);
+        if (t.i < 0) {
+        } else if (a.normalize) {
+          // probs: dw/dv = 1 / v, and p / v = exp(-lse_w); -inf at v = 0, as the math says.
+          g = a.target == TargetType::Probs ? (t.d - h) * T(exp(-r.lse_w))
+                                            : (t.p > T(0) ? t.p * (t.d - h) : T(0)) * dw;
+        } else {
+          g = a.target == TargetType::Probs ? t.d + T(1) - tl : (t.p > T(0) ? t.p * (t.d + T(1) - tl) : T(0));
+        }
+        a.gv[row * a.K + s] = g * gs;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int VEC>
+void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
+  const KLConfig c = kl_config(a.V / VEC, a.gx != nullptr, false, false);
+  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * (c.resident ? 4 : 1)))), block(c.threads);
+  const size_t smem = size_t(ceil_div(a.V, 32)) * sizeof(uint32_t);
+  with_row_kernel<false>(c, [&](auto items, auto resident) {
+    auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, decltype(items)::value, decltype(resident)::value>;
+    KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, a);
+  });
+}
+
+// The op on device tensors, after its checks (call).
+inline void sparse_kl_cuda(const SparseCall& call, const at::Tensor& input, const at::Tensor& indices,
+                           const at::Tensor& values, const c10::optional<at::Tensor>& mask, double temperature,
+                           const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
+  const int64_t N = input.size(0), V = input.size(1);
+  TORCH_CHECK(V <= kMaxSparseClasses, "kl_ext: the CUDA sparse_kl_div_with_logits takes up to ", kMaxSparseClasses,
+              " classes (its support bitmap lives in shared memory), got ", V, "; use backend='triton'");
+  if (N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "sparse_kl_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const SparseArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
+                                 indices.const_data_ptr<int64_t>(),
+                                 values.const_data_ptr<acc_t>(),
+                                 mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+                                 call.loss.mutable_data_ptr<acc_t>(),
+                                 call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                 call.gv.numel() > 0 ? call.gv.mutable_data_ptr<acc_t>() : nullptr,
+                                 grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
+                                 N,
+                                 V,
+                                 indices.size(1),
+                                 acc_t(1.0 / temperature),
+                                 call.target_type,
+                                 call.normalize};
+    constexpr int VEC = vec_size<scalar_t>();
+    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.gx);
+    packs ? launch_sparse<scalar_t, VEC>(a, dev, stream) : launch_sparse<scalar_t, 1>(a, dev, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace kl_ext
