@@ -67,7 +67,8 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
       if (id[s] >= 0) sw += std::exp(log_weight(s) - (std::isinf(mw) ? 0.0 : mw));
     }
     const double lse_w = sw > 0 ? mw + std::log(sw) : -std::numeric_limits<double>::infinity();
-    const acc_t lse_s = stats(mx, acc_t(sum_all)).lse;
+    // log-probs as (a - max) - log(sum): no large log-sum-exp (logits of 25 would cost 1e-6 absolute) to cancel.
+    const acc_t sh = safe_shift(mx), log_sum = sum_all > 0 ? acc_t(std::log(sum_all)) : -ninf;
     // P: the teacher's mass on S; c = P + p_tail weighs the student's probs in its gradient.
     const acc_t P = normalize ? acc_t(sw > 0) : acc_t(std::exp(lse_w));
     const acc_t p_tail = normalize || nvalid == V ? acc_t(0) : acc_t(std::max(-std::expm1(lse_w), 0.0));
@@ -77,7 +78,7 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
       if (id[s] < 0) continue;
       const acc_t lp = normalize ? (P > 0 ? acc_t(log_weight(s) - lse_w) : ninf) : acc_t(log_weight(s));
       const acc_t p = normalize || tt == TargetType::LogProbs ? std::exp(lp) : v[s];
-      d[s] = lp - (d[s] - lse_s);
+      d[s] = lp - ((d[s] - sh) - log_sum);
       w[s] = p;
       if (p > 0) head += double(p) * d[s];
     }

@@ -129,24 +129,26 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     idx = torch.where(valid, target_indices, torch.zeros_like(target_indices)).long()
     ls = safe_log_softmax(z)
     ls_s = ls.gather(-1, idx)
+    # The teacher's log-weights in float64: the tail bucket 1 - sum p is a difference near 1 - 1 (k per row).
+    v64 = target_values.double()
     if target_type == "logits":
-        w = v / temperature
+        w = v64 / temperature
     elif target_type == "log_probs":
-        w = v
+        w = v64
     else:
-        w = torch.log(torch.where(valid, v, torch.ones_like(v)))
+        w = torch.log(torch.where(valid, v64, torch.ones_like(v64)))
     lse_w = _masked_logsumexp(w, valid)
     ninf = torch.full_like(w, float("-inf"))
     if target_type == "logits" or tail == "renorm":
         has = torch.isfinite(lse_w).unsqueeze(-1)
-        lp = torch.where(valid & has, w - torch.where(has, lse_w.unsqueeze(-1), torch.zeros_like(w)), ninf)
+        lp = torch.where(valid & has, (w - torch.where(has, lse_w.unsqueeze(-1), torch.zeros_like(w))).to(acc), ninf)
         p = lp.exp()
-        p_tail = torch.zeros_like(lse_w)
+        p_tail = torch.zeros_like(lse_w, dtype=acc)
     else:
-        lp = torch.where(valid, w, ninf)
+        lp = torch.where(valid, w.to(acc), ninf)
         p = torch.where(valid, v if target_type == "probs" else v.exp(), torch.zeros_like(v))
         full = valid.sum(-1) == V
-        p_tail = torch.where(full, torch.zeros_like(lse_w), torch.clamp(-torch.expm1(lse_w), min=0))
+        p_tail = torch.where(full, torch.zeros_like(lse_w), torch.clamp(-torch.expm1(lse_w), min=0)).to(acc)
     head = _weighted_log_ratio(p, lp, ls_s).sum(-1)
     member = torch.zeros_like(ls).scatter_add(-1, idx, valid.to(ls.dtype)) > 0  # (empty slots add 0 at 0)
     log_qt = _masked_logsumexp(ls, ~member)

@@ -91,7 +91,7 @@ __device__ __forceinline__ void fold_tail(TailState<T>& st, const Pack<scalar_t,
 // d_tail relative to its max; teacher sum of exp(w - max) in natural log; valid slots).
 template <typename T>
 struct SparseRow {
-  T m_s, lse_s;         // base 2; lse_s = +inf for a row with no mass
+  T m_s, log_d;         // base 2: the student's max and log2 of its sum (+inf for a row with no mass)
   double lse_w;         // natural; -inf for a support with no mass
   T P, p_tail, log_qt;  // the teacher's mass on S, its tail bucket, log Q_tail (natural)
   T c, an;              // gradient weights: c q_j - p_j on S; an * exp2(z_j - m_s) elsewhere
@@ -102,7 +102,7 @@ __device__ __forceinline__ SparseRow<T> sparse_row(const Vals<T, 2>& m, const Va
                                                     int64_t V) {
   SparseRow<T> r;
   r.m_s = safe_shift(m.v[0]);
-  r.lse_s = s.v[0] > 0.0 ? r.m_s + klog2(T(s.v[0])) : kinf<T>();
+  r.log_d = s.v[0] > 0.0 ? T(log2(s.v[0])) : kinf<T>();
   r.lse_w = s.v[2] > 0.0 ? double(safe_shift(m.v[1])) + log(s.v[2]) : -kinf<double>();
   r.P = normalize ? T(r.lse_w > -kinf<double>()) : T(exp(r.lse_w));
   r.p_tail = normalize || int64_t(s.v[3]) == V ? T(0) : T(-expm1(r.lse_w) > 0.0 ? -expm1(r.lse_w) : 0.0);
@@ -112,11 +112,12 @@ __device__ __forceinline__ SparseRow<T> sparse_row(const Vals<T, 2>& m, const Va
   return r;
 }
 
-// A slot's teacher prob p and d = lp - ls (natural log); i = -1 for a slot that is not there.
+// A slot's teacher prob p, the student's log2-prob ls2 and d = lp - ls (natural log); i = -1 for a slot that is
+// not there.
 template <typename T>
 struct SlotTerms {
   int64_t i;
-  T p, d, zs2;
+  T p, d, ls2;
 };
 
 template <typename scalar_t, typename T>
@@ -125,7 +126,8 @@ __device__ __forceinline__ SlotTerms<T> slot_terms(const SparseArgs<scalar_t>& a
   SlotTerms<T> t{slot_class(a, row, s), T(0), T(0), T(0)};
   if (t.i < 0) return t;
   const T v = a.val[row * a.K + s], ln2 = T(kLn2);
-  t.zs2 = kmul(to_acc(a.x[row * a.V + t.i]), scale2);
+  // (z - max) - log2(sum): no large log-sum-exp (logits of 25 would cost 1e-6 absolute) to cancel.
+  t.ls2 = (kmul(to_acc(a.x[row * a.V + t.i]), scale2) - r.m_s) - r.log_d;
   T lp;
   if (a.normalize) {
     lp = r.P > T(0) ? T(teacher_w(v, a.target, a.inv_t) - r.lse_w) : -kinf<T>();
@@ -137,7 +139,7 @@ __device__ __forceinline__ SlotTerms<T> slot_terms(const SparseArgs<scalar_t>& a
     lp = klog(v);
     t.p = v;
   }
-  t.d = lp - (t.zs2 - r.lse_s) * ln2;
+  t.d = lp - t.ls2 * ln2;
   return t;
 }
 
@@ -233,7 +235,7 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
       __syncthreads();  // the support's entries are overwritten after every thread's full-row write
       for (int64_t s = tid; s < a.K; s += stride) {
         const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
-        if (t.i >= 0) a.gx[off + t.i] = static_cast<scalar_t>((r.c * kexp2(t.zs2 - r.lse_s) - t.p) * f);
+        if (t.i >= 0) a.gx[off + t.i] = static_cast<scalar_t>((r.c * kexp2(t.ls2) - t.p) * f);
       }
     }
     if (a.gv != nullptr) {
