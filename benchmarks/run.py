@@ -17,6 +17,7 @@ from tqdm import tqdm
 from benchmarks import bench_bernoulli_kl_div_with_logits as bern
 from benchmarks import bench_jsd_with_logits as jsd
 from benchmarks import bench_kl_div_with_logits as kl
+from benchmarks import bench_sparse_kl_div_with_logits as sparse
 from benchmarks.common import copy_bandwidth_gbps, plot, print_table, run_op, write_csv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
     ap.add_argument("--modes", default=None, help="comma list of fwd,fwd+bwd,bwd")
-    ap.add_argument("--ops", default="kl,bernoulli,jsd")
+    ap.add_argument("--ops", default="kl,bernoulli,jsd,sparse")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU uses do_bench)")
     args = ap.parse_args(argv)
 
@@ -68,6 +69,10 @@ def main(argv=None):
         jobs.append((bern, bern_shapes))
     if "jsd" in args.ops:
         jobs.append((jsd, kl_shapes))
+    if "sparse" in args.ops:
+        jobs.append((sparse, kl_shapes))
+        for N, V in kl_shapes:
+            print(f"sparse {N}x{V}: {sparse.bytes_saved(N, V, sparse.K, dtypes[0])}")
     provs = {mod.OP: mod.providers(device) for mod, _ in jobs}
     n_small = (1 if args.quick else len(SMALL)) * (2 if gpu else 1)
     total = sum(sum(not isinstance(p, str) for p in provs[mod.OP].values()) * (len(shapes) * len(dtypes) * len(modes)
@@ -95,7 +100,7 @@ def _speedups(rows):
     """The headline: each kl_ext provider against the eager baseline users write, per shape, forward and
     forward+backward (backward alone is not comparable: kl_ext does that work in the forward)."""
     base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager", "bce": "BCEWithLogitsLoss eager",
-                 "jsd": "TRL formula eager"}
+                 "jsd": "TRL formula eager", "sparse": "unfused torch eager"}
     for r in rows:
         if not r.provider.startswith("kl_ext") or r.ms != r.ms or r.mode == "bwd":
             continue

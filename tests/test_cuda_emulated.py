@@ -230,3 +230,51 @@ def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, lo
     exp = reference.kl_div_with_logits(s.double(), t.double(), reduction="none")
     assert exp.max() < 1e-6
     assert ((loss.double() - exp).abs() / exp).max() < tol
+
+
+# The sparse teacher's kernel runs the KL's row configurations: resident with 1, 2, 4 packs (and 1-element packs:
+# V = 1, 37, 2101), streamed from 9000 (70000: V > 64k), blocks looping over rows (70 x 20); k = V (64), k > the
+# block's threads (300), empty slots.
+SPARSE_SHAPES = [(3, 1, 1), (5, 37, 7), (70, 20, 5), (4, 64, 64), (3, 1000, 64), (3, 2101, 300), (2, 9000, 64),
+                 (2, 70000, 100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+def test_sparse_kernels_match_reference(emu, dtype, target_type):
+    from test_sparse_kl_div_with_logits import make_sparse
+    for i, (N, V, k) in enumerate(SPARSE_SHAPES):
+        x, idx, v, _ = make_sparse((N, V), k, target_type, dtype, seed=i)
+        mask = torch.arange(N) % 3 != 1
+        tail = ("bucket", "renorm")[i % 2]
+        gs = torch.tensor(0.5, dtype=v.dtype)
+        x64, v64 = x.double().requires_grad_(), v.double().requires_grad_()
+        rows = reference.sparse_kl_div_with_logits(x64, idx, v64, target_type=target_type, tail=tail,
+                                                   temperature=1.5, reduction="none", mask=mask)
+        rgx, rgv = torch.autograd.grad(rows.sum() * 0.5, (x64, v64))
+        loss, gx, gv = emu.sparse_kl_div_with_logits_fwd(x, idx, v, mask, target_type, tail, 1.5, True, True, gs)
+        what = f"{N}x{V} k={k} {tail}"
+        assert loss.dtype == v.dtype and gx.dtype == dtype and gv.dtype == v.dtype
+        assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
+        check_grads(gx, rgx, dtype, "grad input " + what)
+        assert_close_rel(gv, rgv, TOL[dtype][0], "grad values " + what, atol=1e-6)
+
+
+def test_sparse_kernels_forward_only_bad_indices_and_determinism(emu):
+    import kl_ext._C  # noqa: F401  (the CPU op: the reference for an out-of-range slot, taken as empty)
+    from test_sparse_kl_div_with_logits import make_sparse
+    x, idx, v, _ = make_sparse((3, 5000), 64, "log_probs", torch.float32)
+    loss, gx, gv = emu.sparse_kl_div_with_logits_fwd(x, idx, v, None, "log_probs", "bucket", 1.0, False, False, None)
+    assert gx.numel() == 0 and gv.numel() == 0
+    exp = torch.ops.kl_ext.sparse_kl_div_with_logits_fwd(x, idx, v, None, "log_probs", "bucket", 1.0, True, True, None)
+    assert_close_rel(loss, exp[0], 2e-5, "forward only")
+    # Indices outside [-1, V) are skipped by the kernel (never dereferenced): as if the slot were empty.
+    bad, empty = idx.clone(), idx.clone()
+    bad[0, 3], bad[1, 5] = 5000, -7
+    empty[0, 3], empty[1, 5] = -1, -1
+    got = emu.sparse_kl_div_with_logits_fwd(x, bad, v, None, "log_probs", "bucket", 1.0, True, True, None)
+    exp = torch.ops.kl_ext.sparse_kl_div_with_logits_fwd(x, empty, v, None, "log_probs", "bucket", 1.0, True, True, None)
+    for a, b, what in zip(got, exp, ("loss", "grad input", "grad values")):
+        assert_close_rel(a, b, 2e-5, what)
+    again = emu.sparse_kl_div_with_logits_fwd(x, bad, v, None, "log_probs", "bucket", 1.0, True, True, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise, run to run

@@ -3,7 +3,7 @@ choose, and print each kernel's registers and spill (stack) bytes as JSON lines.
 
 The interpreter (how CI runs the kernels) accepts code that compiled Triton rejects, e.g. a global that is
 not a tl.constexpr; and only ptxas tells whether a row held in registers spills. Run in a fresh process:
-TRITON_INTERPRET must not be set when triton is imported.  Usage: python tests/triton_gpu_compile.py kl|jsd|bernoulli|scale
+TRITON_INTERPRET must not be set when triton is imported.  Usage: python tests/triton_gpu_compile.py kl|jsd|sparse|bernoulli|scale
 """
 import json
 import os
@@ -23,6 +23,7 @@ from kl_ext.triton_kernels import bernoulli_kl_div_with_logits as bern  # noqa: 
 from kl_ext.triton_kernels import jsd_with_logits as jsd  # noqa: E402
 from kl_ext.triton_kernels import kl_div_with_logits as kl  # noqa: E402
 from kl_ext.triton_kernels import scale_grad as sg  # noqa: E402
+from kl_ext.triton_kernels import sparse_kl_div_with_logits as sparse  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -74,6 +75,21 @@ def jsd_configs():
                             target=tt, one_chunk=one_chunk)
 
 
+def sparse_configs():
+    # Both tails' kernels (NORMALIZE) at the largest chunk, every target type for bf16.
+    for dtype in ("bf16", "fp32"):
+        block, warps, _ = _config.row_config(262144, ELEM[dtype], 8192)
+        for tt in (0, 1, 2) if dtype == "bf16" else (1,):
+            for normalize in (True, False) if tt else (True,):
+                sig = {"x_ptr": f"*{dtype}", "idx_ptr": "*i64", "val_ptr": "*fp32", "mask_ptr": "*i1",
+                       "loss_ptr": "*fp32", "gx_ptr": f"*{dtype}", "gv_ptr": "*fp32", "gs_ptr": "*fp32",
+                       "bits_ptr": "*i32", "V": "i32", "K": "i32", "W": "i32", "inv_t": "fp32"}
+                consts = {"TARGET": tt, "NORMALIZE": normalize, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
+                          "GRAD_V": True, "BLOCK": block, "BLOCK_K": 1024}
+                compile_one(sparse._sparse_kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="sparse", dtype=dtype,
+                            target=tt, normalize=normalize)
+
+
 def bernoulli_configs():
     for dtype in ("bf16", "fp32"):
         for C in (5, 1000):
@@ -100,4 +116,4 @@ def scale_configs():
 
 
 if __name__ == "__main__":
-    {"kl": kl_configs, "jsd": jsd_configs, "bernoulli": bernoulli_configs, "scale": scale_configs}[sys.argv[1]]()
+    {"kl": kl_configs, "jsd": jsd_configs, "sparse": sparse_configs, "bernoulli": bernoulli_configs, "scale": scale_configs}[sys.argv[1]]()
