@@ -45,6 +45,7 @@ for be in kl_ext.available_backends():
     t = torch.randn(4, 37, device=dev)
     for loss in (kl_ext.kl_div_with_logits(x, t, backend=be),
                  kl_ext.jsd_with_logits(x, t, beta=0.3, backend=be),
+                 kl_ext.sparse_kl_div_with_logits(x, *kl_ext.topk_target(t, 5), backend=be),
                  kl_ext.bernoulli_kl_div_with_logits(x, t.sigmoid(), backend=be),
                  kl_ext.binary_cross_entropy_with_logits(x, t.sigmoid(), backend=be)):
         loss.backward()
