@@ -50,6 +50,12 @@ for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")
         with torch.no_grad():
             kl_ext.kl_div_with_logits(x, t, backend=be, direction="reverse")
         kl_ext.jsd_with_logits(x, t, beta=0.3, backend=be, mask=torch.rand(N, device="cuda") > .3).backward()
+        idx, lp = kl_ext.topk_target(t.detach(), min(V, 300))
+        idx[0, :3] = torch.tensor([-1, V, -5])  # empty and out-of-range slots: never dereferenced
+        lp = lp.requires_grad_()
+        for tail in ("bucket", "renorm"):
+            kl_ext.sparse_kl_div_with_logits(x, idx, lp, tail=tail, backend=be,
+                                             mask=torch.rand(N, device="cuda") > .3).backward()
         kl_ext.bernoulli_kl_div_with_logits(x, t.detach().float().sigmoid().to(dtype), backend=be).backward()
         w = torch.rand(V, device="cuda", dtype=dtype)
         kl_ext.binary_cross_entropy_with_logits(x, t.detach().float().sigmoid().to(dtype), weight=w, pos_weight=w,

@@ -205,3 +205,46 @@ def test_cuda_tiny_kl_precision(V, dtype, grads, long_rows, tol, monkeypatch):
     loss = kl_ext.kl_div_with_logits(x, t, reduction="none", backend="cuda")
     exp = reference.kl_div_with_logits(s.double(), t.double(), reduction="none")
     assert ((loss.detach().double() - exp).abs() / exp).max() < tol
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tt", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+@pytest.mark.parametrize("V,k", [(1, 1), (37, 7), (32000, 64), (128256, 1024), (140000, 64)])
+def test_sparse_vs_reference(backend, dtype, tt, tail, V, k):
+    _gpu_backend(backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(8, V, device="cuda", generator=g) * 2).to(dtype)
+    t = torch.randn(8, V, device="cuda", generator=g) * 2
+    lp, idx = t.log_softmax(-1).topk(k, -1)
+    vals = {"log_probs": lp, "probs": lp.exp(), "logits": t.gather(-1, idx)}[tt]
+    if k > 1:
+        idx[0, -1] = -1
+    mask = torch.rand(8, device="cuda") > 0.25
+    _check_vs_reference(lambda a, v, be: kl_ext.sparse_kl_div_with_logits(
+        a, idx, v, target_type=tt, tail=tail, mask=mask, temperature=1.5, reduction="none", backend=be),
+        backend, x, vals, dtype, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_sparse_bad_indices_deterministic_compiled_and_opcheck(backend):
+    _gpu_backend(backend)
+    x = torch.randn(16, 5000, device="cuda")
+    idx, lp = kl_ext.topk_target(torch.randn(16, 5000, device="cuda"), 64)
+    bad, empty = idx.clone(), idx.clone()
+    bad[0, 3], bad[1, 5] = 10 ** 9, -7  # never dereferenced: as if empty
+    empty[0, 3], empty[1, 5] = -1, -1
+    a = kl_ext.sparse_kl_div_with_logits(x, bad, lp, reduction="none", backend=backend)
+    b = kl_ext.sparse_kl_div_with_logits(x, empty, lp, reduction="none", backend=backend)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"outside \[-1, 5000\)"):
+        kl_ext.sparse_kl_div_with_logits(x, bad, lp, backend=backend, validate=True)
+    runs = [kl_ext.sparse_kl_div_with_logits(x, idx, lp, reduction="none", backend=backend) for _ in range(2)]
+    assert torch.equal(*runs)
+    assert_compiled_matches_eager(lambda s, v, i: kl_ext.sparse_kl_div_with_logits(s, i, v, backend=backend),
+                                  (x, lp), (idx,))
+    ops = torch.ops.kl_ext_triton if backend == "triton" else torch.ops.kl_ext
+    torch.library.opcheck(ops.sparse_kl_div_with_logits_fwd.default,
+                          (x, idx, lp, None, "log_probs", "bucket", 1.0, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
