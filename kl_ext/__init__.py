@@ -9,11 +9,14 @@ from kl_ext.functional import (BCEWithLogitsFunction, BernoulliKLDivWithLogitsFu
 from kl_ext.jsd_with_logits import JSDWithLogitsFunction, JSDWithLogitsLoss, jsd_with_logits
 from kl_ext.sparse_kl_div_with_logits import (SparseKLDivWithLogitsFunction, SparseKLDivWithLogitsLoss,
                                               sparse_kl_div_with_logits, topk_target)
+from kl_ext.linear_distillation_loss import (LinearDistillationFunction, LinearDistillationLoss,
+                                             linear_distillation_loss)
 from kl_ext.modules import BCEWithLogitsLoss, BernoulliKLDivWithLogitsLoss, KLDivWithLogitsLoss
 
 __version__ = "0.1.0"
 __all__ = ["kl_div_with_logits", "KLDivWithLogitsLoss", "KLDivWithLogitsFunction",
            "jsd_with_logits", "JSDWithLogitsLoss", "JSDWithLogitsFunction",
            "sparse_kl_div_with_logits", "SparseKLDivWithLogitsLoss", "SparseKLDivWithLogitsFunction", "topk_target",
+           "linear_distillation_loss", "LinearDistillationLoss", "LinearDistillationFunction",
            "bernoulli_kl_div_with_logits", "BernoulliKLDivWithLogitsLoss", "BernoulliKLDivWithLogitsFunction",
            "binary_cross_entropy_with_logits", "BCEWithLogitsLoss", "BCEWithLogitsFunction", "available_backends"]

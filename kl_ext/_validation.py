@@ -5,6 +5,7 @@ Shape/dtype/option checks never read tensor values (no host sync). The opt-in va
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -139,6 +140,73 @@ def validate_sparse_indices(target_indices: torch.Tensor, V: int) -> None:
     if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
         raise ValueError("kl_ext: a row of target_indices names the same class twice; each class may appear once "
                          "per row (the result is undefined otherwise): deduplicate, or merge their values")
+
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+LINEAR_REDUCTIONS = ("none", "sum", "batchmean")
+
+
+def check_linear_distillation(input, weight, target, bias, t_weight, t_bias, t_indices, form, target_type, divergence,
+                              beta, tail, temperature, logit_scale, softcap, labels, hard_weight, soft_weight, mask,
+                              reduction, chunk_size) -> None:
+    if reduction == "mean":
+        raise ValueError("kl_ext: reduction='mean' has no meaning for linear_distillation_loss (it would divide by "
+                         "the vocabulary); use 'batchmean' (per counted row), 'sum' or 'none'")
+    _option("reduction", reduction, LINEAR_REDUCTIONS)
+    _option("divergence", divergence, DIVERGENCES)
+    _option("target_type", target_type, TARGET_TYPES)
+    _option("tail", tail, TAILS)
+    _temperature(temperature)
+    for name, x in (("input", input), ("linear_weight", weight), ("target", target)):
+        _tensor(name, x)
+        _floating(name, x)
+    if input.dim() < 1 or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"kl_ext: linear_weight must be (V, H) with H = input.shape[-1] = "
+                         f"{input.shape[-1] if input.dim() else None}; got {tuple(weight.shape)}")
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise ValueError(f"kl_ext: linear_weight ({weight.dtype}, {weight.device}) must match input "
+                         f"({input.dtype}, {input.device})")
+    V = weight.shape[0]
+    if bias is not None and (bias.shape != (V,) or bias.dtype != input.dtype):
+        raise ValueError(f"kl_ext: linear_bias must be ({V},) in {input.dtype}")
+    lead = input.shape[:-1]
+    if target.shape[:-1] != lead or target.device != input.device:
+        raise ValueError(f"kl_ext: target must have the input's leading shape {tuple(lead)} on {input.device}; "
+                         f"got {tuple(target.shape)} on {target.device}")
+    for name, x in (("target", target), ("target_linear_weight", t_weight), ("target_linear_bias", t_bias)):
+        if x is not None and x.requires_grad:
+            raise ValueError(f"kl_ext: {name} requires grad, but the teacher side is constant here; pass "
+                             f"{name}.detach()")
+    if form == "hidden":
+        if target_type != "logits":
+            raise ValueError("kl_ext: with target_linear_weight the teacher's logits are computed: leave "
+                             "target_type='logits'")
+        if t_weight.dim() != 2 or t_weight.shape != (V, target.shape[-1]) or t_weight.dtype != target.dtype:
+            raise ValueError(f"kl_ext: target_linear_weight must be (V, H_t) = ({V}, {target.shape[-1]}) in the "
+                             f"target's dtype; got {tuple(t_weight.shape)} {t_weight.dtype}")
+        if t_bias is not None and (t_bias.shape != (V,) or t_bias.dtype != target.dtype):
+            raise ValueError(f"kl_ext: target_linear_bias must be ({V},) in the target's dtype")
+    elif form == "sparse":
+        if divergence != "kl":
+            raise ValueError("kl_ext: a sparse (top-k) teacher supports divergence='kl' only")
+        check_sparse(torch.empty(lead + (V,), device="meta"), t_indices.to("meta"), target.to("meta"), None,
+                     target_type, tail, temperature, "batchmean")
+    elif target.shape[-1] != V:
+        raise ValueError(f"kl_ext: a dense target must have V = {V} classes in its last dim (or give "
+                         "target_linear_weight for teacher hidden states, or target_indices for a top-k teacher)")
+    if divergence == "jsd" and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1):
+        raise ValueError(f"kl_ext: beta must be a number in [0, 1], got {beta!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"kl_ext: softcap must be None or a number > 0, got {softcap!r}")
+    if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool) or not math.isfinite(logit_scale):
+        raise ValueError(f"kl_ext: logit_scale must be a finite number, got {logit_scale!r}")
+    if labels is not None:
+        _tensor("labels", labels)
+        if labels.dtype != torch.int64 or labels.shape != lead:
+            raise ValueError(f"kl_ext: labels must be int64 of the input's leading shape {tuple(lead)}")
+    _mask(mask, input)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"kl_ext: chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def _factor(name: str, f, input) -> None:

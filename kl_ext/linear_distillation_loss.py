@@ -1,0 +1,291 @@
+"""linear_distillation_loss: the distillation loss fused with the LM head, never holding the (rows x vocab)
+logits: autograd Function, functional, Module.
+
+Rows are processed in chunks: per chunk, the student's logits z = softcap(logit_scale * (x @ W.T + b)) (and the
+teacher's, from its hidden states, when given that way) are made by torch GEMMs; the fused kernel ops of
+kl_div_with_logits / jsd_with_logits / sparse_kl_div_with_logits give the chunk's loss and the gradient w.r.t. z
+in one read; the gradient goes back through softcap and scale, and the GEMMs give the chunk's input gradient
+and its share of the weight and bias gradients (accumulated in float32, chunk after chunk: the same result on
+every run). Peak extra memory: a few (chunk x V) tensors. The hard loss (labels) is the cross-entropy of z,
+computed by the sparse-teacher op as a one-hot teacher (k = 1, log-prob 0).
+
+For reduction "batchmean" / "sum" the forward computes the gradients too (the inputs are not kept); backward
+scales them by grad_output. For "none" the forward keeps its inputs and backward runs the chunks again with
+each row's grad_output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from kl_ext import reference
+from kl_ext._backends import op, resolve
+from kl_ext._validation import acc_dtype, check_linear_distillation
+
+__all__ = ["linear_distillation_loss", "LinearDistillationFunction", "LinearDistillationLoss", "default_chunk_size"]
+
+
+def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk when chunk_size is None: a chunk's logits about as large as the input's hidden states
+    (rows x hidden), rounded down to a power of two, at least 1 (Liger's rule): 256 rows at 8192 x 4096 x 128256."""
+    per = max(1, math.ceil(vocab / max(hidden, 1)))
+    return max(1, min(rows, 1 << max(0, (math.ceil(rows / per)).bit_length() - 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    backend: str
+    form: str  # "hidden" (teacher hidden states + weight), "dense" (teacher rows over V), "sparse" (top-k)
+    target_type: str
+    divergence: str
+    beta: float
+    tail: str
+    temperature: float
+    logit_scale: float
+    softcap: Optional[float]
+    hard_weight: float
+    soft_weight: float
+    has_labels: bool
+    reduction: str
+    chunk: int
+
+
+def _logits(x, w, b, spec):
+    """softcap(logit_scale * (x @ w.T + b)) in x's dtype, and d z / d raw (None when it is the constant scale)."""
+    raw = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
+    if spec.softcap is None:
+        return (raw * spec.logit_scale if spec.logit_scale != 1.0 else raw), None
+    t = torch.tanh(raw.to(acc_dtype(x.dtype)) * (spec.logit_scale / spec.softcap))
+    return (t * spec.softcap).to(x.dtype), (1 - t * t) * spec.logit_scale
+
+
+def _soft_op(spec, z, teacher, idx, live, grad, gs):
+    """The chunk's soft loss per row and its gradient w.r.t. z (times gs), from the fused kernels."""
+    be = spec.backend
+    if spec.form == "sparse":
+        return op(be, "sparse_kl_div_with_logits_fwd")(z, idx, teacher, live, spec.target_type, spec.tail,
+                                                        spec.temperature, grad, False, gs)[:2]
+    tt = "logits" if spec.form == "hidden" else spec.target_type
+    if spec.divergence == "jsd" and 0 < spec.beta < 1:
+        return op(be, "jsd_with_logits_fwd")(z, teacher, live, tt, spec.temperature, spec.beta, grad, False, gs)[:2]
+    reverse = spec.divergence == "reverse_kl" or (spec.divergence == "jsd" and spec.beta == 1)
+    return op(be, "kl_div_with_logits_fwd")(z, teacher, live, tt, spec.temperature,
+                                            "reverse" if reverse else "forward", grad, False, gs)[:2]
+
+
+def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale, row_scale, want_grads):
+    """Loss per row (acc dtype) and, when want_grads, the gradients w.r.t. x, w, b. grad_scale: a device scalar
+    multiplying every gradient (the reduction's 1 / denominator); row_scale: per-row factors (reduction "none")."""
+    N = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    loss = torch.zeros(N, dtype=acc, device=x.device)
+    gx = torch.empty_like(x) if want_grads else None
+    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if want_grads else None
+    gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_grads and b is not None else None
+    scales = {}
+    for name, weight in (("soft", spec.soft_weight), ("hard", spec.hard_weight)):
+        if grad_scale is None:
+            scales[name] = torch.full((), weight, dtype=acc, device=x.device)
+        else:
+            scales[name] = grad_scale * weight
+    for s in range(0, N, spec.chunk):
+        e = min(N, s + spec.chunk)
+        xc = x[s:e]
+        z, dz_draw = _logits(xc, w, b, spec)
+        lc = live[s:e] if live is not None else None
+        dz = None
+        if spec.soft_weight != 0:
+            if spec.form == "hidden":
+                t, _ = _logits(teacher[s:e], t_w, t_b, spec)
+            else:
+                t = teacher[s:e]
+            ls, dz = _soft_op(spec, z, t, idx[s:e] if idx is not None else None, lc, want_grads, scales["soft"])
+            loss[s:e] += spec.soft_weight * ls
+        if spec.has_labels and spec.hard_weight != 0:
+            one_hot = labels[s:e].unsqueeze(-1)
+            lh, dh = op(spec.backend, "sparse_kl_div_with_logits_fwd")(
+                z, one_hot, torch.zeros(one_hot.shape, dtype=acc, device=x.device), lc, "log_probs", "bucket", 1.0,
+                want_grads, False, scales["hard"])[:2]
+            loss[s:e] += spec.hard_weight * lh
+            dz = dh if dz is None else dz + dh
+        if not want_grads:
+            continue
+        if dz is None:
+            dz = torch.zeros_like(z)
+        g = dz.to(acc) if dz_draw is not None or row_scale is not None or spec.logit_scale != 1.0 else dz
+        if row_scale is not None:
+            g = g * row_scale[s:e].unsqueeze(-1)
+        if dz_draw is not None:
+            g = g * dz_draw
+        elif spec.logit_scale != 1.0:
+            g = g * spec.logit_scale
+        g = g.to(x.dtype)
+        torch.mm(g, w, out=gx[s:e])
+        gw += (g.t() @ xc).to(acc)
+        if gb is not None:
+            gb += g.sum(0, dtype=acc)
+    return loss, gx, gw, gb
+
+
+class LinearDistillationFunction(torch.autograd.Function):
+    """The chunked, fused LM-head distillation loss; see linear_distillation_loss. Tensors: input rows (N, H),
+    weight (V, H), bias, teacher rows, teacher weight and bias, indices, labels (-1: none), live rows."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, teacher, t_w, t_b, idx, labels, live, spec):
+        want = spec.reduction != "none" and any(ctx.needs_input_grad[:3])
+        grad_scale = None
+        if spec.reduction == "batchmean":
+            counted = live.sum() if live is not None else torch.tensor(x.shape[0], device=x.device)
+            grad_scale = counted.clamp(min=1).to(acc_dtype(x.dtype)).reciprocal()
+        loss, gx, gw, gb = _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale, None, want)
+        ctx.spec = spec
+        if spec.reduction == "none":
+            ctx.save_for_backward(x, w, b, teacher, t_w, t_b, idx, labels, live)
+            return loss
+        ctx.save_for_backward(gx, gw.to(w.dtype) if gw is not None else None,
+                              gb.to(b.dtype) if gb is not None else None)
+        return loss.sum() if grad_scale is None else loss.sum() * grad_scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        spec = ctx.spec
+        if spec.reduction == "none":
+            x, w, b, teacher, t_w, t_b, idx, labels, live = ctx.saved_tensors
+            _, gx, gw, gb = _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, None,
+                                        grad_out.to(acc_dtype(x.dtype)), True)
+            gw = gw.to(w.dtype)
+            gb = gb.to(b.dtype) if gb is not None else None
+        else:
+            gx, gw, gb = ctx.saved_tensors
+            gx, gw, gb = (g * grad_out.to(g.dtype) if g is not None else None for g in (gx, gw, gb))
+        wanted = ctx.needs_input_grad
+        return (gx if wanted[0] else None, gw if wanted[1] else None, gb if wanted[2] else None,
+                None, None, None, None, None, None, None)
+
+
+def _reference(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, target_indices,
+               spec, labels, live):
+    """The unfused definition: materialized logits, the reference losses (float32 / float64), autograd."""
+    acc = acc_dtype(input.dtype)
+
+    def logits(x, w, b):
+        raw = (x @ w.t() + (b if b is not None else 0)).to(acc) * spec.logit_scale
+        return raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
+
+    z = logits(input, linear_weight, linear_bias)
+    row = torch.zeros(z.shape[:-1], dtype=acc, device=z.device)
+    if spec.soft_weight != 0:
+        kw = dict(temperature=spec.temperature, reduction="none", mask=live)
+        if spec.form == "sparse":
+            soft = reference.sparse_kl_div_with_logits(z, target_indices, target, target_type=spec.target_type,
+                                                       tail=spec.tail, **kw)
+        else:
+            t = logits(target, target_linear_weight, target_linear_bias) if spec.form == "hidden" else target
+            tt = "logits" if spec.form == "hidden" else spec.target_type
+            beta = {"kl": 0.0, "reverse_kl": 1.0}.get(spec.divergence, spec.beta)
+            soft = reference.jsd_with_logits(z, t.to(acc), beta=beta, target_type=tt, **kw)
+        row = row + spec.soft_weight * soft
+    if spec.has_labels and spec.hard_weight != 0:
+        lab = labels.clamp(min=0)
+        hard = -torch.log_softmax(z, -1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+        row = row + spec.hard_weight * torch.where(labels >= 0, hard, torch.zeros_like(hard))
+    if live is not None:
+        row = torch.where(live, row, torch.zeros_like(row))
+    if spec.reduction == "none":
+        return row
+    if spec.reduction == "sum":
+        return row.sum()
+    counted = live.sum() if live is not None else row.numel()
+    return row.sum() / torch.clamp(torch.as_tensor(counted, device=row.device, dtype=row.dtype), min=1)
+
+
+def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                             linear_bias: Optional[torch.Tensor] = None,
+                             target_linear_weight: Optional[torch.Tensor] = None,
+                             target_linear_bias: Optional[torch.Tensor] = None,
+                             target_indices: Optional[torch.Tensor] = None, target_type: str = "logits",
+                             divergence: str = "kl", beta: float = 0.5, tail: str = "bucket",
+                             temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                             labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                             hard_weight: float = 0.0, soft_weight: float = 1.0, mask: Optional[torch.Tensor] = None,
+                             reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                             backend: str = "auto") -> torch.Tensor:
+    """Distillation loss from the student's last hidden states and LM head, never materializing all logits.
+
+    Student logits z = softcap(logit_scale * (input @ linear_weight.T + linear_bias)), softcap(x) = c tanh(x / c)
+    when softcap=c. Teacher, one of: hidden states `target` (..., H_t) with `target_linear_weight` (V, H_t)
+    (+ bias; same logit_scale and softcap); dense `target` (..., V) of target_type "logits" / "log_probs" /
+    "probs"; or sparse: `target_indices` (..., k) with their values in `target` (see sparse_kl_div_with_logits).
+    Soft loss at temperature T: divergence "kl" = KL(teacher || student), "reverse_kl", or "jsd" (beta), as
+    kl_div_with_logits / jsd_with_logits / sparse_kl_div_with_logits define them (sparse: "kl" only). Hard loss
+    (labels (...) int64): cross-entropy of z at T = 1; rows whose label is ignore_index, or whose mask is False,
+    count for nothing. Row loss = soft_weight * soft + hard_weight * hard; reduction "batchmean" (sum / rows
+    counted), "sum" or "none". Gradients w.r.t. input, linear_weight and linear_bias; the teacher is constant.
+    chunk_size: rows per chunk (None: default_chunk_size). backend: the loss kernels' ("torch": the unfused
+    reference with materialized logits); the GEMMs are torch's.
+    """
+    form = "hidden" if target_linear_weight is not None else "sparse" if target_indices is not None else "dense"
+    check_linear_distillation(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias,
+                              target_indices, form, target_type, divergence, beta, tail, temperature, logit_scale,
+                              softcap, labels, hard_weight, soft_weight, mask, reduction, chunk_size)
+    be = resolve(backend, input.device)
+    lead = input.shape[:-1]
+    rows = math.prod(lead)
+    V = linear_weight.shape[0]
+    chunk = chunk_size or default_chunk_size(rows, input.shape[-1], V)
+    live = mask.reshape(-1) if mask is not None else None
+    lab = None
+    if labels is not None:
+        lab = labels.reshape(-1)
+        keep = lab != ignore_index
+        live = keep if live is None else live & keep
+        lab = torch.where(keep, lab, torch.full_like(lab, -1))
+    spec = _Spec(be, form, target_type, divergence, float(beta), tail, float(temperature), float(logit_scale),
+                 None if softcap is None else float(softcap), float(hard_weight), float(soft_weight),
+                 labels is not None, reduction, int(chunk))
+    x = input.reshape(rows, input.shape[-1])
+    t = target.reshape(rows, target.shape[-1])
+    idx = target_indices.reshape(rows, target_indices.shape[-1]) if target_indices is not None else None
+    if be == "torch":
+        out = _reference(x, linear_weight, t, linear_bias, target_linear_weight, target_linear_bias, idx, spec, lab,
+                         live)
+    else:
+        if form == "sparse":
+            t, idx = t.to(acc_dtype(input.dtype)).contiguous(), idx.to(torch.int64).contiguous()
+        elif form == "dense":
+            t = t.to(input.dtype).contiguous()
+        out = LinearDistillationFunction.apply(x, linear_weight, linear_bias, t, target_linear_weight,
+                                               target_linear_bias, idx, lab, live, spec)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class LinearDistillationLoss(nn.Module):
+    """Module form of kl_ext.linear_distillation_loss: settings in __init__, tensors in forward."""
+
+    def __init__(self, *, target_type: str = "logits", divergence: str = "kl", beta: float = 0.5,
+                 tail: str = "bucket", temperature: float = 1.0, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, ignore_index: int = -100, hard_weight: float = 0.0,
+                 soft_weight: float = 1.0, reduction: str = "batchmean", chunk_size: Optional[int] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.settings = dict(target_type=target_type, divergence=divergence, beta=beta, tail=tail,
+                             temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                             ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
+                             reduction=reduction, chunk_size=chunk_size, backend=backend)
+
+    def forward(self, input, linear_weight, target, linear_bias=None, target_linear_weight=None,
+                target_linear_bias=None, target_indices=None, labels=None, mask=None):
+        return linear_distillation_loss(input, linear_weight, target, linear_bias=linear_bias,
+                                        target_linear_weight=target_linear_weight,
+                                        target_linear_bias=target_linear_bias, target_indices=target_indices,
+                                        labels=labels, mask=mask, **self.settings)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
