@@ -125,6 +125,53 @@ def peak_extra_mb(fn, device, baseline_bytes: int, setup=None) -> float:
     return max(0.0, (torch.cuda.max_memory_allocated() - before - baseline_bytes) / 2**20)
 
 
+def peak_tensor_bytes(fn):
+    """Peak bytes of the tensors that fn's torch operations allocate and keep alive at once (storages of op
+    outputs, counted until the last tensor seen on them is freed; tensors that existed before are not counted).
+    The CPU has no allocator statistics: this is what torch.cuda.max_memory_allocated measures on a GPU, for
+    eager code (a compiled graph's buffers are not seen)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Peak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs, self.size, self.cur, self.peak = {}, {}, 0, 0
+
+        def _drop(self, key):
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                self.cur -= self.size.pop(key)
+                del self.refs[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # Views and in-place results share an argument's storage: not an allocation.
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                    continue
+                key = t.untyped_storage().data_ptr()
+                if key in inputs and key not in self.size:
+                    continue
+                if key not in self.size:
+                    self.size[key] = t.untyped_storage().nbytes()
+                    self.refs[key] = 0
+                    self.cur += self.size[key]
+                    self.peak = max(self.peak, self.cur)
+                self.refs[key] += 1
+                weakref.finalize(t, self._drop, key)
+            return out
+
+    mode = Peak()
+    with mode:
+        fn()
+    return mode.peak
+
+
 def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
     value, ref = value.double().cpu(), ref.double().cpu()
     return float((value - ref).abs().max() / ref.abs().max().clamp(min=1e-12))

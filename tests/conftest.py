@@ -12,6 +12,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import kl_ext  # noqa: E402
+from benchmarks.common import peak_tensor_bytes  # noqa: E402,F401  (re-exported for the tests)
 from kl_ext._backends import _usable  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -110,3 +111,4 @@ def cuda_kernel_resources():
             kernels.append({"arch": arch, "name": name, "regs": int(fields["REG"]), "stack": int(fields["STACK"])})
             name = None
     return kernels
+

@@ -1,4 +1,5 @@
-"""The distillation demo (README main job) runs shortened and its claims hold, so it cannot rot."""
+"""The examples (the README main job's distillation demo, examples/llm_distill.py) run shortened and their
+claims hold, so they cannot rot."""
 import importlib.util
 import math
 import os
@@ -45,3 +46,14 @@ def test_pitfalls_are_shown_and_named(result):
     assert "bernoulli_kl_div_with_logits" in says4
     assert os.path.exists(result["png"])
     assert result["backend"] in kl_ext.available_backends()
+
+
+def test_llm_distill_example():
+    # examples/llm_distill.py, shortened: the student's loss falls and the fused step holds far less memory.
+    spec = importlib.util.spec_from_file_location(
+        "llm_distill", os.path.join(os.path.dirname(__file__), "..", "examples", "llm_distill.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    res = example.run(steps=12, show=False)
+    assert res["curve"][-1] < res["curve"][0]
+    assert res["peak_mib"]["fused"] < res["peak_mib"]["unfused"] / 3
