@@ -108,8 +108,10 @@ def _speedups(rows):
         base = next((b for b in rows if (b.op, b.mode, b.timing, b.dtype, b.shape) == key
                      and b.provider == base_name["bce" if "BCE" in r.provider else r.op]), None)
         if base is not None and base.ms == base.ms:
+            ratio = base.ms / r.ms
+            verdict = f"{ratio:5.1f}x faster than" if ratio >= 1 else f"{1 / ratio:5.1f}x slower than"
             print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<9}{r.shape:<14}{r.provider:<20} "
-                  f"{base.ms / r.ms:5.1f}x faster than {base.provider}")
+                  f"{verdict} {base.provider}")
 
 
 if __name__ == "__main__":

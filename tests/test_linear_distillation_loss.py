@@ -68,10 +68,11 @@ def test_matches_reference(backend, form, dtype, require_backend):
     divergences = ["kl"] if form == "sparse" else ["kl", "reverse_kl", "jsd"]
     # fp32 GEMMs against float64 ones: ~1e-6; bf16 GEMMs and logits: a few 1e-3, gradients of bf16 weights ~1e-2.
     tol = {torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
-    cases = itertools.product(divergences, OPTIONS, (1, 7, None), ("batchmean", "sum", "none"))
-    for i, (div, opts, chunk, reduction) in enumerate(cases):
-        if i % 3:  # every divergence x options x chunk; reductions and bias in turn
-            continue
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter is slow; bf16 plumbing is the cpu backend's check here, the GPU tests' there")
+    # Every divergence x options; chunk sizes 1 / 7 / all rows, reductions and bias in turn.
+    for i, (div, opts) in enumerate(itertools.product(divergences, OPTIONS)):
+        chunk, reduction = (1, 7, None)[i % 3], ("batchmean", "sum", "none")[(i + i // 3) % 3]
         kw = dict(forms[form], divergence=div, beta=0.3, chunk_size=chunk, reduction=reduction)
         kw.update({k: (labels if k == "labels" else mask if k == "mask" else v) for k, v in opts.items()})
         bias = b if i % 2 else None
