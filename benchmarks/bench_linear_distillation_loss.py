@@ -34,9 +34,9 @@ def make(rows, hidden, vocab, dtype, device):
     return r(rows, hidden), r(vocab, hidden), r(rows, hidden), r(vocab, hidden)
 
 
-def providers(x, w, tx, tw, device):
+def providers(x, w, tx, tw, device, chunk=None):
     rows, vocab = x.shape[0], w.shape[0]
-    chunk = default_chunk_size(rows, x.shape[1], vocab)
+    chunk = chunk or default_chunk_size(rows, x.shape[1], vocab)
     dz = torch.randn(chunk, vocab, device=device, dtype=x.dtype) * 1e-3
 
     def gemms():
@@ -47,11 +47,14 @@ def providers(x, w, tx, tw, device):
             z, t = xc @ w.t(), tx[s:s + chunk] @ tw.t()  # noqa: F841  (the forward GEMMs' outputs)
             d = dz[:xc.shape[0]]
             torch.mm(d, w, out=gx[s:s + chunk])
-            gw += (d.t() @ xc).float()
+            if gw.dtype == xc.dtype:
+                gw.addmm_(d.t(), xc)
+            else:
+                gw += d.t() @ xc
 
     def fused():
         xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
-        kl_ext.linear_distillation_loss(xs, ws, tx, target_linear_weight=tw).backward()
+        kl_ext.linear_distillation_loss(xs, ws, tx, target_linear_weight=tw, chunk_size=chunk).backward()
 
     def materialized():
         xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -100,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int)
     ap.add_argument("--dtype", choices=DTYPES)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk", type=int, help="rows per chunk (default: kl_ext's rule)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -107,7 +111,7 @@ def main(argv=None):
         args.vocab or (128256 if gpu else 32000)
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     x, w, tx, tw = make(rows, hidden, vocab, dtype, device)
-    provs, chunk = providers(x, w, tx, tw, device)
+    provs, chunk = providers(x, w, tx, tw, device, args.chunk)
     name = torch.cuda.get_device_name() if gpu else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; {rows} x {hidden} x {vocab} {str(dtype)[6:]}, "
           f"fwd+bwd, chunk {chunk} rows; median of {args.reps}")
