@@ -23,7 +23,7 @@ echo "sdist: $(basename "$sdist"), $(wc -l < "$work/files") entries, every sourc
 python3 -m venv "$work/venv"
 pip="$work/venv/bin/python -m pip"
 $pip install -q "torch==2.13.0+cpu" 2>/dev/null || $pip install -q "torch>=2.11,<=2.14.1"
-$pip install -q "setuptools>=64" wheel  # what --no-build-isolation builds with
+$pip install -q "setuptools>=64" wheel ninja  # what --no-build-isolation builds with (ninja: parallel compiles)
 KL_EXT_NO_CUDA=1 $pip install -q --no-build-isolation "$sdist" > "$work/install.log" 2>&1 \
     || { tail -30 "$work/install.log"; exit 1; }
 

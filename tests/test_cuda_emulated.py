@@ -61,7 +61,9 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
         mask = torch.arange(N) % 3 != 1
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
-        for long_rows, clusters in (("stream", True), ("hold", True), ("hold", False)) if V >= 9000 else (("stream", True),):
+        # Held long rows (an opt-in path, measured slower) for the fp32 and bf16 kernels only: CI time.
+        held = V >= 9000 and dtype in (torch.float32, torch.bfloat16)
+        for long_rows, clusters in (("stream", True), ("hold", True), ("hold", False)) if held else (("stream", True),):
             monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
             emu.set_device(1, clusters)
             try:
@@ -232,9 +234,9 @@ def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, lo
     assert ((loss.double() - exp).abs() / exp).max() < tol
 
 
-# The sparse teacher's kernel runs the KL's row configurations: resident with 1, 2, 4 packs (and 1-element packs:
-# V = 1, 37, 2101), streamed from 9000 (70000: V > 64k), blocks looping over rows (70 x 20); k = V (64), k > the
-# block's threads (300), empty slots.
+# The sparse teacher's kernel: rows held with one pack per thread (1-element packs: V = 1, 37), streamed beyond
+# (16-byte and 1-element packs: 1000, 2101; 70000: V > 64k), blocks looping over rows (70 x 20); k = V (64),
+# k > the block's threads (300), empty slots.
 SPARSE_SHAPES = [(3, 1, 1), (5, 37, 7), (70, 20, 5), (4, 64, 64), (3, 1000, 64), (3, 2101, 300), (2, 9000, 64),
                  (2, 70000, 100)]
 

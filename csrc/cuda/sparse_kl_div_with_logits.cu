@@ -1,9 +1,8 @@
-// sparse_kl_div_with_logits: the CUDA registration. Kernel and host entry in sparse_kl_div_with_logits.cuh (shared
-// with the CPU emulation in tests/cuda_emu).
-#include "launch.cuh"
-#include "sparse_kl_div_with_logits.cuh"
-
+// sparse_kl_div_with_logits: the CUDA registration. The kernel is in sparse_kl_div_with_logits.cuh (shared with the
+// CPU emulation in tests/cuda_emu), compiled in kl_div_with_logits.cu with the other row kernels (softmax_rows.h).
 #include <torch/library.h>
+
+#include "softmax_rows.h"
 
 namespace kl_ext {
 namespace {
@@ -14,11 +13,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_with_logits_fwd_cud
     bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
   SparseCall call = prepare_sparse(input, indices, values, mask, target_type, tail, temperature, grad_input,
                                    grad_target, grad_scale);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const int device = input.get_device();
-  cuda::sparse_kl_cuda(call, input, indices, values, mask, temperature, grad_scale,
-                       cuda::KLDevice{cuda::sm_count(device), false}, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::sparse_rows_fwd(call, input, indices, values, mask, temperature, grad_scale);
   return {call.loss, call.gx, call.gv};
 }
 

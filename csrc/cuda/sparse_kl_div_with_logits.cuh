@@ -1,5 +1,5 @@
 // sparse_kl_div_with_logits: the CUDA kernel and its host entry (contract and formulas:
-// csrc/sparse_kl_div_with_logits.cpp). Included by sparse_kl_div_with_logits.cu and by tests/cuda_emu.
+// csrc/sparse_kl_div_with_logits.cpp). Included by kl_div_with_logits.cu and by tests/cuda_emu.
 //
 // The student row goes through the KL's row machinery (kl_div_with_logits.cuh: launch configurations, packs,
 // block reductions, held or streamed rows); only the sparse teacher's per-slot math is new. The tail sum
@@ -258,15 +258,22 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
   }
 }
 
+// Rows of up to 256 packs are held, one pack per thread; longer rows stream (the KL's configurations otherwise).
+// The KL's 2- and 4-pack held rows would double this file's build for little: the GPU targets (V >= 32000)
+// stream either way, and a streamed row's second read of up to 32 KB comes from L2.
 template <typename scalar_t, int VEC>
 void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
-  const KLConfig c = kl_config(a.V / VEC, a.gx != nullptr, false, false);
+  KLConfig c = kl_config(a.V / VEC, a.gx != nullptr, false, false);
+  if (c.resident && c.items > 1) c = {kStreamPacks, kWideThreads, 0, false};
   const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * (c.resident ? 4 : 1)))), block(c.threads);
   const size_t smem = size_t(ceil_div(a.V, 32)) * sizeof(uint32_t);
-  with_row_kernel<false>(c, [&](auto items, auto resident) {
-    auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, decltype(items)::value, decltype(resident)::value>;
+  if (c.resident) {
+    auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, 1, true>;
     KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, a);
-  });
+  } else {
+    auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, kStreamPacks, false>;
+    KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, a);
+  }
 }
 
 // The op on device tensors, after its checks (call).
