@@ -62,20 +62,38 @@ def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, g
     return out
 
 
-def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, options, reduction, grad_input,
-                          grad_target):
-    """_fused_forward for the row-softmax losses (op `name` takes rows, target rows, flat mask, target_type and
-    `options`): the mask counts rows, 'none' keeps the leading shape."""
-    def make_args():
-        m = mask.reshape(-1).contiguous() if mask is not None else None
-        return _rows(input), _rows(target), m, target_type, *options
-
+def _rows_forward(ctx, name, backend, make_args, sources, mask, reduction, grad_input, grad_target):
+    """_fused_forward for the row losses (one loss per row of sources[0], the input): the bool row mask counts
+    rows, 'mean' also divides by the classes, 'none' keeps the leading shape."""
+    input = sources[0]
     counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
     if reduction == "mean":
         counted = counted * input.shape[-1]
-    out = _fused_forward(ctx, name, backend, make_args, (input, target, mask), reduction, counted, grad_input,
-                         grad_target)
+    out = _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, grad_input, grad_target)
     return out.reshape(input.shape[:-1]) if reduction == "none" else out
+
+
+def _flat_mask(mask):
+    return mask.reshape(-1).contiguous() if mask is not None else None
+
+
+def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, options, reduction, grad_input,
+                          grad_target):
+    """_rows_forward for the row-softmax losses whose op takes rows, target rows, flat mask, target_type and
+    `options`."""
+    def make_args():
+        return _rows(input), _rows(target), _flat_mask(mask), target_type, *options
+
+    return _rows_forward(ctx, name, backend, make_args, (input, target, mask), mask, reduction, grad_input,
+                         grad_target)
+
+
+def divergence_op(beta: float, temperature: float):
+    """(op name, its options after target_type) of the generalized JSD at beta: 0 < beta < 1 the JSD op; beta 0
+    and 1 are KL(teacher || student) and KL(student || teacher), the KL op's two directions (and its kernels)."""
+    if 0 < beta < 1:
+        return "jsd_with_logits_fwd", (temperature, beta)
+    return "kl_div_with_logits_fwd", (temperature, "forward" if beta == 0 else "reverse")
 
 
 def _recompute(ctx):

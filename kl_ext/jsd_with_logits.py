@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _fused_backward, _softmax_rows_forward
+from kl_ext._fused import _fused_backward, _softmax_rows_forward, divergence_op
 from kl_ext._validation import check_jsd, needs_grad, validate_kl_values
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
@@ -29,9 +29,7 @@ class JSDWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, mask, beta, target_type, temperature, reduction, backend, grad_input,
                 grad_target):
-        # beta 0 / 1 are the two KL directions: the KL op (and its kernels) computes them.
-        name, options = (("jsd_with_logits_fwd", (temperature, beta)) if 0 < beta < 1 else
-                         ("kl_div_with_logits_fwd", (temperature, "forward" if beta == 0 else "reverse")))
+        name, options = divergence_op(beta, temperature)
         return _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, options, reduction,
                                      grad_input, grad_target)
 

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import op, resolve
+from kl_ext._fused import divergence_op
 from kl_ext._validation import acc_dtype, check_linear_distillation
 
 __all__ = ["linear_distillation_loss", "LinearDistillationFunction", "LinearDistillationLoss", "default_chunk_size"]
@@ -44,8 +45,7 @@ class _Spec:
     backend: str
     form: str  # "hidden" (teacher hidden states + weight), "dense" (teacher rows over V), "sparse" (top-k)
     target_type: str
-    divergence: str
-    beta: float
+    beta: float  # the generalized JSD's: 0 for "kl", 1 for "reverse_kl"
     tail: str
     temperature: float
     logit_scale: float
@@ -72,12 +72,9 @@ def _soft_op(spec, z, teacher, idx, live, grad, gs):
     if spec.form == "sparse":
         return op(be, "sparse_kl_div_with_logits_fwd")(z, idx, teacher, live, spec.target_type, spec.tail,
                                                         spec.temperature, grad, False, gs)[:2]
+    name, options = divergence_op(spec.beta, spec.temperature)
     tt = "logits" if spec.form == "hidden" else spec.target_type
-    if spec.divergence == "jsd" and 0 < spec.beta < 1:
-        return op(be, "jsd_with_logits_fwd")(z, teacher, live, tt, spec.temperature, spec.beta, grad, False, gs)[:2]
-    reverse = spec.divergence == "reverse_kl" or (spec.divergence == "jsd" and spec.beta == 1)
-    return op(be, "kl_div_with_logits_fwd")(z, teacher, live, tt, spec.temperature,
-                                            "reverse" if reverse else "forward", grad, False, gs)[:2]
+    return op(be, name)(z, teacher, live, tt, *options, grad, False, gs)[:2]
 
 
 def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale, row_scale, want_grads):
@@ -175,42 +172,6 @@ class LinearDistillationFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def _reference(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, target_indices,
-               spec, labels, live):
-    """The unfused definition: materialized logits, the reference losses (float32 / float64), autograd."""
-    acc = acc_dtype(input.dtype)
-
-    def logits(x, w, b):
-        raw = (x @ w.t() + (b if b is not None else 0)).to(acc) * spec.logit_scale
-        return raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
-
-    z = logits(input, linear_weight, linear_bias)
-    row = torch.zeros(z.shape[:-1], dtype=acc, device=z.device)
-    if spec.soft_weight != 0:
-        kw = dict(temperature=spec.temperature, reduction="none", mask=live)
-        if spec.form == "sparse":
-            soft = reference.sparse_kl_div_with_logits(z, target_indices, target, target_type=spec.target_type,
-                                                       tail=spec.tail, **kw)
-        else:
-            t = logits(target, target_linear_weight, target_linear_bias) if spec.form == "hidden" else target
-            tt = "logits" if spec.form == "hidden" else spec.target_type
-            beta = {"kl": 0.0, "reverse_kl": 1.0}.get(spec.divergence, spec.beta)
-            soft = reference.jsd_with_logits(z, t.to(acc), beta=beta, target_type=tt, **kw)
-        row = row + spec.soft_weight * soft
-    if spec.has_labels and spec.hard_weight != 0:
-        lab = labels.clamp(min=0)
-        hard = -torch.log_softmax(z, -1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
-        row = row + spec.hard_weight * torch.where(labels >= 0, hard, torch.zeros_like(hard))
-    if live is not None:
-        row = torch.where(live, row, torch.zeros_like(row))
-    if spec.reduction == "none":
-        return row
-    if spec.reduction == "sum":
-        return row.sum()
-    counted = live.sum() if live is not None else row.numel()
-    return row.sum() / torch.clamp(torch.as_tensor(counted, device=row.device, dtype=row.dtype), min=1)
-
-
 def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                              linear_bias: Optional[torch.Tensor] = None,
                              target_linear_weight: Optional[torch.Tensor] = None,
@@ -241,6 +202,13 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
                               target_indices, form, target_type, divergence, beta, tail, temperature, logit_scale,
                               softcap, labels, hard_weight, soft_weight, mask, reduction, chunk_size)
     be = resolve(backend, input.device)
+    if be == "torch":
+        return reference.linear_distillation_loss(
+            input, linear_weight, target, linear_bias=linear_bias, target_linear_weight=target_linear_weight,
+            target_linear_bias=target_linear_bias, target_indices=target_indices, target_type=target_type,
+            divergence=divergence, beta=beta, tail=tail, temperature=temperature, logit_scale=logit_scale,
+            softcap=softcap, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+            soft_weight=soft_weight, mask=mask, reduction=reduction)
     lead = input.shape[:-1]
     rows = math.prod(lead)
     V = linear_weight.shape[0]
@@ -252,22 +220,18 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
         keep = lab != ignore_index
         live = keep if live is None else live & keep
         lab = torch.where(keep, lab, torch.full_like(lab, -1))
-    spec = _Spec(be, form, target_type, divergence, float(beta), tail, float(temperature), float(logit_scale),
-                 None if softcap is None else float(softcap), float(hard_weight), float(soft_weight),
-                 labels is not None, reduction, int(chunk))
+    spec = _Spec(be, form, target_type, {"kl": 0.0, "reverse_kl": 1.0}.get(divergence, float(beta)), tail,
+                 float(temperature), float(logit_scale), None if softcap is None else float(softcap),
+                 float(hard_weight), float(soft_weight), labels is not None, reduction, int(chunk))
     x = input.reshape(rows, input.shape[-1])
     t = target.reshape(rows, target.shape[-1])
     idx = target_indices.reshape(rows, target_indices.shape[-1]) if target_indices is not None else None
-    if be == "torch":
-        out = _reference(x, linear_weight, t, linear_bias, target_linear_weight, target_linear_bias, idx, spec, lab,
-                         live)
-    else:
-        if form == "sparse":
-            t, idx = t.to(acc_dtype(input.dtype)).contiguous(), idx.to(torch.int64).contiguous()
-        elif form == "dense":
-            t = t.to(input.dtype).contiguous()
-        out = LinearDistillationFunction.apply(x, linear_weight, linear_bias, t, target_linear_weight,
-                                               target_linear_bias, idx, lab, live, spec)
+    if form == "sparse":
+        t, idx = t.to(acc_dtype(input.dtype)).contiguous(), idx.to(torch.int64).contiguous()
+    elif form == "dense":
+        t = t.to(input.dtype).contiguous()
+    out = LinearDistillationFunction.apply(x, linear_weight, linear_bias, t, target_linear_weight,
+                                           target_linear_bias, idx, lab, live, spec)
     return out.reshape(lead) if reduction == "none" else out
 
 

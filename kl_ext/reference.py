@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from kl_ext._validation import acc_dtype
 
-__all__ = ["kl_div_with_logits", "jsd_with_logits", "sparse_kl_div_with_logits", "bernoulli_kl_div_with_logits",
+__all__ = ["kl_div_with_logits", "jsd_with_logits", "sparse_kl_div_with_logits", "linear_distillation_loss",
+           "bernoulli_kl_div_with_logits",
            "binary_cross_entropy_with_logits", "safe_log_softmax"]
 
 
@@ -155,6 +156,43 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     row = head + _weighted_log_ratio(p_tail, torch.log(torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))),
                                      log_qt)
     return _finish_rows(row, reduction, mask, V)
+
+
+def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                             linear_bias=None, target_linear_weight=None, target_linear_bias=None,
+                             target_indices=None, target_type: str = "logits", divergence: str = "kl",
+                             beta: float = 0.5, tail: str = "bucket", temperature: float = 1.0,
+                             logit_scale: float = 1.0, softcap=None, labels=None, ignore_index: int = -100,
+                             hard_weight: float = 0.0, soft_weight: float = 1.0, mask=None,
+                             reduction: str = "batchmean") -> torch.Tensor:
+    """The unfused definition of kl_ext.linear_distillation_loss: every row's logits materialized, then the
+    losses above (float32 / float64) and autograd."""
+    acc = acc_dtype(input.dtype)
+
+    def logits(x, w, b):
+        raw = (x @ w.t() + (b if b is not None else 0)).to(acc) * logit_scale
+        return raw if softcap is None else softcap * torch.tanh(raw / softcap)
+
+    live = mask
+    if labels is not None:
+        keep = labels != ignore_index
+        live = keep if live is None else live & keep
+    z = logits(input, linear_weight, linear_bias)
+    row = torch.zeros(z.shape[:-1], dtype=acc, device=z.device)
+    if soft_weight != 0:
+        kw = dict(temperature=temperature, reduction="none", mask=live)
+        if target_indices is not None:
+            soft = sparse_kl_div_with_logits(z, target_indices, target, target_type=target_type, tail=tail, **kw)
+        else:
+            hidden = target_linear_weight is not None
+            t = logits(target, target_linear_weight, target_linear_bias) if hidden else target.to(acc)
+            b = {"kl": 0.0, "reverse_kl": 1.0}.get(divergence, beta)
+            soft = jsd_with_logits(z, t, beta=b, target_type="logits" if hidden else target_type, **kw)
+        row = row + soft_weight * soft
+    if labels is not None and hard_weight != 0:
+        hard = -torch.log_softmax(z, -1).gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+        row = row + hard_weight * torch.where(keep, hard, torch.zeros_like(hard))
+    return _finish_rows(row, reduction, live, z.shape[-1])
 
 
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",

@@ -10,7 +10,6 @@ csrc/sparse_kl_div_with_logits.cpp and README "Sparse teacher".
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -19,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _fused_backward, _fused_forward, _rows
+from kl_ext._fused import _flat_mask, _fused_backward, _rows, _rows_forward
 from kl_ext._validation import acc_dtype, check_sparse, needs_grad, validate_sparse_indices
 
 __all__ = ["sparse_kl_div_with_logits", "SparseKLDivWithLogitsFunction", "SparseKLDivWithLogitsLoss",
@@ -34,16 +33,11 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, input, target_values, target_indices, mask, target_type, tail, temperature, reduction,
                 backend, grad_input, grad_target):
         def make_args():
-            m = mask.reshape(-1).contiguous() if mask is not None else None
-            return _rows(input), _rows(target_indices), _rows(target_values), m, target_type, tail, temperature
+            return (_rows(input), _rows(target_indices), _rows(target_values), _flat_mask(mask), target_type, tail,
+                    temperature)
 
-        counted = mask.sum() if mask is not None else math.prod(input.shape[:-1])
-        if reduction == "mean":
-            counted = counted * input.shape[-1]
-        out = _fused_forward(ctx, "sparse_kl_div_with_logits_fwd", backend, make_args,
-                             (input, target_values, mask, target_indices), reduction, counted, grad_input,
-                             grad_target)
-        return out.reshape(input.shape[:-1]) if reduction == "none" else out
+        return _rows_forward(ctx, "sparse_kl_div_with_logits_fwd", backend, make_args,
+                             (input, target_values, mask, target_indices), mask, reduction, grad_input, grad_target)
 
     @staticmethod
     @once_differentiable
