@@ -115,9 +115,9 @@ def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, g
             head += tl.sum(tl.where(ok & (p > 0), p * d, 0.0), 0)
         tail = tl.where(p_tail > 0, p_tail * (tl.log(tl.where(p_tail > 0, p_tail, 1.0)) - log_qt), 0.0)
         tl.store(loss_ptr + row, head + tail)
+        c = P + p_tail
+        f = inv_t * gs
         if GRAD_X:
-            c = P + p_tail
-            f = inv_t * gs
             an = (c / d_all - tl.where(p_tail > 0, p_tail / d_tail, 0.0)) * f
             for start in range(0, V, BLOCK):
                 offs = start + cols
@@ -125,28 +125,28 @@ def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, g
                 z = tl.load(x_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
                 tl.store(gx_ptr + offs, (tl.exp(z - _safe(m)) * an).to(gx_ptr.dtype.element_ty), mask=inb)
             tl.debug_barrier()  # the support's entries are overwritten after the full-row write
-            for ks in range(0, K, BLOCK_K):
-                ok, ic, v, w = _slots(idx_ptr, val_ptr, ks + kcols, K, V, inv_t, TARGET)
-                ls, p, d = _slot_terms(x_ptr, ok, ic, v, w, m, log_d, lse_w, has_w, inv_t, TARGET, NORMALIZE)
-                tl.store(gx_ptr + ic, ((c * tl.exp(ls) - p) * f).to(gx_ptr.dtype.element_ty), mask=ok)
-        if GRAD_V:
+        if GRAD_X or GRAD_V:
+            # One pass over the slots: the support's input gradients and the values' gradients.
             t = tl.where(p_tail > 0, tl.log(tl.where(p_tail > 0, p_tail, 1.0)) - log_qt + 1.0, 0.0)
             for ks in range(0, K, BLOCK_K):
                 ko = ks + kcols
                 ok, ic, v, w = _slots(idx_ptr, val_ptr, ko, K, V, inv_t, TARGET)
                 ls, p, d = _slot_terms(x_ptr, ok, ic, v, w, m, log_d, lse_w, has_w, inv_t, TARGET, NORMALIZE)
-                if NORMALIZE:
-                    if TARGET == PROBS:
-                        g = (d - head) * tl.exp(-lse_w).to(tl.float32)  # -inf at v = 0, as the math says
-                    elif TARGET == LOGITS:
-                        g = tl.where(p > 0, p * (d - head), 0.0) * inv_t
+                if GRAD_X:
+                    tl.store(gx_ptr + ic, ((c * tl.exp(ls) - p) * f).to(gx_ptr.dtype.element_ty), mask=ok)
+                if GRAD_V:
+                    if NORMALIZE:
+                        if TARGET == PROBS:
+                            g = (d - head) * tl.exp(-lse_w).to(tl.float32)  # -inf at v = 0, as the math says
+                        elif TARGET == LOGITS:
+                            g = tl.where(p > 0, p * (d - head), 0.0) * inv_t
+                        else:
+                            g = tl.where(p > 0, p * (d - head), 0.0)
+                    elif TARGET == PROBS:
+                        g = d + 1.0 - t
                     else:
-                        g = tl.where(p > 0, p * (d - head), 0.0)
-                elif TARGET == PROBS:
-                    g = d + 1.0 - t
-                else:
-                    g = tl.where(p > 0, p * (d + 1.0 - t), 0.0)
-                tl.store(gv_ptr + ko, tl.where(ok, g, 0.0) * gs, mask=ko < K)
+                        g = tl.where(p > 0, p * (d + 1.0 - t), 0.0)
+                    tl.store(gv_ptr + ko, tl.where(ok, g, 0.0) * gs, mask=ko < K)
     else:
         tl.store(loss_ptr + row, 0.0)
         _zero_grads(gx_ptr, gx_ptr, V, BLOCK, GRAD_X, False)
