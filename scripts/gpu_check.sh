@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # On the GPU box (torch preinstalled, no network): build, GPU tests, sanitizer, benchmark; logs under $OUT.
 # Run from the repo root:  OUT=/tmp/out bash scripts/gpu_check.sh [stage ...]
-# Stages: build test sanitize bench (the full sweep) bench-quick ncu; default: build test sanitize bench.
-# Each stage fits a 10-minute call; a later call on the same warm box can skip the build (pip -e keeps it).
+# Stages: build test sanitize bench (the full sweep) bench-quick bench-lm ncu; default: build test sanitize bench.
+# DEADLINE=s (seconds from the start): each stage is cut off there (SIGINT: pytest still prints its summary), so
+# a device call returns its logs before its own limit. A later call on the same warm box can skip the build.
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 stages="${*:-build test sanitize bench}"
 has() { [[ " $stages " == *" $1 "* ]]; }
+limited() {
+    local left=$(( ${DEADLINE:-86400} - SECONDS ))
+    (( left > 15 )) || { echo "skipped (deadline): $*"; return 124; }
+    timeout --signal=INT --kill-after=10 "$left" "$@"
+}
 
 if has build; then
     { nvidia-smi; which python; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
@@ -24,18 +30,17 @@ fi
 
 if has test; then
     # GPU tests first (the emulator and interpreter tests are CI's, on CPU).
-    python -m pytest -q tests/test_gpu.py -p no:cacheprovider -rfEs > "$OUT/tests.log" 2>&1
+    limited python -m pytest -q tests/test_gpu.py -p no:cacheprovider -rfEs --durations=15 > "$OUT/tests.log" 2>&1
     echo "tests rc=$?" >> "$OUT/tests.log"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
     tail -3 "$OUT/tests.log"
 fi
 
 if has sanitize; then
-    # Every launch path on a small grid: resident rows (16-byte and 1-element packs), rows split over a
-    # cluster (sm_90), streamed rows (forward only), Bernoulli / BCE; both GPU backends.
     # Every launch path on a small grid: resident rows (16-byte and 1-element packs), streamed rows (with
     # and without gradients), held long rows (8 packs per thread, split over a cluster on sm_90), Bernoulli /
-    # BCE with weights, scale_grad with grad_output != 1; both GPU backends.
+    # BCE with weights, scale_grad with grad_output != 1, the sparse teacher, the LM-head loss's chunk views;
+    # both GPU backends.
     cat > "$OUT/sanitize.py" <<'PY'
 import os, torch, kl_ext
 for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")]:
@@ -56,6 +61,10 @@ for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")
         for tail in ("bucket", "renorm"):
             kl_ext.sparse_kl_div_with_logits(x, idx, lp, tail=tail, backend=be,
                                              mask=torch.rand(N, device="cuda") > .3).backward()
+        h = torch.randn(N, 64, device="cuda", dtype=dtype)
+        kl_ext.linear_distillation_loss(h.requires_grad_(), torch.randn(V, 64, device="cuda", dtype=dtype) / 8,
+                                        t.detach(), softcap=20.0, labels=torch.randint(0, V, (N,), device="cuda"),
+                                        hard_weight=0.5, chunk_size=3, backend=be).backward()
         kl_ext.bernoulli_kl_div_with_logits(x, t.detach().float().sigmoid().to(dtype), backend=be).backward()
         w = torch.rand(V, device="cuda", dtype=dtype)
         kl_ext.binary_cross_entropy_with_logits(x, t.detach().float().sigmoid().to(dtype), weight=w, pos_weight=w,
@@ -64,7 +73,7 @@ torch.cuda.synchronize()
 print("sanitizer workload done")
 PY
     for tool in memcheck racecheck synccheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 1 python "$OUT/sanitize.py" > "$OUT/sanitizer_$tool.log" 2>&1
+        limited compute-sanitizer --tool "$tool" --error-exitcode 1 python "$OUT/sanitize.py" > "$OUT/sanitizer_$tool.log" 2>&1
         echo "$tool rc=$?"
         tail -2 "$OUT/sanitizer_$tool.log"
     done
@@ -72,8 +81,16 @@ fi
 
 if has bench; then
     # BENCH_ARGS narrows the sweep to fit a 10-minute call, e.g. "--dtypes bf16 --modes fwd,fwd+bwd".
-    python -m benchmarks.run --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-    tail -80 "$OUT/bench.log"
+    # One run per op (BENCH_OPS), each with its own table and CSV: a deadline cuts off the rest, not the lot.
+    for op in ${BENCH_OPS:-kl bernoulli jsd sparse}; do
+        limited python -m benchmarks.run --ops "$op" --out "$OUT/bench_$op" ${BENCH_ARGS:-} > "$OUT/bench_$op.log" 2>&1
+        echo "bench $op rc=$?"
+        grep -E "faster than|slower than" "$OUT/bench_$op.log" | head -40
+    done
+fi
+if has bench-lm; then
+    limited python -m benchmarks.bench_linear_distillation_loss > "$OUT/bench_lm.log" 2>&1
+    cat "$OUT/bench_lm.log"
 fi
 if has bench-quick; then
     python -m benchmarks.run --quick --out "$OUT/bench" > "$OUT/bench.log" 2>&1

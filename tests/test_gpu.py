@@ -248,3 +248,58 @@ def test_sparse_bad_indices_deterministic_compiled_and_opcheck(backend):
     torch.library.opcheck(ops.sparse_kl_div_with_logits_fwd.default,
                           (x, idx, lp, None, "log_probs", "bucket", 1.0, True, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["hidden", "dense", "sparse"])
+def test_linear_distillation_vs_reference(backend, dtype, form):
+    # The CPU tests' small cases (every divergence and option, chunks 1 / 7 / all), on the GPU's kernels + cuBLAS.
+    _gpu_backend(backend)
+    from test_linear_distillation_loss import OPTIONS, make, run
+    cuda = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    x, w, b, forms, labels, mask = map(cuda, make(dtype))
+    forms = {f: {k: cuda(v) for k, v in kw.items()} for f, kw in forms.items()}
+    tol = {torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
+    for i, (div, opts) in enumerate((d, o) for d in (["kl"] if form == "sparse" else ["kl", "reverse_kl", "jsd"])
+                                    for o in OPTIONS):
+        kw = dict(forms[form], divergence=div, beta=0.3, chunk_size=(1, 7, None)[i % 3],
+                  reduction=("batchmean", "sum", "none")[(i + i // 3) % 3])
+        kw.update({k: (labels if k == "labels" else mask if k == "mask" else v) for k, v in opts.items()})
+        bias = b if i % 2 else None
+        got = run(x, w, bias, backend, **kw)
+        kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+        exp = run(x.double(), w.double(), bias.double() if bias is not None else None, "torch", **kw64)
+        for a, e, name in zip(got, exp, ("loss", "grad input", "grad weight", "grad bias")):
+            assert_close_rel(a, e, tol, f"{name} {div} {opts} {kw['chunk_size']}", atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_linear_distillation_memory_and_determinism(backend):
+    # An LM-head shape: extra memory O(chunk x V) by torch.cuda.max_memory_allocated, and bitwise-identical runs.
+    _gpu_backend(backend)
+    rows, hidden, vocab, chunk = 8192, 256, 32000, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) / 16).to(torch.bfloat16)
+    tx, tw = x.flip(0).clone(), w.flip(1).clone()
+
+    def step():
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = kl_ext.linear_distillation_loss(xs, ws, tx, target_linear_weight=tw, softcap=30.0, chunk_size=chunk,
+                                               backend=backend)
+        loss.backward()
+        return loss.detach(), xs.grad, ws.grad
+    first = step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    second = step()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = (x.numel() + 3 * w.numel()) * 4  # input/weight clones and gradients, the fp32 weight accumulator
+    assert extra <= grads + 6 * chunk * vocab * 4, extra  # the student's bf16 logits alone are 4x that
+    assert all(torch.equal(a, e) for a, e in zip(first, second))
+    with torch.no_grad():
+        exp = kl_ext.linear_distillation_loss(x.double(), w.double(), tx.double(), target_linear_weight=tw.double(),
+                                              softcap=30.0, backend="torch")
+    assert_close_rel(first[0], exp, 5e-2, "loss")

@@ -34,7 +34,8 @@ def run(x, w, b, backend, target, **kw):
     x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     b = b.detach().clone().requires_grad_() if b is not None else None
     loss = kl_ext.linear_distillation_loss(x, w, target, linear_bias=b, backend=backend, **kw)
-    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(loss.dtype)
+    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    go = go.to(loss.device, loss.dtype)
     grads = torch.autograd.grad(loss, [t for t in (x, w, b) if t is not None], go)
     return (loss.detach(), *grads)
 
