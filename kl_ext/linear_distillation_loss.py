@@ -31,13 +31,36 @@ from kl_ext._validation import acc_dtype, check_linear_distillation
 __all__ = ["linear_distillation_loss", "LinearDistillationFunction", "LinearDistillationLoss", "default_chunk_size"]
 
 
-def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk when chunk_size is None: a chunk's logits about as large as the input's hidden states,
-    rows / ceil(V / H) rounded down to a power of two (Liger's rule: 256 rows at 8192 x 4096 x 128256), but at
-    least 256 rows (smaller GEMMs lose efficiency: 64-row chunks ran 1.3x slower at 2048 x 1024 x 32000 on a
-    2-core CPU), and at most all rows."""
-    per = max(1, math.ceil(vocab / max(hidden, 1)))
-    return max(1, min(rows, max(256, 1 << max(0, (math.ceil(rows / per)).bit_length() - 1))))
+def default_chunk_size(rows: int, hidden: int, vocab: int, cuda: bool = False) -> int:
+    """Rows per chunk when chunk_size is None, at most all rows.
+
+    CPU: a chunk's logits about as large as the input's hidden states, rows / ceil(V / H) rounded down to a power
+    of two (Liger's rule), but at least 256 rows (64-row chunks ran 1.3x slower at 2048 x 1024 x 32000 on a 2-core
+    CPU). CUDA: chunks of about 2^28 logits (512 MiB in bf16; 2048 rows at V = 128256), rounded down to a power of
+    two, at least 256 rows: each chunk reads and writes the fp32 weight-gradient accumulator (8·V·H bytes) and
+    runs GEMMs of 8·rows·V·H flops, so on an H100 (~700 TFLOP/s, ~3 TB/s) short chunks are accumulator-bound
+    (8192 x 4096 x 128256 bf16: GEMMs alone 136 ms at Liger's 256-row chunks, 56 ms at 2048, 49 ms unchunked).
+    """
+    if cuda:
+        want = (1 << 28) // max(vocab, 1)
+    else:
+        want = math.ceil(rows / max(1, math.ceil(vocab / max(hidden, 1))))
+    return max(1, min(rows, max(256, 1 << max(0, want.bit_length() - 1))))
+
+
+# aten's out_dtype overloads (16-bit GEMMs written in fp32 by cuBLAS): CUDA only.
+_OUT_DTYPE_MM = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _accumulate_mm(acc, a, b, dtype):
+    """acc + a @ b in `dtype` (acc None: a @ b). 16-bit products into fp32 straight from cuBLAS where it can (no
+    16-bit (V x H) temporary per chunk, no separate add)."""
+    if a.dtype == dtype:
+        return a @ b if acc is None else acc.addmm_(a, b)
+    if a.is_cuda and _OUT_DTYPE_MM:
+        return torch.ops.aten.mm.dtype(a, b, dtype) if acc is None else \
+            torch.ops.aten.addmm.dtype_out(acc, a, b, dtype, out=acc)
+    return (a @ b).to(dtype) if acc is None else acc.add_(a @ b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +107,9 @@ def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale,
     acc = acc_dtype(x.dtype)
     loss = torch.zeros(N, dtype=acc, device=x.device)
     gx = torch.empty_like(x) if want_grads else None
-    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if want_grads else None
+    # The weight gradient: one chunk's GEMM in the weight's dtype (fp32 inside cuBLAS / MKL); over several
+    # chunks, accumulated in fp32 from the first chunk's GEMM on.
+    gw, gw_dtype = None, (w.dtype if spec.chunk >= N else acc)
     gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_grads and b is not None else None
     scales = {}
     for name, weight in (("soft", spec.soft_weight), ("hard", spec.hard_weight)):
@@ -125,12 +150,11 @@ def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale,
             g = g * spec.logit_scale
         g = g.to(x.dtype)
         torch.mm(g, w, out=gx[s:e])
-        if gw.dtype == xc.dtype:
-            gw.addmm_(g.t(), xc)  # accumulated inside the GEMM: no (V x H) temporary per chunk
-        else:
-            gw += g.t() @ xc  # 16-bit GEMM (fp32 accumulation inside), added to the fp32 accumulator
+        gw = _accumulate_mm(gw, g.t(), xc, gw_dtype)
         if gb is not None:
             gb += g.sum(0, dtype=acc)
+    if want_grads and gw is None:  # no rows
+        gw = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
     return loss, gx, gw, gb
 
 
@@ -146,12 +170,12 @@ class LinearDistillationFunction(torch.autograd.Function):
             counted = live.sum() if live is not None else torch.tensor(x.shape[0], device=x.device)
             grad_scale = counted.clamp(min=1).to(acc_dtype(x.dtype)).reciprocal()
         loss, gx, gw, gb = _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale, None, want)
-        ctx.spec = spec
+        ctx.spec, ctx.dtypes = spec, (w.dtype, b.dtype if b is not None else None)
         if spec.reduction == "none":
             ctx.save_for_backward(x, w, b, teacher, t_w, t_b, idx, labels, live)
             return loss
-        ctx.save_for_backward(gx, gw.to(w.dtype) if gw is not None else None,
-                              gb.to(b.dtype) if gb is not None else None)
+        # Kept in fp32 until backward: scaling by grad_output and rounding to the weights' dtype are one pass.
+        ctx.save_for_backward(gx, gw, gb)
         return loss.sum() if grad_scale is None else loss.sum() * grad_scale
 
     @staticmethod
@@ -166,7 +190,8 @@ class LinearDistillationFunction(torch.autograd.Function):
             gb = gb.to(b.dtype) if gb is not None else None
         else:
             gx, gw, gb = ctx.saved_tensors
-            gx, gw, gb = (g * grad_out.to(g.dtype) if g is not None else None for g in (gx, gw, gb))
+            gx, gw, gb = (None if g is None else torch.mul(g, grad_out.to(g.dtype), out=torch.empty_like(g, dtype=d))
+                          for g, d in zip((gx, gw, gb), (gx.dtype, *ctx.dtypes)))
         wanted = ctx.needs_input_grad
         return (gx if wanted[0] else None, gw if wanted[1] else None, gb if wanted[2] else None,
                 None, None, None, None, None, None, None)
@@ -212,7 +237,7 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
     lead = input.shape[:-1]
     rows = math.prod(lead)
     V = linear_weight.shape[0]
-    chunk = chunk_size or default_chunk_size(rows, input.shape[-1], V)
+    chunk = chunk_size or default_chunk_size(rows, input.shape[-1], V, cuda=input.is_cuda)
     live = mask.reshape(-1) if mask is not None else None
     lab = None
     if labels is not None:

