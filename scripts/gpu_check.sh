@@ -25,7 +25,7 @@ if has build; then
     if ls wheels/*.whl > /dev/null 2>&1; then
         python -m pip install --no-deps --no-index wheels/*.whl >> "$OUT/build.log" 2>&1 && echo "installed wheels/"
     fi
-    echo "build ok"
+    echo "build ok (${SECONDS}s)"
 fi
 
 if has test; then
@@ -73,7 +73,7 @@ for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")
 torch.cuda.synchronize()
 print("sanitizer workload done")
 PY
-    for tool in memcheck racecheck synccheck; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
         # racecheck reports cuBLAS's own split-K GEMMs (nvjet_*_splitK, 12-124 hazards; not our kernels): it
         # runs the workload without the LM-head loss's GEMMs (its loss kernels are the ones above).
         [[ $tool == racecheck ]] && export SANITIZE_GEMMS=0 || export SANITIZE_GEMMS=1
@@ -93,7 +93,8 @@ if has bench; then
     done
 fi
 if has bench-lm; then
-    limited python -m benchmarks.bench_linear_distillation_loss > "$OUT/bench_lm.log" 2>&1
+    # LM_ARGS: e.g. "--chunk 4096"
+    limited python -m benchmarks.bench_linear_distillation_loss ${LM_ARGS:-} >> "$OUT/bench_lm.log" 2>&1
     cat "$OUT/bench_lm.log"
 fi
 if has bench-quick; then
