@@ -52,9 +52,9 @@ def kl_configs():
             for tt in (0, 1, 2) if full else (0,):
                 for fwd in (True, False) if full else (True,):
                     sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
-                           "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32"}
-                    consts = {"inv_t": 0.5, "TARGET": tt, "FORWARD": fwd, "HAS_MASK": True, "HAS_GS": True,
-                              "GRAD_X": True,
+                           "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32",
+                           "inv_t": "fp32"}
+                    consts = {"TARGET": tt, "FORWARD": fwd, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
                               "GRAD_T": True, "ONE_CHUNK": one_chunk, "BLOCK": block}
                     compile_one(kl._kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="kl", dtype=dtype, V=V, target=tt,
                                 forward=fwd, one_chunk=one_chunk)
@@ -67,9 +67,9 @@ def jsd_configs():
             block, warps, one_chunk = _config.row_config(V, ELEM[dtype], jsd.ONE_BLOCK_MAX)
             for tt in (0, 1, 2):
                 sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
-                       "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32"}
-                consts = {"inv_t": 0.5, "beta": 0.3, "TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
-                          "GRAD_T": True,
+                       "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32", "inv_t": "fp32",
+                       "beta": "fp32"}
+                consts = {"TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True, "GRAD_T": True,
                           "ONE_CHUNK": one_chunk, "BLOCK": block}
                 compile_one(jsd._jsd_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="jsd", dtype=dtype, V=V,
                             target=tt, one_chunk=one_chunk)
@@ -83,9 +83,8 @@ def sparse_configs():
             for normalize in (True, False) if tt else (True,):
                 sig = {"x_ptr": f"*{dtype}", "idx_ptr": "*i64", "val_ptr": "*fp32", "mask_ptr": "*i1",
                        "loss_ptr": "*fp32", "gx_ptr": f"*{dtype}", "gv_ptr": "*fp32", "gs_ptr": "*fp32",
-                       "bits_ptr": "*i32", "V": "i32", "K": "i32", "W": "i32"}
-                consts = {"inv_t": 0.5, "TARGET": tt, "NORMALIZE": normalize, "HAS_MASK": True, "HAS_GS": True,
-                          "GRAD_X": True,
+                       "bits_ptr": "*i32", "V": "i32", "K": "i32", "W": "i32", "inv_t": "fp32"}
+                consts = {"TARGET": tt, "NORMALIZE": normalize, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
                           "GRAD_V": True, "BLOCK": block, "BLOCK_K": 1024}
                 compile_one(sparse._sparse_kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="sparse", dtype=dtype,
                             target=tt, normalize=normalize)
@@ -98,8 +97,8 @@ def bernoulli_configs():
             for logits, entropy in ((False, True), (True, True), (False, False)):
                 sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
                        "loss_ptr": "*fp32", "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32",
-                       "N": "i32", "C": "i32", "W_NUMEL": "i32", "PW_NUMEL": "i32"}
-                consts = {"inv_t": 0.5, "HAS_GS": True, "TARGET_LOGITS": logits, "ENTROPY": entropy, "HAS_W": True,
+                       "N": "i32", "C": "i32", "inv_t": "fp32", "W_NUMEL": "i32", "PW_NUMEL": "i32"}
+                consts = {"HAS_GS": True, "TARGET_LOGITS": logits, "ENTROPY": entropy, "HAS_W": True,
                           "HAS_PW": not entropy, "ELEMENTWISE": False, "GRAD_X": True, "GRAD_T": True,
                           "BLOCK_R": block_r, "BLOCK_C": block_c}
                 compile_one(bern._bernoulli_fwd_kernel, sig, consts, warps, op="bernoulli", dtype=dtype, C=C,

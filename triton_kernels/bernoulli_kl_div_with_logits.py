@@ -24,14 +24,13 @@ def _xlogx(p):
     return tl.where(p > 0, p * tl.log(p), 0.0)
 
 
-# inv_t / beta are constexpr: torch.compile passes Python floats to Triton as fp64 (fp64 math, streamed loops
-# that fail to compile); with an in-kernel fp32 cast instead, compiled forward-only calls returned garbage.
 @triton.jit
-def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, N, C, W_NUMEL, PW_NUMEL,
-                          inv_t: tl.constexpr, HAS_GS: tl.constexpr, TARGET_LOGITS: tl.constexpr,
-                          ENTROPY: tl.constexpr, HAS_W: tl.constexpr,
+def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, N, C, inv_t, W_NUMEL,
+                          PW_NUMEL, HAS_GS: tl.constexpr, TARGET_LOGITS: tl.constexpr, ENTROPY: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_PW: tl.constexpr, ELEMENTWISE: tl.constexpr, GRAD_X: tl.constexpr,
                           GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
+    inv_t = tl.cast(inv_t, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -103,9 +102,8 @@ def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, 
         block_r, block_c, warps = tile_config(C)
         wrap_triton(_bernoulli_fwd_kernel)[(triton.cdiv(N, block_r),)](
             input, target, weight if weight is not None else input, pos_weight if pos_weight is not None else input,
-            loss, gx, gt, grad_scale if grad_scale is not None else loss, N, C,
+            loss, gx, gt, grad_scale if grad_scale is not None else loss, N, C, 1.0 / temperature,
             weight.numel() if weight is not None else 0, pos_weight.numel() if pos_weight is not None else 0,
-            1.0 / temperature,
             HAS_GS=grad_scale is not None,
             TARGET_LOGITS=target_type == "logits", ENTROPY=subtract_entropy, HAS_W=weight is not None,
             HAS_PW=pos_weight is not None, ELEMENTWISE=elementwise, GRAD_X=grad_input, GRAD_T=grad_target,

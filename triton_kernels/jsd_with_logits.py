@@ -55,12 +55,12 @@ def _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGE
         tl.store(gt_ptr + offs, gv.to(gt_ptr.dtype.element_ty), mask=inb)
 
 
-# inv_t / beta are constexpr: torch.compile passes Python floats to Triton as fp64 (fp64 math, streamed loops
-# that fail to compile); with an in-kernel fp32 cast instead, compiled forward-only calls returned garbage.
 @triton.jit
-def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V,
-                    inv_t: tl.constexpr, beta: tl.constexpr, TARGET: tl.constexpr, HAS_MASK: tl.constexpr,
-                    HAS_GS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t, beta,
+                    TARGET: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr, GRAD_X: tl.constexpr,
+                    GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
+    inv_t, beta = tl.cast(inv_t, tl.float32), tl.cast(beta, tl.float32)
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
                                                             HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
@@ -132,8 +132,7 @@ def jsd_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.T
         block, warps, one_chunk = row_config(V, input.element_size(), ONE_BLOCK_MAX)
         wrap_triton(_jsd_fwd_kernel)[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
-            grad_scale if grad_scale is not None else loss, V, 1.0 / temperature, beta, TARGET=_TARGET[target_type],
-            HAS_MASK=mask is not None,
+            grad_scale if grad_scale is not None else loss, V, 1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block,
             num_warps=warps, enable_fp_fusion=FP_FUSION)
     return loss, gx, gt

@@ -199,12 +199,12 @@ def _zero_grads(gx_ptr, gt_ptr, V, BLOCK: tl.constexpr, GRAD_X: tl.constexpr, GR
                 tl.store(gt_ptr + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=inb)
 
 
-# inv_t / beta are constexpr: torch.compile passes Python floats to Triton as fp64 (fp64 math, streamed loops
-# that fail to compile); with an in-kernel fp32 cast instead, compiled forward-only calls returned garbage.
 @triton.jit
-def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t: tl.constexpr,
+def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
                    TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
                    GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
+    inv_t = tl.cast(inv_t, tl.float32)
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
                                                             HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)

@@ -53,13 +53,13 @@ def _slot_terms(x_ptr, ok, ic, v, w, m, log_d, lse_w, has_w, inv_t, TARGET: tl.c
     return ls, p, lp - ls
 
 
-# inv_t / beta are constexpr: torch.compile passes Python floats to Triton as fp64 (fp64 math, streamed loops
-# that fail to compile); with an in-kernel fp32 cast instead, compiled forward-only calls returned garbage.
 @triton.jit
 def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, gv_ptr, gs_ptr, bits_ptr, V, K, W,
-                          inv_t: tl.constexpr, TARGET: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+                          inv_t, TARGET: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                           HAS_GS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_V: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_K: tl.constexpr):
+    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
+    inv_t = tl.cast(inv_t, tl.float32)
     row, x_ptr, _, gx_ptr, _, live, gs = _row_start(x_ptr, x_ptr, gx_ptr, gx_ptr, mask_ptr, gs_ptr, V, HAS_MASK,
                                                     HAS_GS)
     idx_ptr += row * K
