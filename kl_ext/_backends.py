@@ -29,7 +29,8 @@ def native_loaded() -> bool:
         import kl_ext._C  # noqa: F401
     except ImportError:
         return False
-    import kl_ext._fake  # noqa: F401  (fake kernels for the C++ ops, for torch.compile)
+    from kl_ext import _fake
+    _fake.register("kl_ext")  # the C++ ops' fake kernels, for torch.compile (once: this result is cached)
     return True
 
 

@@ -1,4 +1,5 @@
-"""Fake (meta) kernels for the C++ ops, so torch.compile and opcheck can trace them without running them."""
+"""Fake (meta) kernels, so torch.compile and opcheck can trace the ops without running them: the C++ ops'
+(kl_ext::, registered when the extension loads) and the Triton backend's twins (kl_ext_triton::, registered by it)."""
 import torch
 
 
@@ -12,38 +13,43 @@ def _grads(input, target, grad_input, grad_target):
     return gi, gt
 
 
-@torch.library.register_fake("kl_ext::kl_div_with_logits_fwd")
 def _kl_fwd(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
             grad_scale=None):
     return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
             *_grads(input, target, grad_input, grad_target))
 
 
-@torch.library.register_fake("kl_ext::jsd_with_logits_fwd")
 def _jsd_fwd(input, target, mask, target_type, temperature, beta, grad_input, grad_target, grad_scale=None):
     return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
             *_grads(input, target, grad_input, grad_target))
 
 
-@torch.library.register_fake("kl_ext::sparse_kl_div_with_logits_fwd")
 def _sparse_fwd(input, target_indices, target_values, mask, target_type, tail, temperature, grad_input, grad_target,
                 grad_scale=None):
     return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
             *_grads(input, target_values, grad_input, grad_target))
 
 
-@torch.library.register_fake("kl_ext::bernoulli_kl_div_with_logits_fwd")
 def _bernoulli_fwd(input, target, weight, pos_weight, target_type, temperature, subtract_entropy, elementwise,
                    grad_input, grad_target, grad_scale=None):
     shape = input.shape if elementwise else (input.shape[0],)
     return (input.new_empty(shape, dtype=_acc(input.dtype)), *_grads(input, target, grad_input, grad_target))
 
 
-@torch.library.register_fake("kl_ext::scale_grad")
 def _scale_grad(grad, scale):
     return torch.empty_like(grad)
 
 
-@torch.library.register_fake("kl_ext::scale_grad_")
 def _scale_grad_(grad, scale):
     return None
+
+
+_FAKES = {"kl_div_with_logits_fwd": _kl_fwd, "jsd_with_logits_fwd": _jsd_fwd,
+          "sparse_kl_div_with_logits_fwd": _sparse_fwd, "bernoulli_kl_div_with_logits_fwd": _bernoulli_fwd,
+          "scale_grad": _scale_grad, "scale_grad_": _scale_grad_}
+
+
+def register(namespace):
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fn)
+

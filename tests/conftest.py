@@ -13,7 +13,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import kl_ext  # noqa: E402
 from benchmarks.common import peak_tensor_bytes  # noqa: E402,F401  (re-exported for the tests)
-from kl_ext._backends import _usable  # noqa: E402
+from kl_ext._backends import _register, _usable  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -33,6 +33,7 @@ def require_backend():
         ok, why = _usable(backend, torch.device(device))
         if not ok:
             pytest.skip(f"backend {backend!r} unavailable: {why}")
+        _register(backend)  # its torch.ops exist for tests that call them directly, whatever ran before
     return _require
 
 

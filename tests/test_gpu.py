@@ -4,7 +4,7 @@ import torch
 
 import kl_ext
 from kl_ext import reference
-from kl_ext._backends import _usable
+from kl_ext._backends import _register, _usable
 from conftest import TOL, assert_close_rel, assert_compiled_matches_eager
 
 pytestmark = pytest.mark.gpu
@@ -16,6 +16,7 @@ def _gpu_backend(backend):
     ok, why = _usable(backend, torch.device("cuda"))
     if not ok:
         pytest.skip(f"backend {backend!r} unavailable: {why}")
+    _register(backend)
 
 
 def _case(N, V, dtype, tt="logits", seed=0):

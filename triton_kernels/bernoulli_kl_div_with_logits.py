@@ -8,7 +8,6 @@ Each program handles BLOCK_R rows, looping over the classes, so per-row sums nee
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import tile_config
 
@@ -29,8 +28,6 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
                           PW_NUMEL, HAS_GS: tl.constexpr, TARGET_LOGITS: tl.constexpr, ENTROPY: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_PW: tl.constexpr, ELEMENTWISE: tl.constexpr, GRAD_X: tl.constexpr,
                           GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
-    inv_t = tl.cast(inv_t, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -87,7 +84,7 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
         tl.store(loss_ptr + rows, total, mask=row_ok)
 
 
-@triton_op("kl_ext_triton::bernoulli_kl_div_with_logits_fwd", mutates_args=())
+@torch.library.custom_op("kl_ext_triton::bernoulli_kl_div_with_logits_fwd", mutates_args=())
 def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                      pos_weight: torch.Tensor | None, target_type: str, temperature: float,
                                      subtract_entropy: bool, elementwise: bool, grad_input: bool,
@@ -100,7 +97,7 @@ def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, 
     gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
     if N > 0:
         block_r, block_c, warps = tile_config(C)
-        wrap_triton(_bernoulli_fwd_kernel)[(triton.cdiv(N, block_r),)](
+        _bernoulli_fwd_kernel[(triton.cdiv(N, block_r),)](
             input, target, weight if weight is not None else input, pos_weight if pos_weight is not None else input,
             loss, gx, gt, grad_scale if grad_scale is not None else loss, N, C, 1.0 / temperature,
             weight.numel() if weight is not None else 0, pos_weight.numel() if pos_weight is not None else 0,

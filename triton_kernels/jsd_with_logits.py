@@ -9,7 +9,6 @@ once more for the gradients.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import row_config
 from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _load_chunk,
@@ -59,8 +58,6 @@ def _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGE
 def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t, beta,
                     TARGET: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr, GRAD_X: tl.constexpr,
                     GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
-    inv_t, beta = tl.cast(inv_t, tl.float32), tl.cast(beta, tl.float32)
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
                                                             HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
@@ -118,7 +115,7 @@ def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V,
         _zero_grads(gx_ptr, gt_ptr, V, BLOCK, GRAD_X, GRAD_T)
 
 
-@triton_op("kl_ext_triton::jsd_with_logits_fwd", mutates_args=())
+@torch.library.custom_op("kl_ext_triton::jsd_with_logits_fwd", mutates_args=())
 def jsd_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
                         temperature: float, beta: float, grad_input: bool, grad_target: bool,
                         grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +127,7 @@ def jsd_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.T
     gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
     if N > 0:
         block, warps, one_chunk = row_config(V, input.element_size(), ONE_BLOCK_MAX)
-        wrap_triton(_jsd_fwd_kernel)[(N,)](
+        _jsd_fwd_kernel[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
             grad_scale if grad_scale is not None else loss, V, 1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block,

@@ -10,7 +10,6 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors (used by CI): no libdevi
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import row_config
 
@@ -203,8 +202,6 @@ def _zero_grads(gx_ptr, gt_ptr, V, BLOCK: tl.constexpr, GRAD_X: tl.constexpr, GR
 def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
                    TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
                    GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
-    inv_t = tl.cast(inv_t, tl.float32)
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
                                                             HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
@@ -246,7 +243,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, 
         _zero_grads(gx_ptr, gt_ptr, V, BLOCK, GRAD_X, GRAD_T)
 
 
-@triton_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
+@torch.library.custom_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
 def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
                            temperature: float, direction: str, grad_input: bool,
                            grad_target: bool, grad_scale: torch.Tensor | None = None
@@ -258,7 +255,7 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
     gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
     if N > 0:
         block, warps, one_chunk = row_config(V, input.element_size())
-        wrap_triton(_kl_fwd_kernel)[(N,)](
+        _kl_fwd_kernel[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
             grad_scale if grad_scale is not None else loss, V, 1.0 / temperature,
             TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,

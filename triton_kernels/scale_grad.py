@@ -4,7 +4,6 @@ scalar load: loss.backward() on a reduced loss then moves no gradient bytes, wit
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import flat_config
 
@@ -32,18 +31,18 @@ def _launch(grad, scale, out):
     n = grad.numel()
     if n > 0:
         block, warps = flat_config(n)
-        wrap_triton(_scale_grad_kernel)[(triton.cdiv(n, block),)](
+        _scale_grad_kernel[(triton.cdiv(n, block),)](
             grad, scale, out, n, grad.shape[1], scale.numel(), grad.shape[0],
             SKIP_UNIT=out is grad and scale.numel() == 1, BLOCK=block, num_warps=warps)
 
 
-@triton_op("kl_ext_triton::scale_grad", mutates_args=())
+@torch.library.custom_op("kl_ext_triton::scale_grad", mutates_args=())
 def scale_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(grad)
     _launch(grad, scale, out)
     return out
 
 
-@triton_op("kl_ext_triton::scale_grad_", mutates_args={"grad"})
+@torch.library.custom_op("kl_ext_triton::scale_grad_", mutates_args={"grad"})
 def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     _launch(grad, scale, grad)

@@ -11,7 +11,6 @@ Formulas and edge cases: csrc/sparse_kl_div_with_logits.cpp.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kl_ext.triton_kernels._config import interpreting, row_config
 from kl_ext.triton_kernels.kl_div_with_logits import (_TARGET, FP_FUSION, LOG_PROBS, LOGITS, PROBS, _rescale,
@@ -58,8 +57,6 @@ def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, g
                           inv_t, TARGET: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                           HAS_GS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_V: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_K: tl.constexpr):
-    # torch.compile passes Python floats as fp64 (eager Triton: fp32): keep the kernel's math in fp32.
-    inv_t = tl.cast(inv_t, tl.float32)
     row, x_ptr, _, gx_ptr, _, live, gs = _row_start(x_ptr, x_ptr, gx_ptr, gx_ptr, mask_ptr, gs_ptr, V, HAS_MASK,
                                                     HAS_GS)
     idx_ptr += row * K
@@ -155,7 +152,7 @@ def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, g
         _zero_grads(gv_ptr, gv_ptr, K, BLOCK_K, GRAD_V, False)
 
 
-@triton_op("kl_ext_triton::sparse_kl_div_with_logits_fwd", mutates_args=())
+@torch.library.custom_op("kl_ext_triton::sparse_kl_div_with_logits_fwd", mutates_args=())
 def sparse_kl_div_with_logits_fwd(input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor,
                                   mask: torch.Tensor | None, target_type: str, tail: str, temperature: float,
                                   grad_input: bool, grad_target: bool, grad_scale: torch.Tensor | None = None
@@ -172,7 +169,7 @@ def sparse_kl_div_with_logits_fwd(input: torch.Tensor, target_indices: torch.Ten
         # Rows of whole 128-byte lines: no two rows' bitmaps share a cache line.
         words = triton.cdiv(triton.cdiv(max(V, 1), 32), 32) * 32
         bits = torch.zeros((N, words), device=input.device, dtype=torch.int32)
-        wrap_triton(_sparse_kl_fwd_kernel)[(N,)](
+        _sparse_kl_fwd_kernel[(N,)](
             input, target_indices, target_values, mask if mask is not None else input, loss, gx, gv,
             grad_scale if grad_scale is not None else loss, bits, V, K, words, 1.0 / temperature,
             TARGET=_TARGET[target_type], NORMALIZE=target_type == "logits" or tail == "renorm",
