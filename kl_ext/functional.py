@@ -125,6 +125,13 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
                                      pos_weight: Optional[torch.Tensor] = None,
                                      backend: str = "auto") -> torch.Tensor:
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits (same arguments and results)."""
+    if all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in (input, target)) and \
+            all(f is None or (isinstance(f, torch.Tensor) and f.dim() == 0) for f in (weight, pos_weight)):
+        # One logit as a 0-d tensor, as torch accepts it: one row of one class for the kernels.
+        one = [None if f is None else f.reshape(1) for f in (weight, pos_weight)]
+        out = binary_cross_entropy_with_logits(input.reshape(1), target.reshape(1), one[0], reduction, one[1],
+                                               backend)
+        return out.reshape(())
     check_bce(input, target, weight, pos_weight, reduction)
     be = resolve(backend, input.device)
     if be == "torch":

@@ -1,4 +1,6 @@
 """Sigmoid-Bernoulli KL and the BCE-with-logits drop-in (one kernel family)."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +145,20 @@ def test_bce_matches_torch(backend, dtype, reduction, weights, require_backend):
     assert_close_rel(loss, rloss, tol, "loss")
     assert_close_rel(gx, rgx, tol, "grad input")
     assert_close_rel(gt, rgt, tol, "grad target")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bce_takes_a_0d_input_as_torch_does(backend, require_backend):
+    require_backend(backend)
+    x, t = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    w, pw = torch.tensor(1.5, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    for reduction, kw in itertools.product(["none", "sum", "mean"], [{}, {"weight": w, "pos_weight": pw}]):
+        got = grads(lambda a, b: kl_ext.binary_cross_entropy_with_logits(a, b, reduction=reduction, backend=backend,
+                                                                         **kw), x, t)
+        exp = grads(lambda a, b: F.binary_cross_entropy_with_logits(a, b, reduction=reduction, **kw), x, t)
+        for a, e in zip(got, exp):
+            assert a.shape == e.shape == ()
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_bce_module_is_drop_in():
