@@ -313,7 +313,7 @@ def test_opcheck_cpu(require_backend):
 
 
 def test_opcheck_triton_schema(require_backend):
-    # Fake-tensor tracing of triton_op needs real GPU kernels; the full opcheck runs in tests/test_gpu.py.
+    # The schema here (the interpreter is slow); the full opcheck runs in tests/test_gpu.py.
     require_backend("triton")
     for args in _opcheck_samples()[:4]:
         torch.library.opcheck(torch.ops.kl_ext_triton.kl_div_with_logits_fwd.default, args, test_utils="test_schema")
