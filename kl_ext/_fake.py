@@ -52,4 +52,3 @@ _FAKES = {"kl_div_with_logits_fwd": _kl_fwd, "jsd_with_logits_fwd": _jsd_fwd,
 def register(namespace):
     for name, fn in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fn)
-

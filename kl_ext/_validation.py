@@ -146,6 +146,11 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd")
 LINEAR_REDUCTIONS = ("none", "sum", "batchmean")
 
 
+def divergence_beta(divergence: str, beta: float) -> float:
+    """The generalized JSD's beta of a divergence name: "kl" is 0 (KL(teacher || student)), "reverse_kl" 1."""
+    return {"kl": 0.0, "reverse_kl": 1.0}.get(divergence, float(beta))
+
+
 def check_linear_distillation(input, weight, target, bias, t_weight, t_bias, t_indices, form, target_type, divergence,
                               beta, tail, temperature, logit_scale, softcap, labels, hard_weight, soft_weight, mask,
                               reduction, chunk_size) -> None:

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from kl_ext import reference
 from kl_ext._backends import op, resolve
 from kl_ext._fused import divergence_op
-from kl_ext._validation import acc_dtype, check_linear_distillation
+from kl_ext._validation import acc_dtype, check_linear_distillation, divergence_beta
 
 __all__ = ["linear_distillation_loss", "LinearDistillationFunction", "LinearDistillationLoss", "default_chunk_size"]
 
@@ -245,7 +245,7 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
         keep = lab != ignore_index
         live = keep if live is None else live & keep
         lab = torch.where(keep, lab, torch.full_like(lab, -1))
-    spec = _Spec(be, form, target_type, {"kl": 0.0, "reverse_kl": 1.0}.get(divergence, float(beta)), tail,
+    spec = _Spec(be, form, target_type, divergence_beta(divergence, beta), tail,
                  float(temperature), float(logit_scale), None if softcap is None else float(softcap),
                  float(hard_weight), float(soft_weight), labels is not None, reduction, int(chunk))
     x = input.reshape(rows, input.shape[-1])

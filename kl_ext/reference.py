@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kl_ext._validation import acc_dtype
+from kl_ext._validation import acc_dtype, divergence_beta
 
 __all__ = ["kl_div_with_logits", "jsd_with_logits", "sparse_kl_div_with_logits", "linear_distillation_loss",
            "bernoulli_kl_div_with_logits",
@@ -186,8 +186,8 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
         else:
             hidden = target_linear_weight is not None
             t = logits(target, target_linear_weight, target_linear_bias) if hidden else target.to(acc)
-            b = {"kl": 0.0, "reverse_kl": 1.0}.get(divergence, beta)
-            soft = jsd_with_logits(z, t, beta=b, target_type="logits" if hidden else target_type, **kw)
+            soft = jsd_with_logits(z, t, beta=divergence_beta(divergence, beta),
+                                   target_type="logits" if hidden else target_type, **kw)
         row = row + soft_weight * soft
     if labels is not None and hard_weight != 0:
         hard = -torch.log_softmax(z, -1).gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
