@@ -73,43 +73,74 @@ inline void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& 
 
 // A kl_div_with_logits_fwd / jsd_with_logits_fwd call after its checks: parsed options and the outputs every
 // backend fills (direction: forward for the JSD).
+//
+// Vocabulary-parallel modes (row_stats given; kl_ext/distributed.py): the rows are one shard of the vocabulary.
+//  * row_stats (rows, 0), the statistics pass (no gradients): `shard` (rows, 3) gets the row's loss on this shard
+//    alone (the KL; 0 for the JSD) and the log-masses of student and teacher on the shard: the log-sum-exp of
+//    input / T and of target / T (log of their sum for probs / log-probs targets), -inf where there is none.
+//  * row_stats (rows, 4) of the full rows, the finishing pass (`given`): the log-masses of student and teacher
+//    and the row sums the gradients take (the KL: the row's KL; the JSD: sum q g, sum p h). The kernels use them
+//    instead of the shard's own statistics; `shard` (rows, 2) gets the JSD's sums over this shard (zeros for the
+//    KL, whose loss the statistics pass gives).
+// `loss` is then scratch; masked rows give zeros in `shard`.
 struct KLCall {
   TargetType target_type;
   Direction direction;
   at::Tensor loss, gx, gt;
+  at::Tensor shard, given;  // undefined unless row_stats was given
+
+  // What the op returns as its loss.
+  const at::Tensor& out() const { return shard.defined() ? shard : loss; }
 };
 
 // The checks and outputs of the row-softmax losses' ops (kl_div_with_logits_fwd, jsd_with_logits_fwd).
 inline KLCall prepare_softmax_rows(const at::Tensor& input, const at::Tensor& target,
                                    const c10::optional<at::Tensor>& mask, c10::string_view target_type,
                                    double temperature, bool grad_input, bool grad_target,
-                                   const c10::optional<at::Tensor>& grad_scale) {
+                                   const c10::optional<at::Tensor>& grad_scale,
+                                   const c10::optional<at::Tensor>& row_stats) {
   check_rows(input, target);
   check_grad_scale(grad_scale, input);
   TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
   const int64_t N = input.size(0);
   check_mask(mask, input);
-  return {parse_target_type(std::string(target_type)), Direction::Forward,
-          at::empty({N}, input.options().dtype(acc_type(input.scalar_type()))),
-          grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
-          grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+  const auto acc = input.options().dtype(acc_type(input.scalar_type()));
+  KLCall call{parse_target_type(std::string(target_type)), Direction::Forward, at::empty({N}, acc),
+              grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
+              grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+  if (row_stats.has_value()) {
+    const at::Tensor& s = *row_stats;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == N && (s.size(1) == 0 || s.size(1) == 4) && s.is_contiguous() &&
+                    s.scalar_type() == acc_type(input.scalar_type()) && s.device() == input.device(),
+                "kl_ext: row_stats must be a contiguous (rows, 0) or (rows, 4) tensor of the accumulation dtype "
+                "on the input's device");
+    const bool stats_pass = s.size(1) == 0;
+    TORCH_CHECK(!stats_pass || !(grad_input || grad_target),
+                "kl_ext: the statistics pass (row_stats of 0 columns) computes no gradients");
+    call.shard = at::zeros({N, stats_pass ? 3 : 2}, acc);
+    if (!stats_pass) call.given = s;
+  }
+  return call;
 }
 
 inline KLCall prepare_kl(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
                          c10::string_view target_type, double temperature, c10::string_view direction,
-                         bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+                         bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale,
+                         const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target,
-                                     grad_scale);
+                                     grad_scale, row_stats);
   call.direction = parse_direction(std::string(direction));
   return call;
 }
 
 inline KLCall prepare_jsd(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
                           c10::string_view target_type, double temperature, double beta, bool grad_input,
-                          bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+                          bool grad_target, const c10::optional<at::Tensor>& grad_scale,
+                          const c10::optional<at::Tensor>& row_stats) {
   TORCH_CHECK(beta > 0 && beta < 1,
               "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1 (beta 0 and 1 are kl_div_with_logits_fwd's directions)");
-  return prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target, grad_scale);
+  return prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target, grad_scale,
+                              row_stats);
 }
 
 // sparse_kl_div_with_logits_fwd after its checks: parsed options and the outputs every backend fills (gv: the

@@ -92,6 +92,22 @@ RowStats<T> stats(T mx, T sum) {
   return {mx + std::log(sum), T(1) / sum, T(1)};
 }
 
+// log of a side's mass from its statistics: the log-sum-exp, -inf where there is none.
+template <typename T>
+inline T log_mass(const RowStats<T>& s) {
+  return s.mass > 0 ? s.lse : -std::numeric_limits<T>::infinity();
+}
+
+// The statistics of a whole row for one shard of it (the vocab-parallel finishing pass, csrc/common.h), from the
+// row's log-mass lm, for values staged relative to `shift` (exp(v - shift) * inv = exp(v - lse)). Targets that
+// are not logits are used as given: lse 0, inv 1, and their mass.
+template <typename T>
+inline RowStats<T> given_stats(T lm, T shift, bool normalized) {
+  if (!normalized) return {T(0), T(1), std::exp(lm)};
+  if (lm == -std::numeric_limits<T>::infinity()) return {std::numeric_limits<T>::infinity(), T(0), T(0)};
+  return {lm, std::exp(shift - lm), T(1)};
+}
+
 template <typename T>
 inline T safe_shift(T mx) {
   return mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;

@@ -30,7 +30,8 @@ inline Vec<T> log_mixture(const Vec<T>& ls, const Vec<T>& lt, T beta, T beta1) {
 template <typename scalar_t>
 void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
                   scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, double temperature, double beta,
-                  at::opmath_type<scalar_t> gs) {
+                  at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
+                  const at::opmath_type<scalar_t>* given) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
@@ -59,16 +60,31 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
           ep.store(pd + i);
           vt += ep;
         } else if (lp) {
-          V_t::loadu(c + i).exp().store(pd + i);
+          const V_t ep = V_t::loadu(c + i).exp();
+          ep.store(pd + i);
+          vt += ep;
         } else {
-          V_t::loadu(pd + i).log().store(c + i);
+          const V_t p = V_t::loadu(pd + i);
+          p.log().store(c + i);
+          vt += p;
         }
       }
       sum_s64 += hsum(vs);
       sum_t64 += hsum(vt);
     }
-    const RowStats<acc_t> ss = stats(mx_s, acc_t(sum_s64));
-    const RowStats<acc_t> st = logits ? stats(mx_t, acc_t(sum_t64)) : RowStats<acc_t>{acc_t(0), acc_t(1), acc_t(1)};
+    RowStats<acc_t> ss = stats(mx_s, acc_t(sum_s64));
+    RowStats<acc_t> st = logits ? stats(mx_t, acc_t(sum_t64)) : RowStats<acc_t>{acc_t(0), acc_t(1), acc_t(1)};
+    const acc_t* g = given != nullptr ? given + 4 * r : nullptr;
+    if (shard != nullptr && g == nullptr) {  // vocab-parallel statistics pass
+      acc_t* o = shard + 3 * r;
+      o[1] = log_mass(ss);
+      o[2] = logits ? log_mass(st) : acc_t(std::log(sum_t64));
+      return;
+    }
+    if (g != nullptr) {  // finishing pass: the whole row's statistics
+      ss = given_stats(g[0], sh_s, true);
+      st = given_stats(g[1], sh_t, logits);
+    }
     // Loss pass: terms and the gradient sums sum q g, sum p h.
     double loss64 = 0, sq64 = 0, sp64 = 0;
     for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
@@ -94,7 +110,14 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
       sq64 += hsum(vq);
       sp64 += hsum(vp);
     }
-    loss[r] = acc_t(loss64);
+    if (shard == nullptr) {
+      loss[r] = acc_t(loss64);
+    } else {  // this shard's sums; the gradients take the whole row's
+      shard[2 * r] = acc_t(sq64);
+      shard[2 * r + 1] = acc_t(sp64);
+      sq64 = g[2];
+      sp64 = g[3];
+    }
     if (!keep) return;
 
     const V_t Vsq(static_cast<acc_t>(sq64)), Vsp(static_cast<acc_t>(sp64)), Vgx(inv_T * gs),
@@ -116,9 +139,9 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_with_logits_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, double beta, bool grad_input, bool grad_target,
-    const c10::optional<at::Tensor>& grad_scale) {
+    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input, grad_target,
-                            grad_scale);
+                            grad_scale, row_stats);
   const int64_t N = input.size(0), V = input.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "jsd_with_logits_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -127,19 +150,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_with_logits_fwd_cpu(
                            call.loss.mutable_data_ptr<acc_t>(),
                            grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
                            grad_target ? call.gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, call.target_type,
-                           temperature, beta, grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
+                           temperature, beta, grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
+                           call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+                           call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
   });
-  return {call.loss, call.gx, call.gt};
+  return {call.out(), call.gx, call.gt};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
   // Per-row generalized JSD (accumulation dtype, 0 for masked rows), 0 < beta < 1, and, when asked, the
-  // gradients of each row's loss w.r.t. input and target times grad_scale; as kl_div_with_logits_fwd.
+  // gradients of each row's loss w.r.t. input and target times grad_scale; as kl_div_with_logits_fwd, row_stats
+  // included.
   m.def(
       "jsd_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None, Tensor? row_stats=None) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("jsd_with_logits_fwd", &jsd_with_logits_fwd_cpu); }

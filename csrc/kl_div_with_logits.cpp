@@ -36,7 +36,8 @@ using namespace cpu;
 template <typename scalar_t>
 void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
                  scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
-                 double temperature, at::opmath_type<scalar_t> gs) {
+                 double temperature, at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
+                 const at::opmath_type<scalar_t>* given) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
@@ -87,19 +88,32 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
       acc64 += hsum(vacc);
     }
     const acc_t sum_s = acc_t(sum_s64), sum_t = acc_t(sum_t64), acc = acc_t(acc64);
-    const RowStats<acc_t> ss = stats(mx_s, sum_s);
-    const RowStats<acc_t> st = logits ? stats(mx_t, sum_t) : RowStats<acc_t>{acc_t(0), acc_t(1), sum_t};
-    const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
+    RowStats<acc_t> ss = stats(mx_s, sum_s);
+    RowStats<acc_t> st = logits ? stats(mx_t, sum_t) : RowStats<acc_t>{acc_t(0), acc_t(1), sum_t};
     // A side with no mass gives 0 (it is the weight) or +inf (the other side has mass where it has none).
     const acc_t inf = std::numeric_limits<acc_t>::infinity();
     // log sum_t - log sum_s; for two logit rows from their ratio, which is ~1 for near-identical rows:
     // a difference of two logs of ~log V each would add their rounding (~1e-6 in fp32) to a tiny KL.
     const acc_t dlsum = logits ? acc_t(-std::log1p((sum_s64 - sum_t64) / sum_t64)) : -std::log(sum_s);
-    const acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : acc * st.inv - st.mass * dlsum)
-                         : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : acc * ss.inv + dlsum);
-    loss[r] = kl;
+    acc_t kl = fwd ? (st.mass == 0 ? acc_t(0) : ss.mass == 0 ? inf : acc * st.inv - st.mass * dlsum)
+                   : (ss.mass == 0 ? acc_t(0) : st.mass == 0 ? inf : acc * ss.inv + dlsum);
+    if (shard == nullptr) {
+      loss[r] = kl;
+    } else if (given == nullptr) {  // vocab-parallel statistics pass
+      acc_t* o = shard + 3 * r;
+      o[0] = kl;
+      o[1] = log_mass(ss);
+      o[2] = logits ? log_mass(st) : std::log(sum_t);
+      return;
+    } else {  // finishing pass: the whole row's statistics
+      const acc_t* g = given + 4 * r;
+      ss = given_stats(g[0], sh_s, true);
+      st = given_stats(g[1], sh_t, logits);
+      kl = g[2];
+    }
     if (!keep) return;
 
+    const acc_t dlse = st.lse - ss.lse;  // NaN only when both rows have no mass, where every term is 0
     const V_t Vinv_s(ss.inv), Vinv_t(st.inv), Vdlse(dlse), Vkl(kl);
     for (int64_t i = 0; i < np; i += L) {
       const V_t q = V_t::loadu(b + i) * Vinv_s, p = V_t::loadu(d + i) * Vinv_t;
@@ -131,9 +145,9 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
-    bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
-                           grad_scale);
+                           grad_scale, row_stats);
   const int64_t N = input.size(0), V = input.size(1);
   at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cpu", [&] {
@@ -142,9 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
                           mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, loss.mutable_data_ptr<at::opmath_type<scalar_t>>(),
                           grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                           grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, call.target_type, call.direction, temperature,
-                          grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
+                          grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
+                          call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+                          call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
   });
-  return {loss, gx, gt};
+  return {call.out(), gx, gt};
 }
 
 }  // namespace
@@ -152,10 +168,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
   // Per-row KL (accumulation dtype, 0 for masked rows) and, when asked, the gradients of each row's KL w.r.t. input
   // and target times grad_scale (a 0-dim accumulation-dtype tensor, e.g. 1 / rows for 'batchmean'; empty tensors
-  // when not asked). input/target: contiguous (rows, V), same dtype.
+  // when not asked). input/target: contiguous (rows, V), same dtype. row_stats: the vocab-parallel modes
+  // (csrc/common.h, KLCall), which return (rows, 3) or (rows, 2) instead of the per-row KL.
   m.def(
       "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None, Tensor? row_stats=None) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("kl_div_with_logits_fwd", &kl_div_with_logits_fwd_cpu); }

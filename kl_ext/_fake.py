@@ -13,15 +13,21 @@ def _grads(input, target, grad_input, grad_target):
     return gi, gt
 
 
+def _softmax_rows_loss(input, row_stats):
+    """Per-row loss, or the vocab-parallel modes' (rows, 3) / (rows, 2) (csrc/common.h, KLCall)."""
+    rows = input.shape[0]
+    shape = (rows,) if row_stats is None else (rows, 3 if row_stats.shape[1] == 0 else 2)
+    return input.new_empty(shape, dtype=_acc(input.dtype))
+
+
 def _kl_fwd(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
-            grad_scale=None):
-    return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
-            *_grads(input, target, grad_input, grad_target))
+            grad_scale=None, row_stats=None):
+    return _softmax_rows_loss(input, row_stats), *_grads(input, target, grad_input, grad_target)
 
 
-def _jsd_fwd(input, target, mask, target_type, temperature, beta, grad_input, grad_target, grad_scale=None):
-    return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
-            *_grads(input, target, grad_input, grad_target))
+def _jsd_fwd(input, target, mask, target_type, temperature, beta, grad_input, grad_target, grad_scale=None,
+             row_stats=None):
+    return _softmax_rows_loss(input, row_stats), *_grads(input, target, grad_input, grad_target)
 
 
 def _sparse_fwd(input, target_indices, target_values, mask, target_type, tail, temperature, grad_input, grad_target,

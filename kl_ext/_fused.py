@@ -34,32 +34,43 @@ def _factor(f: Optional[torch.Tensor], input: torch.Tensor) -> Optional[torch.Te
     return f.expand(input.shape).reshape(-1).contiguous()
 
 
+def _denominator(reduction, counted, acc, device):
+    """(what the reduced loss divides by, its reciprocal as the kernels' grad_scale), both None for 'sum' and
+    'none'. counted: an int or a device tensor. Nothing counted (empty batch, all rows masked) gives loss 0,
+    never 0/0."""
+    if reduction not in ("mean", "batchmean"):
+        return None, None
+    if isinstance(counted, torch.Tensor):
+        denom = counted.clamp(min=1).to(acc)
+        return denom, denom.reciprocal()
+    denom = float(max(counted, 1))
+    return denom, torch.full((), 1.0 / denom, dtype=acc, device=device)
+
+
+def _reduce(loss, reduction, denom):
+    return loss if reduction == "none" else (loss.sum() if denom is None else loss.sum() / denom)
+
+
+def _keep_grads(ctx, backend, sources, gx, gt, rerun):
+    """Keep the forward's gradients for _fused_backward. rerun() recomputes (loss, gx, gt) for a second backward
+    through a retained graph, from sources: the user's tensors (input and target first; not copies made from
+    them, which would stay alive with the graph)."""
+    ctx.backend, ctx.shapes, ctx.scaled_in_place = backend, (sources[0].shape, sources[1].shape), False
+    ctx.save_for_backward(gx, gt)
+    if not torch.compiler.is_compiling():
+        ctx.rerun = (rerun, sources, [x._version for x in sources if x is not None])
+
+
 def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, grad_input, grad_target):
     """Run forward op `name` on make_args() (its leading arguments), reduce its loss and keep its gradients
     for backward. sources: the user's tensors the arguments are made from (input and target first).
     counted: what the reduction divides by, an int or a device tensor."""
-    input, target = sources[0], sources[1]
-    acc = acc_dtype(input.dtype)
-    denom = grad_scale = None
-    if reduction in ("mean", "batchmean"):
-        # Nothing counted (empty batch, all rows masked) gives loss 0, never 0/0.
-        if isinstance(counted, torch.Tensor):
-            denom = counted.clamp(min=1).to(acc)
-            grad_scale = denom.reciprocal()
-        else:
-            denom = float(max(counted, 1))
-            grad_scale = torch.full((), 1.0 / denom, dtype=acc, device=input.device)
+    input = sources[0]
+    denom, grad_scale = _denominator(reduction, counted, acc_dtype(input.dtype), input.device)
     grad_args = (grad_input, grad_target, grad_scale if grad_input or grad_target else None)
     loss, gx, gt = op(backend, name)(*make_args(), *grad_args)
-    out = loss if reduction == "none" else (loss.sum() if denom is None else loss.sum() / denom)
-    ctx.backend, ctx.shapes, ctx.scaled_in_place = backend, (input.shape, target.shape), False
-    ctx.save_for_backward(gx, gt)
-    if not torch.compiler.is_compiling():
-        # What a second backward through a retained graph needs to recompute the gradients: the user's
-        # tensors (not copies made from them, which would stay alive with the graph).
-        versions = [x._version for x in sources if x is not None]
-        ctx.rerun = (lambda: op(backend, name)(*make_args(), *grad_args), sources, versions)
-    return out
+    _keep_grads(ctx, backend, sources, gx, gt, lambda: op(backend, name)(*make_args(), *grad_args))
+    return _reduce(loss, reduction, denom)
 
 
 def _rows_forward(ctx, name, backend, make_args, sources, mask, reduction, grad_input, grad_target):

@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 
 from kl_ext.triton_kernels._config import row_config
-from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _load_chunk,
-                                                      _log1p, _lse, _online_lse, _row_start, _zero_grads)
+from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _given_stats,
+                                                      _load_chunk, _log1p, _lse, _online_lse, _put_shard_stats,
+                                                      _row_start, _zero_grads, row_outputs)
 
 
 # One block holds rows up to 8192: q, p, g and h per element spill 144 - 464 bytes at 16384 (sm_90, checked by
@@ -55,9 +56,37 @@ def _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGE
 
 
 @triton.jit
-def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t, beta,
+def _row_lse(given_ptr, row, m_s, d_s, m_t, d_t, TARGET: tl.constexpr, VP: tl.constexpr):
+    """The row's lse_s, lse_t: from its statistics, or given (the vocab-parallel finishing pass)."""
+    if VP == 2:
+        _, lse_s, lse_t, _, _ = _given_stats(given_ptr, row, TARGET)
+    else:
+        lse_s = _lse(m_s, d_s)
+        lse_t = 0.0
+        if TARGET == LOGITS:
+            lse_t = _lse(m_t, d_t)
+    return lse_s, lse_t
+
+
+@triton.jit
+def _put_sums(loss_ptr, shard_ptr, given_ptr, row, sq, sp, VP: tl.constexpr):
+    """Store the row's loss (sq + sp), or in the finishing pass this shard's sums; returns the sums the gradients
+    take (the whole row's, given, in the finishing pass)."""
+    if VP == 2:
+        tl.store(shard_ptr + row * 2, sq)
+        tl.store(shard_ptr + row * 2 + 1, sp)
+        sq = tl.load(given_ptr + row * 4 + 2)
+        sp = tl.load(given_ptr + row * 4 + 3)
+    else:
+        tl.store(loss_ptr + row, sq + sp)
+    return sq, sp
+
+
+@triton.jit
+def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, shard_ptr, given_ptr, V, inv_t, beta,
                     TARGET: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr, GRAD_X: tl.constexpr,
-                    GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                    GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr, VP: tl.constexpr):
+    # VP as the KL kernel's; d_t holds the teacher's mass for targets that are not logits (statistics pass).
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
                                                             HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
@@ -65,51 +94,61 @@ def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V,
         if ONE_CHUNK:
             inb = cols < V
             zs, lt, p = _load_chunk(x_ptr, t_ptr, cols, inb, inv_t, TARGET)
-            m_s, d_s = _online_lse(float("-inf"), 0.0, zs)
-            lse_t = 0.0
-            if TARGET == LOGITS:
-                m_t, d_t = _online_lse(float("-inf"), 0.0, lt)
-                lse_t = _lse(m_t, d_t)
-            q, p, g, h, qg, ph = _terms(zs, lt, p, _lse(m_s, d_s), lse_t, beta, TARGET)
-            tl.store(loss_ptr + row, tl.sum(qg + ph, 0))
-            if GRAD_X or GRAD_T:
-                _store_grads(q, p, g, h, tl.sum(qg, 0), tl.sum(ph, 0), cols, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET,
-                             GRAD_X, GRAD_T)
+            m_s = float("-inf")
+            d_s = 0.0
+            m_t = float("-inf")
+            d_t = 0.0
+            if VP != 2:
+                m_s, d_s = _online_lse(m_s, d_s, zs)
+                if TARGET == LOGITS:
+                    m_t, d_t = _online_lse(m_t, d_t, lt)
+                else:
+                    d_t = tl.sum(p, 0)
+            lse_s, lse_t = _row_lse(given_ptr, row, m_s, d_s, m_t, d_t, TARGET, VP)
+            if VP == 1:
+                _put_shard_stats(shard_ptr, row, 0.0, lse_s, lse_t, d_t, d_s, TARGET)
+            else:
+                q, p, g, h, qg, ph = _terms(zs, lt, p, lse_s, lse_t, beta, TARGET)
+                sq = tl.sum(qg, 0)
+                sp = tl.sum(ph, 0)
+                sq, sp = _put_sums(loss_ptr, shard_ptr, given_ptr, row, sq, sp, VP)
+                if GRAD_X or GRAD_T:
+                    _store_grads(q, p, g, h, sq, sp, cols, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET, GRAD_X, GRAD_T)
         else:
             m_s = float("-inf")
             d_s = 0.0
             m_t = float("-inf")
             d_t = 0.0
-            for start in range(0, V, BLOCK):
-                offs = start + cols
-                zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
-                m_s, d_s = _online_lse(m_s, d_s, zs)
-                if TARGET == LOGITS:
-                    m_t, d_t = _online_lse(m_t, d_t, lt)
-            lse_s = _lse(m_s, d_s)
-            lse_t = 0.0
-            if TARGET == LOGITS:
-                lse_t = _lse(m_t, d_t)
-            acc_l = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_q = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_p = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, V, BLOCK):
-                offs = start + cols
-                zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
-                q, p, g, h, qg, ph = _terms(zs, lt, p, lse_s, lse_t, beta, TARGET)
-                acc_l += qg + ph
-                acc_q += qg
-                acc_p += ph
-            tl.store(loss_ptr + row, tl.sum(acc_l, 0))
-            if GRAD_X or GRAD_T:
-                sq = tl.sum(acc_q, 0)
-                sp = tl.sum(acc_p, 0)
+            if VP != 2:
                 for start in range(0, V, BLOCK):
                     offs = start + cols
-                    inb = offs < V
-                    zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, inb, inv_t, TARGET)
+                    zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
+                    m_s, d_s = _online_lse(m_s, d_s, zs)
+                    if TARGET == LOGITS:
+                        m_t, d_t = _online_lse(m_t, d_t, lt)
+                    else:
+                        d_t += tl.sum(p, 0)
+            lse_s, lse_t = _row_lse(given_ptr, row, m_s, d_s, m_t, d_t, TARGET, VP)
+            if VP == 1:
+                _put_shard_stats(shard_ptr, row, 0.0, lse_s, lse_t, d_t, d_s, TARGET)
+            else:
+                acc_q = tl.zeros([BLOCK], dtype=tl.float32)
+                acc_p = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
                     q, p, g, h, qg, ph = _terms(zs, lt, p, lse_s, lse_t, beta, TARGET)
-                    _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET, GRAD_X, GRAD_T)
+                    acc_q += qg
+                    acc_p += ph
+                sq, sp = _put_sums(loss_ptr, shard_ptr, given_ptr, row, tl.sum(acc_q, 0), tl.sum(acc_p, 0), VP)
+                if GRAD_X or GRAD_T:
+                    for start in range(0, V, BLOCK):
+                        offs = start + cols
+                        inb = offs < V
+                        zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, inb, inv_t, TARGET)
+                        q, p, g, h, qg, ph = _terms(zs, lt, p, lse_s, lse_t, beta, TARGET)
+                        _store_grads(q, p, g, h, sq, sp, offs, inb, gx_ptr, gt_ptr, inv_t, gs, TARGET, GRAD_X,
+                                     GRAD_T)
     else:
         tl.store(loss_ptr + row, 0.0)
         _zero_grads(gx_ptr, gt_ptr, V, BLOCK, GRAD_X, GRAD_T)
@@ -118,18 +157,17 @@ def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V,
 @torch.library.custom_op("kl_ext_triton::jsd_with_logits_fwd", mutates_args=())
 def jsd_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
                         temperature: float, beta: float, grad_input: bool, grad_target: bool,
-                        grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        grad_scale: torch.Tensor | None = None, row_stats: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch._check(0 < beta < 1, lambda: "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1")
+    loss, shard, vp, gx, gt = row_outputs(input, target, grad_input, grad_target, row_stats)
     N, V = input.shape
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    loss = torch.empty((N,), device=input.device, dtype=acc)
-    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
-    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
     if N > 0:
         block, warps, one_chunk = row_config(V, input.element_size(), ONE_BLOCK_MAX)
         _jsd_fwd_kernel[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
-            grad_scale if grad_scale is not None else loss, V, 1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
+            grad_scale if grad_scale is not None else loss, shard, row_stats if vp == 2 else loss, V,
+            1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block,
-            num_warps=warps, enable_fp_fusion=FP_FUSION)
-    return loss, gx, gt
+            VP=vp, num_warps=warps, enable_fp_fusion=FP_FUSION)
+    return shard if vp else loss, gx, gt

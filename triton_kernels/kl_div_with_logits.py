@@ -138,6 +138,37 @@ def _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET: tl.constexpr, FORWARD: tl.cons
 
 
 @triton.jit
+def _put_shard_stats(shard_ptr, row, loss, lse_s, lse_t, s_p, s_q, TARGET: tl.constexpr):
+    """Vocab-parallel statistics pass (csrc/common.h, KLCall): the row's loss on this shard alone and the
+    natural log-masses of student and teacher (-inf where none)."""
+    o = shard_ptr + row * 3
+    tl.store(o, loss)
+    tl.store(o + 1, tl.where(s_q > 0, lse_s, float("-inf")))
+    if TARGET == LOGITS:
+        tl.store(o + 2, tl.where(s_p > 0, lse_t, float("-inf")))
+    else:
+        tl.store(o + 2, tl.log(s_p))
+
+
+@triton.jit
+def _given_stats(given_ptr, row, TARGET: tl.constexpr):
+    """Finishing pass: the whole row's (kl, lse_s, lse_t, teacher mass, student mass), as _finish gives them,
+    from its log-masses and loss; targets that are not logits are used as given, with their mass."""
+    g = given_ptr + row * 4
+    l_s = tl.load(g)
+    l_t = tl.load(g + 1)
+    lse_s = tl.where(l_s > float("-inf"), l_s, float("inf"))
+    s_q = tl.where(l_s > float("-inf"), 1.0, 0.0)
+    if TARGET == LOGITS:
+        lse_t = tl.where(l_t > float("-inf"), l_t, float("inf"))
+        s_p = tl.where(l_t > float("-inf"), 1.0, 0.0)
+    else:
+        lse_t = 0.0
+        s_p = tl.exp(l_t)
+    return tl.load(g + 2), lse_s, lse_t, s_p, s_q
+
+
+@triton.jit
 def _store_grads(zs, lt, p, offs, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_q, inv_t, gs,
                  TARGET: tl.constexpr, FORWARD: tl.constexpr, GRAD_X: tl.constexpr, GRAD_T: tl.constexpr):
     """Gradients of the row KL (times gs, the reduction's 1 / denominator) for one chunk."""
@@ -199,9 +230,11 @@ def _zero_grads(gx_ptr, gt_ptr, V, BLOCK: tl.constexpr, GRAD_X: tl.constexpr, GR
 
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, inv_t,
+def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, shard_ptr, given_ptr, V, inv_t,
                    TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
-                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                   GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   VP: tl.constexpr):
+    # VP: 0 a whole row, 1 the vocab-parallel statistics pass, 2 its finishing pass (csrc/common.h, KLCall).
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
                                                             HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
@@ -210,27 +243,41 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, 
             # The whole row fits one block: read it once, keep it in registers for the gradients.
             inb = cols < V
             zs, lt, p = _load_chunk(x_ptr, t_ptr, cols, inb, inv_t, TARGET)
-            m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, float("-inf"), 0.0, float("-inf"), 0.0, 0.0,
-                                                       0.0, TARGET, FORWARD)
-            kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
-            tl.store(loss_ptr + row, kl)
+            if VP == 2:
+                kl, lse_s, lse_t, s_p, s_q = _given_stats(given_ptr, row, TARGET)
+            else:
+                m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, float("-inf"), 0.0, float("-inf"), 0.0, 0.0,
+                                                           0.0, TARGET, FORWARD)
+                kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
+            if VP == 0:
+                tl.store(loss_ptr + row, kl)
+            elif VP == 1:
+                _put_shard_stats(shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET)
             if GRAD_X or GRAD_T:
                 _store_grads(zs, lt, p, cols, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_q, inv_t, gs,
                              TARGET, FORWARD, GRAD_X, GRAD_T)
         else:
-            # Pass 1 streams the row once with online statistics; pass 2 (gradients only) streams it again.
-            m_s = float("-inf")
-            d_s = 0.0
-            m_t = float("-inf")
-            d_t = 0.0
-            acc = 0.0
-            s_p = 0.0
-            for start in range(0, V, BLOCK):
-                offs = start + cols
-                zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
-                m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
-            kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
-            tl.store(loss_ptr + row, kl)
+            # Pass 1 streams the row once with online statistics (given instead in the finishing pass); pass 2
+            # (gradients only) streams it again.
+            if VP == 2:
+                kl, lse_s, lse_t, s_p, s_q = _given_stats(given_ptr, row, TARGET)
+            else:
+                m_s = float("-inf")
+                d_s = 0.0
+                m_t = float("-inf")
+                d_t = 0.0
+                acc = 0.0
+                s_p = 0.0
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    zs, lt, p = _load_chunk(x_ptr, t_ptr, offs, offs < V, inv_t, TARGET)
+                    m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, m_s, d_s, m_t, d_t, acc, s_p, TARGET,
+                                                               FORWARD)
+                kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
+            if VP == 0:
+                tl.store(loss_ptr + row, kl)
+            elif VP == 1:
+                _put_shard_stats(shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET)
             if GRAD_X or GRAD_T:
                 for start in range(0, V, BLOCK):
                     offs = start + cols
@@ -246,20 +293,31 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, V, 
 @torch.library.custom_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
 def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
                            temperature: float, direction: str, grad_input: bool,
-                           grad_target: bool, grad_scale: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           grad_target: bool, grad_scale: torch.Tensor | None = None,
+                           row_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, shard, vp, gx, gt = row_outputs(input, target, grad_input, grad_target, row_stats)
     N, V = input.shape
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    loss = torch.empty((N,), device=input.device, dtype=acc)
-    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
-    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
     if N > 0:
         block, warps, one_chunk = row_config(V, input.element_size())
         _kl_fwd_kernel[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
-            grad_scale if grad_scale is not None else loss, V, 1.0 / temperature,
-            TARGET=_TARGET[target_type], FORWARD=direction == "forward", HAS_MASK=mask is not None,
-            HAS_GS=grad_scale is not None,
-            GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block, num_warps=warps,
-            enable_fp_fusion=FP_FUSION)
-    return loss, gx, gt
+            grad_scale if grad_scale is not None else loss, shard, row_stats if vp == 2 else loss, V,
+            1.0 / temperature, TARGET=_TARGET[target_type], FORWARD=direction == "forward",
+            HAS_MASK=mask is not None, HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target,
+            ONE_CHUNK=one_chunk, BLOCK=block, VP=vp, num_warps=warps, enable_fp_fusion=FP_FUSION)
+    return shard if vp else loss, gx, gt
+
+
+def row_outputs(input, target, grad_input, grad_target, row_stats):
+    """The row-softmax ops' outputs: (per-row loss, vocab-parallel output, mode, gradients); the mode is 0 without
+    row_stats, 1 for its statistics pass and 2 for its finishing pass (csrc/common.h, KLCall)."""
+    N = input.shape[0]
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss = torch.empty((N,), device=input.device, dtype=acc)
+    vp = 0 if row_stats is None else 1 if row_stats.shape[1] == 0 else 2
+    torch._check(vp != 1 or not (grad_input or grad_target),
+                 lambda: "kl_ext: the statistics pass (row_stats of 0 columns) computes no gradients")
+    shard = torch.zeros((N, 3 if vp == 1 else 2), device=input.device, dtype=acc) if vp else loss
+    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    return loss, shard, vp, gx, gt

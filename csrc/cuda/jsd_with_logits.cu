@@ -10,11 +10,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_with_logits_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, double beta, bool grad_input, bool grad_target,
-    const c10::optional<at::Tensor>& grad_scale) {
+    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input, grad_target,
-                            grad_scale);
+                            grad_scale, row_stats);
   cuda::softmax_rows_fwd(call, input, target, mask, temperature, beta, grad_scale);
-  return {call.loss, call.gx, call.gt};
+  return {call.out(), call.gx, call.gt};
 }
 
 }  // namespace

@@ -37,11 +37,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input,
-    bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
-                           grad_scale);
+                           grad_scale, row_stats);
   cuda::softmax_rows_fwd(call, input, target, mask, temperature, 0.0, grad_scale);
-  return {call.loss, call.gx, call.gt};
+  return {call.out(), call.gx, call.gt};
 }
 
 }  // namespace

@@ -47,6 +47,8 @@ struct KLArgs {
   TargetType target;
   bool forward;         // direction (KL)
   acc_t beta;           // JSD: 0 < beta < 1
+  acc_t* shard;         // vocab-parallel modes (csrc/common.h, KLCall), nullptr: none
+  const acc_t* given;   // (N, 4) of the finishing pass, nullptr: the statistics pass (or none)
 };
 
 // Online statistics of (part of) a row, base 2. For teacher probs / log-probs, m_t and d_t are unused and s_p
@@ -232,6 +234,30 @@ __host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, T
               : (has_s ? st.acc / st.d_s - klog2(st.d_s) : T(0));
   }
   r.kl = kl2 * T(kLn2);
+  return r;
+}
+
+// Vocab-parallel statistics pass (csrc/common.h): the row's loss on this shard alone (0 for the JSD) and the
+// natural log-masses of student and teacher (-inf where none).
+template <typename T>
+__host__ __device__ __forceinline__ void put_shard_stats(T* o, const RowResult<T>& r, bool logits, bool jsd) {
+  const T ln2 = T(kLn2), inf = kinf<T>();
+  o[0] = jsd ? T(0) : r.kl;
+  o[1] = r.mass_s > T(0) ? r.lse_s * ln2 : -inf;
+  o[2] = logits ? (r.mass_t > T(0) ? r.lse_t * ln2 : -inf) : klog(r.mass_t);
+}
+
+// The finishing pass: the whole row's statistics from its log-masses g[0], g[1] and its loss g[2] (the KL's
+// gradients take it); targets that are not logits are used as given, with their mass.
+template <typename T>
+__host__ __device__ __forceinline__ RowResult<T> given_result(const T* g, bool logits) {
+  const T inf = kinf<T>(), l2e = T(kLog2e);
+  RowResult<T> r;
+  r.kl = g[2];
+  r.mass_s = g[0] > -inf ? T(1) : T(0);
+  r.lse_s = g[0] > -inf ? g[0] * l2e : inf;
+  r.mass_t = logits ? (g[1] > -inf ? T(1) : T(0)) : kexp(g[1]);
+  r.lse_t = logits ? (g[1] > -inf ? g[1] * l2e : inf) : T(0);
   return r;
 }
 
@@ -503,7 +529,10 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       zero_grads<scalar_t, VEC>(a.gx, a.gt, off, npacks);
     } else {
       RowResult<T> r;
-      if constexpr (RESIDENT) {
+      if (a.given != nullptr) {  // vocab-parallel finishing pass: the whole row's statistics are given
+        if constexpr (RESIDENT) load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
+        r = given_result(a.given + 4 * row, logits);
+      } else if constexpr (RESIDENT) {
         load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
         const Vals<T, 2> m =
             block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
@@ -522,6 +551,10 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
                                           double(m.v[0]), double(m.v[1]), logits, a.forward);
         r = block_finish(m, Vals<double, 4>{{w.d_s, w.d_t, w.acc, w.s_p}}, red_sum, &res, logits, a.forward);
       }
+      if (a.shard != nullptr && a.given == nullptr) {  // vocab-parallel statistics pass
+        if (tid == 0) put_shard_stats(a.shard + 3 * row, r, logits, JSD);
+        continue;
+      }
       T sq = T(0), sp = T(0);
       if constexpr (JSD) {
         Vals<double, 4> js{};
@@ -537,6 +570,14 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
         r.kl = T(js.v[0]);
         sq = T(js.v[1]);
         sp = T(js.v[2]);
+        if (a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's
+          if (tid == 0) {
+            a.shard[2 * row] = sq;
+            a.shard[2 * row + 1] = sp;
+          }
+          sq = a.given[4 * row + 2];
+          sp = a.given[4 * row + 3];
+        }
       }
       if (tid == 0) a.loss[row] = r.kl;
       if (grads) {
@@ -687,8 +728,9 @@ void launch_rows(const KLArgs<scalar_t>& a, const KLConfig& c, dim3 grid, dim3 b
 template <typename scalar_t, int VEC, bool JSD>
 void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
   const int64_t npacks = a.V / VEC;
-  const KLConfig c =
-      kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters, !JSD && hold_long_rows());
+  // Split rows (clusters) have no vocab-parallel modes: those stream.
+  const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters,
+                               !JSD && a.shard == nullptr && hold_long_rows());
   const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 4 : 1);
   const dim3 block(c.threads);
   if (!JSD && c.cluster > 0) {
@@ -722,7 +764,9 @@ inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const
                              acc_t(1.0 / temperature),
                              call.target_type,
                              call.direction == Direction::Forward,
-                             acc_t(beta)};
+                             acc_t(beta),
+                             call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+                             call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
     constexpr int VEC = vec_size<scalar_t>();
     // 16-byte packs need every row to start on a 16-byte boundary.
     const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt);

@@ -17,22 +17,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, c
                                                       const c10::optional<at::Tensor>& mask,
                                                       c10::string_view target_type, double temperature,
                                                       c10::string_view direction, bool grad_input, bool grad_target,
-                                                      const c10::optional<at::Tensor>& grad_scale) {
+                                                      const c10::optional<at::Tensor>& grad_scale,
+                                                      const c10::optional<at::Tensor>& row_stats) {
   kl_ext::KLCall call = kl_ext::prepare_kl(input, target, mask, target_type, temperature, direction, grad_input,
-                                           grad_target, grad_scale);
+                                           grad_target, grad_scale, row_stats);
   kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, 0.0, grad_scale, device, nullptr);
-  return {call.loss, call.gx, call.gt};
+  return {call.out(), call.gx, call.gt};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_fwd(const at::Tensor& input, const at::Tensor& target,
                                                        const c10::optional<at::Tensor>& mask,
                                                        c10::string_view target_type, double temperature, double beta,
                                                        bool grad_input, bool grad_target,
-                                                       const c10::optional<at::Tensor>& grad_scale) {
+                                                       const c10::optional<at::Tensor>& grad_scale,
+                                                       const c10::optional<at::Tensor>& row_stats) {
   kl_ext::KLCall call = kl_ext::prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input,
-                                            grad_target, grad_scale);
+                                            grad_target, grad_scale, row_stats);
   kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, beta, grad_scale, device, nullptr);
-  return {call.loss, call.gx, call.gt};
+  return {call.out(), call.gx, call.gt};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fwd(const at::Tensor& input, const at::Tensor& indices,
@@ -64,10 +66,12 @@ void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters}; }
 TORCH_LIBRARY(kl_ext_cuda_emu, m) {
   m.def(
       "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None, "
+      "Tensor? row_stats=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "jsd_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
+      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None, "
+      "Tensor? row_stats=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sparse_kl_div_with_logits_fwd(Tensor input, Tensor target_indices, Tensor target_values, Tensor? mask, "
       "str target_type, str tail, float temperature, bool grad_input, bool grad_target, Tensor? grad_scale=None) "
