@@ -280,3 +280,18 @@ def test_sparse_kernels_forward_only_bad_indices_and_determinism(emu):
         assert_close_rel(a, b, 2e-5, what)
     again = emu.sparse_kl_div_with_logits_fwd(x, bad, v, None, "log_probs", "bucket", 1.0, True, True, None)
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise, run to run
+
+
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "jsd_with_logits_fwd"])
+@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("V", [37, 1000, 9000], ids=["unaligned", "resident", "streamed"])
+def test_vocab_parallel_modes_match_cpu(emu, require_backend, op_name, target_type, V):
+    # The row_stats modes (kl_ext.distributed): what the C++ CPU kernels give, which tests/test_distributed.py
+    # checks against the reference on real process groups.
+    from test_distributed import _mode_args
+    require_backend("cpu")
+    for args in _mode_args(op_name, target_type, V):
+        want = getattr(torch.ops.kl_ext, op_name)(*args)
+        got = getattr(emu, op_name)(*args)
+        for g, w, what in zip(got, want, ("out", "grad input", "grad target")):
+            torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")

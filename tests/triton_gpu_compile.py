@@ -51,13 +51,17 @@ def kl_configs():
             full = dtype == "bf16" and V in (16384, 262144)
             for tt in (0, 1, 2) if full else (0,):
                 for fwd in (True, False) if full else (True,):
-                    sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
-                           "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32",
-                           "inv_t": "fp32"}
-                    consts = {"TARGET": tt, "FORWARD": fwd, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
-                              "GRAD_T": True, "ONE_CHUNK": one_chunk, "BLOCK": block}
-                    compile_one(kl._kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="kl", dtype=dtype, V=V, target=tt,
-                                forward=fwd, one_chunk=one_chunk)
+                    # The vocab-parallel modes (VP 1: statistics pass, no gradients; 2: finishing pass) where
+                    # every target type is compiled.
+                    for vp in (0, 1, 2) if full else (0,):
+                        sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
+                               "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "shard_ptr": "*fp32",
+                               "given_ptr": "*fp32", "V": "i32", "inv_t": "fp32"}
+                        consts = {"TARGET": tt, "FORWARD": fwd, "HAS_MASK": True, "HAS_GS": True,
+                                  "GRAD_X": vp != 1, "GRAD_T": vp != 1, "ONE_CHUNK": one_chunk, "BLOCK": block,
+                                  "VP": vp}
+                        compile_one(kl._kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="kl", dtype=dtype, V=V,
+                                    target=tt, forward=fwd, one_chunk=one_chunk, vp=vp)
 
 
 def jsd_configs():
@@ -66,13 +70,14 @@ def jsd_configs():
         for V in (jsd.ONE_BLOCK_MAX, 262144):
             block, warps, one_chunk = _config.row_config(V, ELEM[dtype], jsd.ONE_BLOCK_MAX)
             for tt in (0, 1, 2):
-                sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
-                       "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "V": "i32", "inv_t": "fp32",
-                       "beta": "fp32"}
-                consts = {"TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True, "GRAD_T": True,
-                          "ONE_CHUNK": one_chunk, "BLOCK": block}
-                compile_one(jsd._jsd_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="jsd", dtype=dtype, V=V,
-                            target=tt, one_chunk=one_chunk)
+                for vp in (0, 1, 2) if dtype == "bf16" else (0,):
+                    sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
+                           "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "shard_ptr": "*fp32",
+                           "given_ptr": "*fp32", "V": "i32", "inv_t": "fp32", "beta": "fp32"}
+                    consts = {"TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": vp != 1, "GRAD_T": vp != 1,
+                              "ONE_CHUNK": one_chunk, "BLOCK": block, "VP": vp}
+                    compile_one(jsd._jsd_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="jsd", dtype=dtype, V=V,
+                                target=tt, one_chunk=one_chunk, vp=vp)
 
 
 def sparse_configs():
