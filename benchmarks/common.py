@@ -184,8 +184,10 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
+        # Peak memory is measured on CUDA only (allocator statistics): "-" elsewhere, not nan.
+        peak = f"{r.peak_extra_mb:>9.1f}" if r.peak_extra_mb == r.peak_extra_mb else f"{'-':>9}"
         print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<10}{r.shape:<15}{r.provider:<26}{r.ms:>10.4f}"
-              f"{r.gbps:>9.1f}{r.pct_copy:>7.1f}{r.peak_extra_mb:>9.1f}{r.rel_err:>10.2e}  {r.note}")
+              f"{r.gbps:>9.1f}{r.pct_copy:>7.1f}{peak}{r.rel_err:>10.2e}  {r.note}")
 
 
 def write_csv(rows: list[Row], path: str) -> None:

@@ -86,8 +86,14 @@ def _env_backend() -> str:
     return os.environ.get(ENV_VAR, "auto") or "auto"
 
 
+_RESOLVED: dict = {}  # (backend, device type, KL_EXT_BACKEND) -> what resolve() chose: it runs on every call
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for `backend` (possibly "auto" or KL_EXT_BACKEND) on `device`."""
+    key = None if torch.compiler.is_compiling() else (backend, device.type, _env_backend())
+    if key in _RESOLVED:
+        return _RESOLVED[key]
     if backend not in BACKENDS:
         raise ValueError(f"kl_ext: backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
     if backend == "auto":
@@ -104,6 +110,8 @@ def resolve(backend: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"kl_ext: backend {backend!r} cannot run on {device.type} tensors here: {why}")
     _register(backend)
+    if key is not None:
+        _RESOLVED[key] = backend
     return backend
 
 

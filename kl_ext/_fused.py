@@ -20,6 +20,8 @@ from kl_ext._validation import acc_dtype
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(..., V) -> contiguous (rows, V); works for V == 0 and empty leading dims."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x  # no reshape op: per-call overhead shows on small losses
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
@@ -44,11 +46,27 @@ def _denominator(reduction, counted, acc, device):
         denom = counted.clamp(min=1).to(acc)
         return denom, denom.reciprocal()
     denom = float(max(counted, 1))
-    return denom, torch.full((), 1.0 / denom, dtype=acc, device=device)
+    if torch.compiler.is_compiling():
+        return denom, torch.full((), 1.0 / denom, dtype=acc, device=device)
+    # One 0-d tensor per value, reused (the kernels only read it): a torch.full per call shows on small losses.
+    key = (denom, acc, device)
+    if key not in _SCALES:
+        if len(_SCALES) >= 256:
+            _SCALES.clear()
+        _SCALES[key] = torch.full((), 1.0 / denom, dtype=acc, device=device)
+    return denom, _SCALES[key]
+
+
+_SCALES: dict = {}
 
 
 def _reduce(loss, reduction, denom):
-    return loss if reduction == "none" else (loss.sum() if denom is None else loss.sum() / denom)
+    if reduction == "none":
+        return loss
+    if denom is None:
+        return loss.sum()
+    # One op instead of two where the denominator is the number of losses (unmasked 'batchmean').
+    return loss.mean() if isinstance(denom, float) and denom == loss.numel() else loss.sum() / denom
 
 
 def _keep_grads(ctx, backend, sources, gx, gt, rerun):

@@ -519,6 +519,9 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   const T gs = a.gs != nullptr ? *a.gs : T(1);
   const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
   const Vals<T, 2> no_max{{-kinf<T>(), -kinf<T>()}};
+  // Rows held with 8 packs per thread (KL_EXT_CUDA_LONG_ROWS=hold) have no vocab-parallel modes (launch_kl):
+  // without their branches those kernels keep the row in registers (with them, 208 bytes spilled on sm_90).
+  constexpr bool kVocabParallel = !(RESIDENT && ITEMS == kWidePacks);
   const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
   const auto packs = [&](const scalar_t* base, int64_t row) { return reinterpret_cast<const P*>(base + row * a.V); };
   P px[ITEMS], pt[ITEMS];
@@ -529,7 +532,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       zero_grads<scalar_t, VEC>(a.gx, a.gt, off, npacks);
     } else {
       RowResult<T> r;
-      if (a.given != nullptr) {  // vocab-parallel finishing pass: the whole row's statistics are given
+      if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
         if constexpr (RESIDENT) load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
         r = given_result(a.given + 4 * row, logits);
       } else if constexpr (RESIDENT) {
@@ -551,7 +554,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
                                           double(m.v[0]), double(m.v[1]), logits, a.forward);
         r = block_finish(m, Vals<double, 4>{{w.d_s, w.d_t, w.acc, w.s_p}}, red_sum, &res, logits, a.forward);
       }
-      if (a.shard != nullptr && a.given == nullptr) {  // vocab-parallel statistics pass
+      if (kVocabParallel && a.shard != nullptr && a.given == nullptr) {  // vocab-parallel statistics pass
         if (tid == 0) put_shard_stats(a.shard + 3 * row, r, logits, JSD);
         continue;
       }
@@ -570,7 +573,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
         r.kl = T(js.v[0]);
         sq = T(js.v[1]);
         sp = T(js.v[2]);
-        if (a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's
+        if (kVocabParallel && a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's
           if (tid == 0) {
             a.shard[2 * row] = sq;
             a.shard[2 * row + 1] = sp;
