@@ -311,3 +311,21 @@ def test_linear_distillation_memory_and_determinism(backend):
         exp = kl_ext.linear_distillation_loss(x.double(), w.double(), tx.double(), target_linear_weight=tw.double(),
                                               softcap=30.0, backend="torch")
     assert_close_rel(first[0], exp, 5e-2, "loss")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "jsd_with_logits_fwd"])
+@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("V", [37, 4096, 40000])  # unaligned / resident or one block / streamed
+def test_vocab_parallel_modes_match_cpu(backend, op_name, target_type, V):
+    # The row_stats modes kl_ext.distributed runs (statistics pass, finishing pass) on the GPU kernels: what the
+    # C++ CPU kernels give, which tests/test_distributed.py checks on real process groups.
+    from test_distributed import _mode_args
+    _gpu_backend(backend)
+    _register("cpu")
+    for args in _mode_args(op_name, target_type, V):
+        want = getattr(torch.ops.kl_ext, op_name)(*args)
+        dev = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        got = getattr(getattr(torch.ops, "kl_ext_triton" if backend == "triton" else "kl_ext"), op_name)(*dev)
+        for g, w, what in zip(got, want, ("out", "grad input", "grad target")):
+            torch.testing.assert_close(g.cpu(), w, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
