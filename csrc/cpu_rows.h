@@ -98,6 +98,15 @@ inline T log_mass(const RowStats<T>& s) {
   return s.mass > 0 ? s.lse : -std::numeric_limits<T>::infinity();
 }
 
+// The vocab-parallel statistics pass (csrc/common.h): the row's loss on this shard alone and the log-masses of
+// student and teacher (a target that is not logits: the log of its sum, which st.mass holds).
+template <typename T>
+inline void put_shard_stats(T* o, T loss, const RowStats<T>& ss, const RowStats<T>& st, bool logits) {
+  o[0] = loss;
+  o[1] = log_mass(ss);
+  o[2] = logits ? log_mass(st) : std::log(st.mass);
+}
+
 // The statistics of a whole row for one shard of it (the vocab-parallel finishing pass, csrc/common.h), from the
 // row's log-mass lm, for values staged relative to `shift` (exp(v - shift) * inv = exp(v - lse)). Targets that
 // are not logits are used as given: lse 0, inv 1, and their mass.

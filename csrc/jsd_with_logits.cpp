@@ -73,12 +73,10 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
       sum_t64 += hsum(vt);
     }
     RowStats<acc_t> ss = stats(mx_s, acc_t(sum_s64));
-    RowStats<acc_t> st = logits ? stats(mx_t, acc_t(sum_t64)) : RowStats<acc_t>{acc_t(0), acc_t(1), acc_t(1)};
+    RowStats<acc_t> st = logits ? stats(mx_t, acc_t(sum_t64)) : RowStats<acc_t>{acc_t(0), acc_t(1), acc_t(sum_t64)};
     const acc_t* g = given != nullptr ? given + 4 * r : nullptr;
     if (shard != nullptr && g == nullptr) {  // vocab-parallel statistics pass
-      acc_t* o = shard + 3 * r;
-      o[1] = log_mass(ss);
-      o[2] = logits ? log_mass(st) : acc_t(std::log(sum_t64));
+      put_shard_stats(shard + 3 * r, acc_t(0), ss, st, logits);
       return;
     }
     if (g != nullptr) {  // finishing pass: the whole row's statistics

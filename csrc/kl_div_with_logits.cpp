@@ -100,10 +100,7 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
     if (shard == nullptr) {
       loss[r] = kl;
     } else if (given == nullptr) {  // vocab-parallel statistics pass
-      acc_t* o = shard + 3 * r;
-      o[0] = kl;
-      o[1] = log_mass(ss);
-      o[2] = logits ? log_mass(st) : std::log(sum_t);
+      put_shard_stats(shard + 3 * r, kl, ss, st, logits);
       return;
     } else {  // finishing pass: the whole row's statistics
       const acc_t* g = given + 4 * r;

@@ -151,6 +151,15 @@ def _put_shard_stats(shard_ptr, row, loss, lse_s, lse_t, s_p, s_q, TARGET: tl.co
 
 
 @triton.jit
+def _store_row(loss_ptr, shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET: tl.constexpr, VP: tl.constexpr):
+    """The row's result: its KL, or in the statistics pass the shard's (the finishing pass stores none)."""
+    if VP == 0:
+        tl.store(loss_ptr + row, kl)
+    elif VP == 1:
+        _put_shard_stats(shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET)
+
+
+@triton.jit
 def _given_stats(given_ptr, row, TARGET: tl.constexpr):
     """Finishing pass: the whole row's (kl, lse_s, lse_t, teacher mass, student mass), as _finish gives them,
     from its log-masses and loss; targets that are not logits are used as given, with their mass."""
@@ -249,10 +258,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, sha
                 m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, float("-inf"), 0.0, float("-inf"), 0.0, 0.0,
                                                            0.0, TARGET, FORWARD)
                 kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
-            if VP == 0:
-                tl.store(loss_ptr + row, kl)
-            elif VP == 1:
-                _put_shard_stats(shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET)
+            _store_row(loss_ptr, shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET, VP)
             if GRAD_X or GRAD_T:
                 _store_grads(zs, lt, p, cols, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_q, inv_t, gs,
                              TARGET, FORWARD, GRAD_X, GRAD_T)
@@ -274,10 +280,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, sha
                     m_s, d_s, m_t, d_t, acc, s_p = _accumulate(zs, lt, p, m_s, d_s, m_t, d_t, acc, s_p, TARGET,
                                                                FORWARD)
                 kl, lse_s, lse_t, s_p, s_q = _finish(m_s, d_s, m_t, d_t, acc, s_p, TARGET, FORWARD)
-            if VP == 0:
-                tl.store(loss_ptr + row, kl)
-            elif VP == 1:
-                _put_shard_stats(shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET)
+            _store_row(loss_ptr, shard_ptr, row, kl, lse_s, lse_t, s_p, s_q, TARGET, VP)
             if GRAD_X or GRAD_T:
                 for start in range(0, V, BLOCK):
                     offs = start + cols
