@@ -44,7 +44,7 @@ inline Vec<T> xlogx(const Vec<T>& p) {
 }
 
 template <typename scalar_t>
-void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, const at::opmath_type<scalar_t>* w, int64_t w_numel,
+void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout rt, const at::opmath_type<scalar_t>* w, int64_t w_numel,
                         const at::opmath_type<scalar_t>* pw, int64_t pw_numel, at::opmath_type<scalar_t>* loss, bool elementwise, scalar_t* gx, scalar_t* gt, int64_t N,
                         int64_t C, bool target_logits, double temperature, bool subtract_entropy,
                         at::opmath_type<scalar_t> gs) {
@@ -73,8 +73,8 @@ void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, const at::opmath_t
     if (pw == nullptr) std::fill(pwb, pwb + np, acc_t(1));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * C;
-      load(x + off, zb);
-      load(t + off, tb);
+      load(x + rx(r), zb);
+      load(t + rt(r), tb);
       if (w != nullptr && (w_numel != C || r == begin)) load_factor(w, w_numel, r, wb);
       if (pw != nullptr && (pw_numel != C || r == begin)) load_factor(pw, pw_numel, r, pwb);
       V_t vsum(0);
@@ -130,12 +130,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
     const c10::optional<at::Tensor>& grad_scale) {
   BernoulliCall call = prepare_bernoulli(input, target, weight, pos_weight, target_type, temperature,
                                          subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
-  const int64_t N = input.size(0), C = input.size(1);
+  const int64_t N = num_rows(input), C = input.size(-1);
   at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bernoulli_rows_cpu<scalar_t>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), row_layout(input), row_layout(target),
         weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, weight.has_value() ? weight->numel() : 0,
         pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
         pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,

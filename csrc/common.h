@@ -3,6 +3,7 @@
 // these TORCH_CHECKs only guard direct calls to the raw ops.
 #pragma once
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <string>
 
 namespace kl_ext {
@@ -23,11 +24,40 @@ inline Direction parse_direction(const std::string& s) {
   TORCH_CHECK(false, "kl_ext: direction must be 'forward' or 'reverse', got '", s, "'");
 }
 
-// Raw ops take 2-D contiguous (rows, classes) tensors; the Python layer flattens leading dims.
+// Rows are read in place through int64 strides: a row tensor is (rows, V) or (A, B, V) (rows = A * B) with unit
+// stride over its last dim and any strides over the others (shifted slices, expanded or transposed leading dims;
+// kl_ext/_fused.py `_rows` makes that view of any input). Losses and gradients are written contiguous.
+struct RowLayout {
+  int64_t inner, s0, s1;  // row r starts at (r / inner) * s0 + (r % inner) * s1
+  C10_HOST_DEVICE int64_t operator()(int64_t r) const {
+    return inner == 1 ? r * s0 : (r / inner) * s0 + (r % inner) * s1;
+  }
+  // Every row starts a multiple of n elements after the first (the CUDA kernels' 16-byte packs).
+  bool steps_of(int64_t n) const { return s0 % n == 0 && (inner == 1 || s1 % n == 0); }
+};
+
+inline int64_t num_rows(const at::Tensor& t) { return t.dim() == 2 ? t.size(0) : t.size(0) * t.size(1); }
+
+inline RowLayout row_layout(const at::Tensor& t) {
+  if (t.dim() == 2) return {1, t.stride(0), 0};
+  return {std::max<int64_t>(t.size(1), 1), t.stride(0), t.stride(1)};
+}
+
+inline void check_row_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && (t.size(-1) <= 1 || t.stride(-1) == 1), "kl_ext: ", name,
+              " must be (rows, V) or (A, B, V) with unit stride over V");
+}
+
+// A row tensor's gradient: contiguous (rows, V), or empty when not wanted.
+inline at::Tensor grad_like(const at::Tensor& t, bool wanted) {
+  return wanted ? at::empty({num_rows(t), t.size(-1)}, t.options()) : at::empty({0}, t.options());
+}
+
 inline void check_rows(const at::Tensor& input, const at::Tensor& target) {
-  TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "kl_ext: input must be 2-D contiguous");
-  TORCH_CHECK(target.sizes() == input.sizes() && target.is_contiguous(),
-              "kl_ext: target must be contiguous with the input's shape");
+  check_row_tensor(input, "input");
+  check_row_tensor(target, "target");
+  TORCH_CHECK(num_rows(target) == num_rows(input) && target.size(-1) == input.size(-1),
+              "kl_ext: target must have the input's rows and classes");
   TORCH_CHECK(target.scalar_type() == input.scalar_type(), "kl_ext: input and target dtypes differ");
   TORCH_CHECK(target.device() == input.device(), "kl_ext: input and target are on different devices");
 }
@@ -42,7 +72,7 @@ inline void check_factor(const c10::optional<at::Tensor>& f, const at::Tensor& i
   TORCH_CHECK(f->scalar_type() == acc_type(input.scalar_type()) && f->is_contiguous() &&
                   f->device() == input.device(),
               "kl_ext: ", name, " must be a contiguous tensor of the accumulation dtype on the input's device");
-  TORCH_CHECK(f->numel() == input.size(1) || f->numel() == input.numel(),
+  TORCH_CHECK(f->numel() == input.size(-1) || f->numel() == input.numel(),
               "kl_ext: ", name, " must have one value per class or per element");
 }
 
@@ -66,7 +96,7 @@ inline void check_grad_scale(const c10::optional<at::Tensor>& g, const at::Tenso
 // The row losses' optional mask: one bool per row.
 inline void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& input) {
   if (!mask.has_value()) return;
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == input.size(0) && mask->is_contiguous() &&
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == num_rows(input) && mask->is_contiguous() &&
                   mask->device() == input.device(),
               "kl_ext: mask must be a contiguous bool tensor with one value per row, on the input's device");
 }
@@ -102,12 +132,11 @@ inline KLCall prepare_softmax_rows(const at::Tensor& input, const at::Tensor& ta
   check_rows(input, target);
   check_grad_scale(grad_scale, input);
   TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
-  const int64_t N = input.size(0);
+  const int64_t N = num_rows(input);
   check_mask(mask, input);
   const auto acc = input.options().dtype(acc_type(input.scalar_type()));
   KLCall call{parse_target_type(std::string(target_type)), Direction::Forward, at::empty({N}, acc),
-              grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
-              grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+              grad_like(input, grad_input), grad_like(target, grad_target)};
   if (row_stats.has_value()) {
     const at::Tensor& s = *row_stats;
     TORCH_CHECK(s.dim() == 2 && s.size(0) == N && (s.size(1) == 0 || s.size(1) == 4) && s.is_contiguous() &&
@@ -155,8 +184,8 @@ inline SparseCall prepare_sparse(const at::Tensor& input, const at::Tensor& indi
                                  const c10::optional<at::Tensor>& mask, c10::string_view target_type,
                                  c10::string_view tail, double temperature, bool grad_input, bool grad_target,
                                  const c10::optional<at::Tensor>& grad_scale) {
-  TORCH_CHECK(input.dim() == 2 && input.is_contiguous(), "kl_ext: input must be 2-D contiguous");
-  const int64_t N = input.size(0);
+  check_row_tensor(input, "input");
+  const int64_t N = num_rows(input);
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == N && indices.is_contiguous() &&
                   indices.scalar_type() == at::kLong && indices.device() == input.device(),
               "kl_ext: target_indices must be contiguous int64 (rows, k) on the input's device");
@@ -170,8 +199,7 @@ inline SparseCall prepare_sparse(const at::Tensor& input, const at::Tensor& indi
   const TargetType tt = parse_target_type(std::string(target_type));
   return {tt, tt == TargetType::Logits || tail == "renorm",
           at::empty({N}, input.options().dtype(acc_type(input.scalar_type()))),
-          grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
-          grad_target ? at::empty_like(values) : at::empty({0}, values.options())};
+          grad_like(input, grad_input), grad_target ? at::empty_like(values) : at::empty({0}, values.options())};
 }
 
 // The same for bernoulli_kl_div_with_logits_fwd.
@@ -195,11 +223,10 @@ inline BernoulliCall prepare_bernoulli(const at::Tensor& input, const at::Tensor
   TORCH_CHECK(temperature > 0, "kl_ext: temperature must be > 0");
   TORCH_CHECK(!(pos_weight.has_value() && (subtract_entropy || tt == TargetType::Logits)),
               "kl_ext: pos_weight is only defined for binary cross-entropy with probability targets");
-  const int64_t N = input.size(0), C = input.size(1);
+  const int64_t N = num_rows(input), C = input.size(-1);
   const auto acc = input.options().dtype(acc_type(input.scalar_type()));
   return {tt == TargetType::Logits, elementwise ? at::empty({N, C}, acc) : at::empty({N}, acc),
-          grad_input ? at::empty_like(input) : at::empty({0}, input.options()),
-          grad_target ? at::empty_like(target) : at::empty({0}, target.options())};
+          grad_like(input, grad_input), grad_like(target, grad_target)};
 }
 
 }  // namespace kl_ext

@@ -28,7 +28,7 @@ inline Vec<T> log_mixture(const Vec<T>& ls, const Vec<T>& lt, T beta, T beta1) {
 }
 
 template <typename scalar_t>
-void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
+void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout rt, const bool* mask, at::opmath_type<scalar_t>* loss,
                   scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, double temperature, double beta,
                   at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
                   const at::opmath_type<scalar_t>* given) {
@@ -44,8 +44,8 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::op
   for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
     // a: student logits / T, then ls, then g; c: teacher (log domain), then lt, then h; qb, pd: q and p.
     acc_t *a = buf, *qb = a + np, *c = qb + np, *pd = c + np, *stage_x = pd + np, *stage_t = stage_x + np;
-    const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
-    const acc_t mx_t = stage_teacher(t + off, c, pd, V, np, inv_T, tt);
+    const acc_t mx_s = load_row(x + rx(r), a, V, np, inv_T, ninf);
+    const acc_t mx_t = stage_teacher(t + rt(r), c, pd, V, np, inv_T, tt);
     // Exp pass: the softmax sums (fp32 vectors folded into double per 64 vectors, as for the KL).
     const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
     double sum_s64 = 0, sum_t64 = 0;
@@ -140,10 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_with_logits_fwd_cpu(
     const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input, grad_target,
                             grad_scale, row_stats);
-  const int64_t N = input.size(0), V = input.size(1);
+  const int64_t N = num_rows(input), V = input.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "jsd_with_logits_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    jsd_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+    jsd_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), row_layout(input),
+                           row_layout(target),
                            mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
                            call.loss.mutable_data_ptr<acc_t>(),
                            grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,

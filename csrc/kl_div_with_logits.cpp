@@ -34,7 +34,7 @@ using namespace cpu;
 // Passes: load (+ max), exp (+ sums and the KL accumulator; b and d are kept only when a gradient is wanted),
 // and one gradient pass.
 template <typename scalar_t>
-void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opmath_type<scalar_t>* loss,
+void kl_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout rt, const bool* mask, at::opmath_type<scalar_t>* loss,
                  scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
                  double temperature, at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
                  const at::opmath_type<scalar_t>* given) {
@@ -51,8 +51,8 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, const bool* mask, at::opm
 
   for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
     acc_t *a = buf, *b = a + np, *c = b + np, *d = c + np, *stage_x = d + np, *stage_t = stage_x + np;
-    const acc_t mx_s = load_row(x + off, a, V, np, inv_T, ninf);
-    const acc_t mx_t = stage_teacher(t + off, c, d, V, np, inv_T, tt);
+    const acc_t mx_s = load_row(x + rx(r), a, V, np, inv_T, ninf);
+    const acc_t mx_t = stage_teacher(t + rt(r), c, d, V, np, inv_T, tt);
     const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
     // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0), in fp32
     // vectors over blocks of 64 vectors folded into double: one running fp32 sum of V exponentials would be
@@ -145,11 +145,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
     bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
   KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
                            grad_scale, row_stats);
-  const int64_t N = input.size(0), V = input.size(1);
+  const int64_t N = num_rows(input), V = input.size(-1);
   at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kl_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+    kl_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), row_layout(input),
+                          row_layout(target),
                           mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, loss.mutable_data_ptr<at::opmath_type<scalar_t>>(),
                           grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                           grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, call.target_type, call.direction, temperature,
@@ -165,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
   // Per-row KL (accumulation dtype, 0 for masked rows) and, when asked, the gradients of each row's KL w.r.t. input
   // and target times grad_scale (a 0-dim accumulation-dtype tensor, e.g. 1 / rows for 'batchmean'; empty tensors
-  // when not asked). input/target: contiguous (rows, V), same dtype. row_stats: the vocab-parallel modes
+  // when not asked). input/target: rows (csrc/common.h, RowLayout), same dtype. row_stats: the vocab-parallel modes
   // (csrc/common.h, KLCall), which return (rows, 3) or (rows, 2) instead of the per-row KL.
   m.def(
       "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "

@@ -23,7 +23,7 @@ namespace {
 using namespace cpu;
 
 template <typename scalar_t>
-void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_type<scalar_t>* val, const bool* mask,
+void sparse_rows_cpu(const scalar_t* x, RowLayout rx, const int64_t* ind, const at::opmath_type<scalar_t>* val, const bool* mask,
                      at::opmath_type<scalar_t>* loss, scalar_t* gx, at::opmath_type<scalar_t>* gv, int64_t N,
                      int64_t V, int64_t K, TargetType tt, bool normalize, double temperature,
                      at::opmath_type<scalar_t> gs) {
@@ -39,7 +39,7 @@ void sparse_rows_cpu(const scalar_t* x, const int64_t* ind, const at::opmath_typ
     acc_t *a = buf, *e = a + np, *stage = e + np, *d = stage + np, *es = d + K, *w = es + K;
     const int64_t* id = ind + r * K;
     const acc_t* v = val + r * K;
-    const acc_t mx = load_row(x + off, a, V, np, inv_T, ninf);
+    const acc_t mx = load_row(x + rx(r), a, V, np, inv_T, ninf);
     const double sum_all = exp_row(a, e, np, safe_shift(mx));
     // The teacher's log-weights in double: the tail bucket 1 - sum_S p is a difference near 1 - 1, so its sums
     // are taken from the exact values (k per row: cheap).
@@ -125,10 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_with_logits_fwd_cpu
     bool grad_input, bool grad_target, const c10::optional<at::Tensor>& grad_scale) {
   SparseCall call = prepare_sparse(input, indices, values, mask, target_type, tail, temperature, grad_input,
                                    grad_target, grad_scale);
-  const int64_t N = input.size(0), V = input.size(1), K = indices.size(1);
+  const int64_t N = num_rows(input), V = input.size(-1), K = indices.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "sparse_kl_div_with_logits_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    sparse_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
+    sparse_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), row_layout(input), indices.const_data_ptr<int64_t>(),
                               values.const_data_ptr<acc_t>(), mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
                               call.loss.mutable_data_ptr<acc_t>(),
                               grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,

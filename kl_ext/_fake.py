@@ -1,5 +1,7 @@
 """Fake (meta) kernels, so torch.compile and opcheck can trace the ops without running them: the C++ ops'
 (kl_ext::, registered when the extension loads) and the Triton backend's twins (kl_ext_triton::, registered by it)."""
+import math
+
 import torch
 
 
@@ -7,15 +9,21 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows(x):
+    """Rows of a (rows, V) or (A, B, V) row tensor."""
+    return math.prod(x.shape[:-1])
+
+
 def _grads(input, target, grad_input, grad_target):
-    gi = torch.empty_like(input) if grad_input else input.new_empty((0,))
-    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    """Contiguous (rows, V) gradients of the row tensors (csrc/common.h, grad_like)."""
+    gi = input.new_empty((_rows(input), input.shape[-1])) if grad_input else input.new_empty((0,))
+    gt = target.new_empty((_rows(target), target.shape[-1])) if grad_target else target.new_empty((0,))
     return gi, gt
 
 
 def _softmax_rows_loss(input, row_stats):
     """Per-row loss, or the vocab-parallel modes' (rows, 3) / (rows, 2) (csrc/common.h, KLCall)."""
-    rows = input.shape[0]
+    rows = _rows(input)
     shape = (rows,) if row_stats is None else (rows, 3 if row_stats.shape[1] == 0 else 2)
     return input.new_empty(shape, dtype=_acc(input.dtype))
 
@@ -32,13 +40,13 @@ def _jsd_fwd(input, target, mask, target_type, temperature, beta, grad_input, gr
 
 def _sparse_fwd(input, target_indices, target_values, mask, target_type, tail, temperature, grad_input, grad_target,
                 grad_scale=None):
-    return (input.new_empty((input.shape[0],), dtype=_acc(input.dtype)),
-            *_grads(input, target_values, grad_input, grad_target))
+    gv = torch.empty_like(target_values) if grad_target else target_values.new_empty((0,))
+    return input.new_empty((_rows(input),), dtype=_acc(input.dtype)), _grads(input, input, grad_input, False)[0], gv
 
 
 def _bernoulli_fwd(input, target, weight, pos_weight, target_type, temperature, subtract_entropy, elementwise,
                    grad_input, grad_target, grad_scale=None):
-    shape = input.shape if elementwise else (input.shape[0],)
+    shape = (_rows(input), input.shape[-1]) if elementwise else (_rows(input),)
     return (input.new_empty(shape, dtype=_acc(input.dtype)), *_grads(input, target, grad_input, grad_target))
 
 

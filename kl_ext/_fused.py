@@ -19,9 +19,34 @@ from kl_ext._validation import acc_dtype
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> contiguous (rows, V); works for V == 0 and empty leading dims."""
-    if x.dim() == 2 and x.is_contiguous():
-        return x  # no reshape op: per-call overhead shows on small losses
+    """(..., V) -> the kernels' rows, read in place (csrc/common.h, RowLayout): a (rows, V) or (A, B, V) view with
+    unit stride over V and the leading dims' own strides, so shifted slices (logits[:, :-1]), expanded teachers
+    and transposed batch dims are not copied. Copied only when the leading dims do not fold into two, or V is
+    strided. Works for V == 0 and empty leading dims."""
+    V = x.shape[-1]
+    if x.dim() == 2 and (x.stride(1) == 1 or V <= 1):
+        return x  # no view op: per-call overhead shows on small losses
+    rows = math.prod(x.shape[:-1])
+    if x.is_contiguous():
+        return x.view(rows, V)
+    dims = []  # (size, stride) of the leading dims, outer first; an outer dim that steps over the inner folds in
+    for n, s in zip(x.shape[:-1], x.stride()[:-1]):
+        if n == 1:
+            continue
+        if dims and dims[-1][1] == n * s:
+            dims[-1] = (dims[-1][0] * n, s)
+        else:
+            dims.append((n, s))
+    if rows == 0 or len(dims) > 2 or (V > 1 and x.stride(-1) != 1):
+        return x.reshape(rows, V).contiguous()
+    if len(dims) == 2:
+        (n0, s0), (n1, s1) = dims
+        return x.as_strided((n0, n1, V), (s0, s1, 1))
+    return x.as_strided((rows, V), (dims[0][1] if dims else V, 1))
+
+
+def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., k) -> contiguous (rows, k): the sparse teacher's indices and values, k per row (small)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 

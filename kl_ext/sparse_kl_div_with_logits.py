@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _flat_mask, _fused_backward, _rows, _rows_forward
+from kl_ext._fused import _contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward
 from kl_ext._validation import acc_dtype, check_sparse, needs_grad, validate_sparse_indices
 
 __all__ = ["sparse_kl_div_with_logits", "SparseKLDivWithLogitsFunction", "SparseKLDivWithLogitsLoss",
@@ -33,7 +33,7 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, input, target_values, target_indices, mask, target_type, tail, temperature, reduction,
                 backend, grad_input, grad_target):
         def make_args():
-            return (_rows(input), _rows(target_indices), _rows(target_values), _flat_mask(mask), target_type, tail,
+            return (_rows(input), _contiguous_rows(target_indices), _contiguous_rows(target_values), _flat_mask(mask), target_type, tail,
                     temperature)
 
         return _rows_forward(ctx, "sparse_kl_div_with_logits_fwd", backend, make_args,

@@ -8,6 +8,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def rows_of(t) -> int:
+    """Rows of a (rows, V) or (A, B, V) row tensor (csrc/common.h, RowLayout)."""
+    return t.shape[0] * (t.shape[1] if t.dim() == 3 else 1)
+
+
+def row_layout(t) -> tuple[int, int, int]:
+    """(inner, s0, s1) of a row tensor: row r starts at (r // inner) * s0 + (r % inner) * s1 (csrc/common.h)."""
+    if t.dim() == 2:
+        return 1, t.stride(0), 0
+    return max(t.shape[1], 1), t.stride(0), t.stride(1)
+
+
 def row_config(V: int, elem_size: int, one_block_max: int = 16384) -> tuple[int, int, bool]:
     """(BLOCK, num_warps, ONE_CHUNK) for the one-program-per-row KL kernel.
 

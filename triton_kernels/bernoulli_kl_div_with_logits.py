@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kl_ext.triton_kernels._config import tile_config
+from kl_ext.triton_kernels._config import row_layout, rows_of, tile_config
+from kl_ext.triton_kernels.kl_div_with_logits import _row_ptr
 
 
 @triton.jit
@@ -24,12 +25,15 @@ def _xlogx(p):
 
 
 @triton.jit
-def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, N, C, inv_t, W_NUMEL,
+def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, N, C, xi, xs0, xs1, ti, ts0,
+                          ts1, inv_t, W_NUMEL,
                           PW_NUMEL, HAS_GS: tl.constexpr, TARGET_LOGITS: tl.constexpr, ENTROPY: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_PW: tl.constexpr, ELEMENTWISE: tl.constexpr, GRAD_X: tl.constexpr,
                           GRAD_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
+    x_rows = _row_ptr(x_ptr, rows, xi, xs0, xs1)[:, None]  # read in place; losses and gradients contiguous
+    t_rows = _row_ptr(t_ptr, rows, ti, ts0, ts1)[:, None]
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     gs = 1.0
     if HAS_GS:
@@ -38,8 +42,8 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
         cols = start + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
         idx = rows[:, None] * C + cols[None, :]
-        z = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
-        t = tl.load(t_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_t
+        t = tl.load(t_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_W:
             widx = tl.where(W_NUMEL == C, cols[None, :] + 0 * idx, idx)
             w = tl.load(w_ptr + widx, mask=ok, other=0.0).to(tl.float32)
@@ -90,16 +94,17 @@ def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, 
                                      subtract_entropy: bool, elementwise: bool, grad_input: bool,
                                      grad_target: bool, grad_scale: torch.Tensor | None = None
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, C = input.shape
+    N, C = rows_of(input), input.shape[-1]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = torch.empty((N, C) if elementwise else (N,), device=input.device, dtype=acc)
-    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
-    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    gx = input.new_empty((N, C)) if grad_input else input.new_empty((0,))
+    gt = target.new_empty((N, C)) if grad_target else target.new_empty((0,))
     if N > 0:
         block_r, block_c, warps = tile_config(C)
         _bernoulli_fwd_kernel[(triton.cdiv(N, block_r),)](
             input, target, weight if weight is not None else input, pos_weight if pos_weight is not None else input,
-            loss, gx, gt, grad_scale if grad_scale is not None else loss, N, C, 1.0 / temperature,
+            loss, gx, gt, grad_scale if grad_scale is not None else loss, N, C, *row_layout(input),
+            *row_layout(target), 1.0 / temperature,
             weight.numel() if weight is not None else 0, pos_weight.numel() if pos_weight is not None else 0,
             HAS_GS=grad_scale is not None,
             TARGET_LOGITS=target_type == "logits", ENTROPY=subtract_entropy, HAS_W=weight is not None,

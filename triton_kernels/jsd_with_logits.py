@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kl_ext.triton_kernels._config import row_config
+from kl_ext.triton_kernels._config import row_config, row_layout, rows_of
 from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _given_stats,
                                                       _load_chunk, _log1p, _lse, _online_lse, _put_shard_stats,
                                                       _row_start, _zero_grads, row_outputs)
@@ -83,12 +83,13 @@ def _put_sums(loss_ptr, shard_ptr, given_ptr, row, sq, sp, VP: tl.constexpr):
 
 
 @triton.jit
-def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, shard_ptr, given_ptr, V, inv_t, beta,
+def _jsd_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, shard_ptr, given_ptr, V, xi, xs0, xs1,
+                    ti, ts0, ts1, inv_t, beta,
                     TARGET: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr, GRAD_X: tl.constexpr,
                     GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr, VP: tl.constexpr):
     # VP as the KL kernel's; d_t holds the teacher's mass for targets that are not logits (statistics pass).
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
-                                                            HAS_MASK, HAS_GS)
+                                                            xi, xs0, xs1, ti, ts0, ts1, HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
     if live:
         if ONE_CHUNK:
@@ -161,13 +162,13 @@ def jsd_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.T
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch._check(0 < beta < 1, lambda: "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1")
     loss, shard, vp, gx, gt = row_outputs(input, target, grad_input, grad_target, row_stats)
-    N, V = input.shape
+    N, V = rows_of(input), input.shape[-1]
     if N > 0:
         block, warps, one_chunk = row_config(V, input.element_size(), ONE_BLOCK_MAX)
         _jsd_fwd_kernel[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
             grad_scale if grad_scale is not None else loss, shard, row_stats if vp == 2 else loss, V,
-            1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
+            *row_layout(input), *row_layout(target), 1.0 / temperature, beta, TARGET=_TARGET[target_type], HAS_MASK=mask is not None,
             HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target, ONE_CHUNK=one_chunk, BLOCK=block,
             VP=vp, num_warps=warps, enable_fp_fusion=FP_FUSION)
     return shard if vp else loss, gx, gt

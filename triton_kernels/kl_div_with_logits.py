@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kl_ext.triton_kernels._config import row_config
+from kl_ext.triton_kernels._config import row_config, row_layout, rows_of
 
 # constexpr: compiled kernels may only read constexpr globals (the interpreter does not check this).
 LOGITS, LOG_PROBS, PROBS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -211,8 +211,17 @@ def _store_grads(zs, lt, p, offs, inb, gx_ptr, gt_ptr, kl, lse_s, lse_t, s_p, s_
 
 
 @triton.jit
-def _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr):
-    """This program's row: its pointers (int64 offsets), whether it counts (mask), and grad_scale."""
+def _row_ptr(ptr, row, inner, s0, s1):
+    """Where row `row` of a row tensor starts: rows are read in place through int64 strides (csrc/common.h,
+    RowLayout)."""
+    return ptr + ((row // inner) * s0 + (row % inner) * s1)
+
+
+@triton.jit
+def _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V, xi, xs0, xs1, ti, ts0, ts1,
+               HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr):
+    """This program's row: its pointers (int64 offsets; gradients contiguous), whether it counts (mask), and
+    grad_scale."""
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     live = True
@@ -221,7 +230,8 @@ def _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V, HAS_MASK: tl.c
     gs = 1.0
     if HAS_GS:
         gs = tl.load(gs_ptr).to(tl.float32)  # the reduction's 1 / denominator
-    return row, x_ptr + base, t_ptr + base, gx_ptr + base, gt_ptr + base, live, gs
+    return (row, _row_ptr(x_ptr, row, xi, xs0, xs1), _row_ptr(t_ptr, row, ti, ts0, ts1), gx_ptr + base,
+            gt_ptr + base, live, gs)
 
 
 @triton.jit
@@ -239,13 +249,13 @@ def _zero_grads(gx_ptr, gt_ptr, V, BLOCK: tl.constexpr, GRAD_X: tl.constexpr, GR
 
 
 @triton.jit
-def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, shard_ptr, given_ptr, V, inv_t,
-                   TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
+def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, shard_ptr, given_ptr, V, xi, xs0, xs1,
+                   ti, ts0, ts1, inv_t, TARGET: tl.constexpr, FORWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GS: tl.constexpr,
                    GRAD_X: tl.constexpr, GRAD_T: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                    VP: tl.constexpr):
     # VP: 0 a whole row, 1 the vocab-parallel statistics pass, 2 its finishing pass (csrc/common.h, KLCall).
     row, x_ptr, t_ptr, gx_ptr, gt_ptr, live, gs = _row_start(x_ptr, t_ptr, gx_ptr, gt_ptr, mask_ptr, gs_ptr, V,
-                                                            HAS_MASK, HAS_GS)
+                                                            xi, xs0, xs1, ti, ts0, ts1, HAS_MASK, HAS_GS)
     cols = tl.arange(0, BLOCK)
     if live:
         if ONE_CHUNK:
@@ -299,13 +309,13 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
                            grad_target: bool, grad_scale: torch.Tensor | None = None,
                            row_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, shard, vp, gx, gt = row_outputs(input, target, grad_input, grad_target, row_stats)
-    N, V = input.shape
+    N, V = rows_of(input), input.shape[-1]
     if N > 0:
         block, warps, one_chunk = row_config(V, input.element_size())
         _kl_fwd_kernel[(N,)](
             input, target, mask if mask is not None else input, loss, gx, gt,
             grad_scale if grad_scale is not None else loss, shard, row_stats if vp == 2 else loss, V,
-            1.0 / temperature, TARGET=_TARGET[target_type], FORWARD=direction == "forward",
+            *row_layout(input), *row_layout(target), 1.0 / temperature, TARGET=_TARGET[target_type], FORWARD=direction == "forward",
             HAS_MASK=mask is not None, HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_T=grad_target,
             ONE_CHUNK=one_chunk, BLOCK=block, VP=vp, num_warps=warps, enable_fp_fusion=FP_FUSION)
     return shard if vp else loss, gx, gt
@@ -314,13 +324,13 @@ def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torc
 def row_outputs(input, target, grad_input, grad_target, row_stats):
     """The row-softmax ops' outputs: (per-row loss, vocab-parallel output, mode, gradients); the mode is 0 without
     row_stats, 1 for its statistics pass and 2 for its finishing pass (csrc/common.h, KLCall)."""
-    N = input.shape[0]
+    N = rows_of(input)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = torch.empty((N,), device=input.device, dtype=acc)
     vp = 0 if row_stats is None else 1 if row_stats.shape[1] == 0 else 2
     torch._check(vp != 1 or not (grad_input or grad_target),
                  lambda: "kl_ext: the statistics pass (row_stats of 0 columns) computes no gradients")
     shard = torch.zeros((N, 3 if vp == 1 else 2), device=input.device, dtype=acc) if vp else loss
-    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
-    gt = torch.empty_like(target) if grad_target else target.new_empty((0,))
+    gx = input.new_empty((N, input.shape[-1])) if grad_input else input.new_empty((0,))
+    gt = target.new_empty((N, target.shape[-1])) if grad_target else target.new_empty((0,))
     return loss, shard, vp, gx, gt

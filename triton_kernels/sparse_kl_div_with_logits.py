@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kl_ext.triton_kernels._config import interpreting, row_config
+from kl_ext.triton_kernels._config import interpreting, row_config, row_layout, rows_of
 from kl_ext.triton_kernels.kl_div_with_logits import (_TARGET, FP_FUSION, LOG_PROBS, LOGITS, PROBS, _rescale,
                                                       _row_start, _safe, _zero_grads)
 
@@ -53,12 +53,12 @@ def _slot_terms(x_ptr, ok, ic, v, w, m, log_d, lse_w, has_w, inv_t, TARGET: tl.c
 
 
 @triton.jit
-def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, gv_ptr, gs_ptr, bits_ptr, V, K, W,
-                          inv_t, TARGET: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, gv_ptr, gs_ptr, bits_ptr, V, xi, xs0,
+                          xs1, K, W, inv_t, TARGET: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                           HAS_GS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_V: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_K: tl.constexpr):
-    row, x_ptr, _, gx_ptr, _, live, gs = _row_start(x_ptr, x_ptr, gx_ptr, gx_ptr, mask_ptr, gs_ptr, V, HAS_MASK,
-                                                    HAS_GS)
+    row, x_ptr, _, gx_ptr, _, live, gs = _row_start(x_ptr, x_ptr, gx_ptr, gx_ptr, mask_ptr, gs_ptr, V, xi, xs0, xs1,
+                                                    xi, xs0, xs1, HAS_MASK, HAS_GS)
     idx_ptr += row * K
     val_ptr += row * K
     gv_ptr += row * K
@@ -157,11 +157,11 @@ def sparse_kl_div_with_logits_fwd(input: torch.Tensor, target_indices: torch.Ten
                                   mask: torch.Tensor | None, target_type: str, tail: str, temperature: float,
                                   grad_input: bool, grad_target: bool, grad_scale: torch.Tensor | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, V = input.shape
+    N, V = rows_of(input), input.shape[-1]
     K = target_indices.shape[1]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = torch.empty((N,), device=input.device, dtype=acc)
-    gx = torch.empty_like(input) if grad_input else input.new_empty((0,))
+    gx = input.new_empty((N, V)) if grad_input else input.new_empty((0,))
     gv = torch.empty_like(target_values) if grad_target else target_values.new_empty((0,))
     if N > 0:
         block, warps, _ = row_config(V, input.element_size(), one_block_max=8192)
@@ -171,7 +171,8 @@ def sparse_kl_div_with_logits_fwd(input: torch.Tensor, target_indices: torch.Ten
         bits = torch.zeros((N, words), device=input.device, dtype=torch.int32)
         _sparse_kl_fwd_kernel[(N,)](
             input, target_indices, target_values, mask if mask is not None else input, loss, gx, gv,
-            grad_scale if grad_scale is not None else loss, bits, V, K, words, 1.0 / temperature,
+            grad_scale if grad_scale is not None else loss, bits, V, *row_layout(input), K, words,
+            1.0 / temperature,
             TARGET=_TARGET[target_type], NORMALIZE=target_type == "logits" or tail == "renorm",
             HAS_MASK=mask is not None, HAS_GS=grad_scale is not None, GRAD_X=grad_input, GRAD_V=grad_target,
             BLOCK=block, BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=FP_FUSION)

@@ -22,6 +22,7 @@ struct BernoulliArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   const scalar_t* t;
+  RowLayout rx, rt;  // where rows of x and t start (losses and gradients: row * C)
   const acc_t* w;   // nullptr: 1
   const acc_t* pw;  // nullptr: 1
   acc_t* loss;      // (N,) row sums, or (N, C) when elementwise
@@ -96,8 +97,8 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
     T total = T(0);
     if (row < a.N) {
       const int64_t off = row * a.C;
-      const P* xr = reinterpret_cast<const P*>(a.x + off);
-      const P* tr = reinterpret_cast<const P*>(a.t + off);
+      const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row));
+      const P* tr = reinterpret_cast<const P*>(a.t + a.rt(row));
       for (int64_t j0 = sub; j0 < npacks; j0 += int64_t(U) * group) {
         P xv[U], tv[U];
 #pragma unroll
@@ -151,7 +152,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logi
     const c10::optional<at::Tensor>& grad_scale, int sms, cudaStream_t stream) {
   BernoulliCall call = prepare_bernoulli(input, target, weight, pos_weight, target_type, temperature,
                                          subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
-  const int64_t N = input.size(0), C = input.size(1);
+  const int64_t N = num_rows(input), C = input.size(-1);
   if (N == 0) return {call.loss, call.gx, call.gt};
   const int group = bernoulli_group(C);
   const int64_t rows_per_block = int64_t(kBernoulliThreads / 32) * (32 / group);
@@ -161,6 +162,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logi
     using acc_t = at::opmath_type<scalar_t>;
     const BernoulliArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
                                     target.const_data_ptr<scalar_t>(),
+                                    row_layout(input),
+                                    row_layout(target),
                                     weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
                                     pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
                                     call.loss.mutable_data_ptr<acc_t>(),
@@ -177,7 +180,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logi
                                     elementwise,
                                     group};
     constexpr int VEC = vec_size<scalar_t>();
-    if (C % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt)) {
+    if (C % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt) &&
+        a.rx.steps_of(VEC) && a.rt.steps_of(VEC)) {
       auto kernel = bernoulli_rows_kernel<scalar_t, VEC>;
       KL_EXT_LAUNCH(kernel, grid, block, stream, a);
     } else {

@@ -37,6 +37,7 @@ struct KLArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   const scalar_t* t;
+  RowLayout rx, rt;     // where rows of x and t start (gradients: row * V)
   const bool* mask;     // nullptr: every row counts
   acc_t* loss;          // (N,)
   scalar_t* gx;         // nullptr: not wanted
@@ -523,7 +524,9 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   // without their branches those kernels keep the row in registers (with them, 208 bytes spilled on sm_90).
   constexpr bool kVocabParallel = !(RESIDENT && ITEMS == kWidePacks);
   const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
-  const auto packs = [&](const scalar_t* base, int64_t row) { return reinterpret_cast<const P*>(base + row * a.V); };
+  const auto packs = [&](const scalar_t* base, const RowLayout& rows, int64_t row) {
+    return reinterpret_cast<const P*>(base + rows(row));
+  };
   P px[ITEMS], pt[ITEMS];
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const int64_t off = row * a.V;
@@ -533,10 +536,12 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
     } else {
       RowResult<T> r;
       if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
-        if constexpr (RESIDENT) load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
+        if constexpr (RESIDENT) {
+          load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), tid, stride, npacks);
+        }
         r = given_result(a.given + 4 * row, logits);
       } else if constexpr (RESIDENT) {
-        load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), tid, stride, npacks);
+        load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), tid, stride, npacks);
         const Vals<T, 2> m =
             block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
         r = block_finish(m, held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m), red_sum, &res, logits,
@@ -544,7 +549,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       } else {
         RowState<T> st = empty_state<T>();
         for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-          load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+          load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), j0, stride, npacks);
           fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
         }
         // Each thread's online statistics moved once to the row maxima, in double, then summed in double: fp32
@@ -565,7 +570,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
           js = jsd_sums<ITEMS>(px, pt, tid, stride, npacks, r, a, scale2);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+            load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), j0, stride, npacks);
             js = SumOp()(js, jsd_sums<ITEMS>(px, pt, j0, stride, npacks, r, a, scale2));
           }
         }
@@ -595,7 +600,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
           grads_of(tid);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load_packs<ITEMS>(px, pt, packs(a.x, row), packs(a.t, row), j0, stride, npacks);
+            load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), j0, stride, npacks);
             grads_of(j0);
           }
         }
@@ -638,14 +643,14 @@ __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArg
   const int64_t lo = std::min<int64_t>(int64_t(rank) * slice, npacks);
   const int64_t count = std::min<int64_t>(slice, npacks - lo);
   for (int64_t row = blockIdx.x / size; row < a.N; row += gridDim.x / size) {
-    const int64_t off = row * a.V + lo * VEC;  // this block's slice
+    const int64_t off = row * a.V + lo * VEC;  // this block's slice of the gradients
     if (a.mask != nullptr && !a.mask[row]) {   // the same for every block of the cluster
       if (rank == 0 && tid == 0) a.loss[row] = T(0);
       zero_grads<scalar_t, VEC>(a.gx, a.gt, off, count);
       continue;
     }
-    const P* xr = reinterpret_cast<const P*>(a.x + off);
-    const P* tr = reinterpret_cast<const P*>(a.t + off);
+    const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row) + lo * VEC);
+    const P* tr = reinterpret_cast<const P*>(a.t + a.rt(row) + lo * VEC);
     P px[ITEMS], pt[ITEMS];
     load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
     Max2 m = block_allreduce(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2), red_max,
@@ -751,12 +756,14 @@ void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stre
 inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
                               const c10::optional<at::Tensor>& mask, double temperature, double beta,
                               const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
-  const int64_t N = input.size(0), V = input.size(1);
+  const int64_t N = num_rows(input), V = input.size(-1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "softmax_rows_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const KLArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
                              target.const_data_ptr<scalar_t>(),
+                             row_layout(input),
+                             row_layout(target),
                              mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
                              call.loss.mutable_data_ptr<acc_t>(),
                              call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
@@ -772,7 +779,8 @@ inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const
                              call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
     constexpr int VEC = vec_size<scalar_t>();
     // 16-byte packs need every row to start on a 16-byte boundary.
-    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt);
+    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt) &&
+                       a.rx.steps_of(VEC) && a.rt.steps_of(VEC);
     if (beta > 0) {
       packs ? launch_kl<scalar_t, VEC, true>(a, dev, stream) : launch_kl<scalar_t, 1, true>(a, dev, stream);
     } else {

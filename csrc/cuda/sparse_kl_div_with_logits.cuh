@@ -18,6 +18,7 @@ template <typename scalar_t>
 struct SparseArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
+  RowLayout rx;        // where rows of x start (gradients: row * V)
   const int64_t* idx;  // (N, K); -1: empty slot
   const acc_t* val;    // (N, K)
   const bool* mask;    // nullptr: every row counts
@@ -127,7 +128,7 @@ __device__ __forceinline__ SlotTerms<T> slot_terms(const SparseArgs<scalar_t>& a
   if (t.i < 0) return t;
   const T v = a.val[row * a.K + s], ln2 = T(kLn2);
   // (z - max) - log2(sum): no large log-sum-exp (logits of 25 would cost 1e-6 absolute) to cancel.
-  t.ls2 = (kmul(to_acc(a.x[row * a.V + t.i]), scale2) - r.m_s) - r.log_d;
+  t.ls2 = (kmul(to_acc(a.x[a.rx(row) + t.i]), scale2) - r.m_s) - r.log_d;
   T lp;
   if (a.normalize) {
     lp = r.P > T(0) ? T(teacher_w(v, a.target, a.inv_t) - r.lse_w) : -kinf<T>();
@@ -160,8 +161,8 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
   const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
   P px[ITEMS];
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const int64_t off = row * a.V;
-    const P* xr = reinterpret_cast<const P*>(a.x + off);
+    const int64_t off = row * a.V;  // of the gradient
+    const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row));
     __syncthreads();  // every thread is done with the previous row's bitmap
     if (a.mask != nullptr && !a.mask[row]) {
       if (tid == 0) a.loss[row] = T(0);
@@ -280,13 +281,14 @@ void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStrea
 inline void sparse_kl_cuda(const SparseCall& call, const at::Tensor& input, const at::Tensor& indices,
                            const at::Tensor& values, const c10::optional<at::Tensor>& mask, double temperature,
                            const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
-  const int64_t N = input.size(0), V = input.size(1);
+  const int64_t N = num_rows(input), V = input.size(-1);
   TORCH_CHECK(V <= kMaxSparseClasses, "kl_ext: the CUDA sparse_kl_div_with_logits takes up to ", kMaxSparseClasses,
               " classes (its support bitmap lives in shared memory), got ", V, "; use backend='triton'");
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "sparse_kl_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SparseArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
+                                 row_layout(input),
                                  indices.const_data_ptr<int64_t>(),
                                  values.const_data_ptr<acc_t>(),
                                  mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
@@ -301,7 +303,7 @@ inline void sparse_kl_cuda(const SparseCall& call, const at::Tensor& input, cons
                                  call.target_type,
                                  call.normalize};
     constexpr int VEC = vec_size<scalar_t>();
-    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.gx);
+    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.gx) && a.rx.steps_of(VEC);
     packs ? launch_sparse<scalar_t, VEC>(a, dev, stream) : launch_sparse<scalar_t, 1>(a, dev, stream);
   });
 }
