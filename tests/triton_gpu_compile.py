@@ -28,6 +28,9 @@ from kl_ext.triton_kernels import sparse_kl_div_with_logits as sparse  # noqa: E
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ELEM = {"bf16": 2, "fp32": 4}
+# Row layouts (csrc/common.h, RowLayout) of strided (A, B, V) rows, the general case: inner not 1, int64 strides.
+X_ROWS = {"xi": "i32", "xs0": "i64", "xs1": "i64"}
+ROWS = dict(X_ROWS, ti="i32", ts0="i64", ts1="i64")
 
 
 def compile_one(fn, signature, constexprs, num_warps, fp_fusion=True, **label):
@@ -56,7 +59,7 @@ def kl_configs():
                     for vp in (0, 1, 2) if full else (0,):
                         sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
                                "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "shard_ptr": "*fp32",
-                               "given_ptr": "*fp32", "V": "i32", "inv_t": "fp32"}
+                               "given_ptr": "*fp32", "V": "i32", **ROWS, "inv_t": "fp32"}
                         consts = {"TARGET": tt, "FORWARD": fwd, "HAS_MASK": True, "HAS_GS": True,
                                   "GRAD_X": vp != 1, "GRAD_T": vp != 1, "ONE_CHUNK": one_chunk, "BLOCK": block,
                                   "VP": vp}
@@ -73,7 +76,7 @@ def jsd_configs():
                 for vp in (0, 1, 2) if dtype == "bf16" else (0,):
                     sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
                            "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "shard_ptr": "*fp32",
-                           "given_ptr": "*fp32", "V": "i32", "inv_t": "fp32", "beta": "fp32"}
+                           "given_ptr": "*fp32", "V": "i32", **ROWS, "inv_t": "fp32", "beta": "fp32"}
                     consts = {"TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": vp != 1, "GRAD_T": vp != 1,
                               "ONE_CHUNK": one_chunk, "BLOCK": block, "VP": vp}
                     compile_one(jsd._jsd_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="jsd", dtype=dtype, V=V,
@@ -88,7 +91,7 @@ def sparse_configs():
             for normalize in (True, False) if tt else (True,):
                 sig = {"x_ptr": f"*{dtype}", "idx_ptr": "*i64", "val_ptr": "*fp32", "mask_ptr": "*i1",
                        "loss_ptr": "*fp32", "gx_ptr": f"*{dtype}", "gv_ptr": "*fp32", "gs_ptr": "*fp32",
-                       "bits_ptr": "*i32", "V": "i32", "K": "i32", "W": "i32", "inv_t": "fp32"}
+                       "bits_ptr": "*i32", "V": "i32", **X_ROWS, "K": "i32", "W": "i32", "inv_t": "fp32"}
                 consts = {"TARGET": tt, "NORMALIZE": normalize, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": True,
                           "GRAD_V": True, "BLOCK": block, "BLOCK_K": 1024}
                 compile_one(sparse._sparse_kl_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="sparse", dtype=dtype,
@@ -102,7 +105,7 @@ def bernoulli_configs():
             for logits, entropy in ((False, True), (True, True), (False, False)):
                 sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "pw_ptr": "*fp32",
                        "loss_ptr": "*fp32", "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32",
-                       "N": "i32", "C": "i32", "inv_t": "fp32", "W_NUMEL": "i32", "PW_NUMEL": "i32"}
+                       "N": "i32", "C": "i32", **ROWS, "inv_t": "fp32", "W_NUMEL": "i32", "PW_NUMEL": "i32"}
                 consts = {"HAS_GS": True, "TARGET_LOGITS": logits, "ENTROPY": entropy, "HAS_W": True,
                           "HAS_PW": not entropy, "ELEMENTWISE": False, "GRAD_X": True, "GRAD_T": True,
                           "BLOCK_R": block_r, "BLOCK_C": block_c}
