@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -43,9 +44,11 @@ inline Vec<T> xlogx(const Vec<T>& p) {
   return Vec<T>::blendv(Vec<T>(T(0)), p * p.log(), p > Vec<T>(T(0)));
 }
 
-template <typename scalar_t>
-void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout rt, const at::opmath_type<scalar_t>* w, int64_t w_numel,
-                        const at::opmath_type<scalar_t>* pw, int64_t pw_numel, at::opmath_type<scalar_t>* loss, bool elementwise, scalar_t* gx, scalar_t* gt, int64_t N,
+template <typename scalar_t, typename target_t>
+void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout rt,
+                        const at::opmath_type<scalar_t>* w, int64_t w_numel, const at::opmath_type<scalar_t>* pw,
+                        int64_t pw_numel, at::opmath_type<scalar_t>* loss, bool elementwise, scalar_t* gx,
+                        target_t* gt, int64_t N,
                         int64_t C, bool target_logits, double temperature, bool subtract_entropy,
                         at::opmath_type<scalar_t> gs) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -61,9 +64,12 @@ void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowL
     std::vector<acc_t> buf(7 * np, acc_t(0));
     acc_t *zb = buf.data(), *tb = zb + np, *wb = tb + np, *pwb = wb + np, *lb = pwb + np, *gxb = lb + np,
           *gtb = gxb + np;
-    auto load = [&](const scalar_t* src, acc_t* dst) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(src, src + C, dst);
-      else at::vec::convert(src, dst, C);
+    auto load = [&](const auto* src, acc_t* dst) {
+      if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(src)>>, acc_t>) {
+        std::copy(src, src + C, dst);
+      } else {
+        at::vec::convert(src, dst, C);
+      }
     };
     auto load_factor = [&](const acc_t* f, int64_t numel, int64_t r, acc_t* dst) {
       const acc_t* src = f + (numel == C ? 0 : r * C);
@@ -113,9 +119,12 @@ void bernoulli_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowL
       }
       if (elementwise) std::copy(lb, lb + C, loss + off);
       else loss[r] = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return a + b; }, vsum);
-      auto store = [&](const acc_t* src, scalar_t* dst) {
-        if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(src, src + C, dst);
-        else at::vec::convert(src, dst, C);
+      auto store = [&](const acc_t* src, auto* dst) {
+        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(dst)>, acc_t>) {
+          std::copy(src, src + C, dst);
+        } else {
+          at::vec::convert(src, dst, C);
+        }
       };
       if (gx != nullptr) store(gxb, gx + off);
       if (gt != nullptr) store(gtb, gt + off);
@@ -132,14 +141,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
                                          subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
   const int64_t N = num_rows(input), C = input.size(-1);
   at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cpu", [&] {
+  dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto xv, auto tv) {
+    using scalar_t = decltype(xv);
+    using target_t = decltype(tv);
     using acc_t = at::opmath_type<scalar_t>;
-    bernoulli_rows_cpu<scalar_t>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), row_layout(input), row_layout(target),
+    bernoulli_rows_cpu<scalar_t, target_t>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input), row_layout(target),
         weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, weight.has_value() ? weight->numel() : 0,
         pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
         pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,
-        grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<target_t>() : nullptr,
         N, C, call.target_logits, temperature, subtract_entropy,
         grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
   });

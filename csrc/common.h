@@ -3,6 +3,7 @@
 // these TORCH_CHECKs only guard direct calls to the raw ops.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <algorithm>
 #include <string>
 
@@ -53,13 +54,34 @@ inline at::Tensor grad_like(const at::Tensor& t, bool wanted) {
   return wanted ? at::empty({num_rows(t), t.size(-1)}, t.options()) : at::empty({0}, t.options());
 }
 
+// The input / target dtype pairs the kernels read in place: one dtype (float32, float64, bfloat16, float16), or
+// a 16-bit one with float32 in either order (mixed precision). kl_ext/_validation.py says the same to users.
+inline bool dtype_pair_supported(at::ScalarType x, at::ScalarType t) {
+  const auto half = [](at::ScalarType d) { return d == at::kBFloat16 || d == at::kHalf; };
+  return x == t || (x == at::kFloat && half(t)) || (half(x) && t == at::kFloat);
+}
+
 inline void check_rows(const at::Tensor& input, const at::Tensor& target) {
   check_row_tensor(input, "input");
   check_row_tensor(target, "target");
   TORCH_CHECK(num_rows(target) == num_rows(input) && target.size(-1) == input.size(-1),
               "kl_ext: target must have the input's rows and classes");
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "kl_ext: input and target dtypes differ");
+  TORCH_CHECK(dtype_pair_supported(input.scalar_type(), target.scalar_type()),
+              "kl_ext: input and target must have one dtype, or be a 16-bit dtype and float32");
   TORCH_CHECK(target.device() == input.device(), "kl_ext: input and target are on different devices");
+}
+
+// f(x, t) with default-constructed values of the input's and the target's C++ types, for a supported pair
+// (dtype_pair_supported): each tensor is read in its own dtype, so a mixed-precision call makes no casting pass.
+template <typename F>
+void dispatch_pair(at::ScalarType x, at::ScalarType t, const F& f) {
+  if (x == t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x, "kl_ext", [&] { f(scalar_t(), scalar_t()); });
+  } else if (x == at::kFloat) {
+    t == at::kBFloat16 ? f(float(), c10::BFloat16()) : f(float(), c10::Half());
+  } else {
+    x == at::kBFloat16 ? f(c10::BFloat16(), float()) : f(c10::Half(), float());
+  }
 }
 
 // Losses, weights and gradient scales are in the accumulation dtype: float64 for float64 inputs (so the

@@ -27,9 +27,9 @@ inline Vec<T> log_mixture(const Vec<T>& ls, const Vec<T>& lt, T beta, T beta1) {
   return at::vec::maximum(ls, lt) + (c * (Vec<T>(T(0)) - d.abs()).expm1()).log1p();
 }
 
-template <typename scalar_t>
-void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout rt, const bool* mask, at::opmath_type<scalar_t>* loss,
-                  scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, double temperature, double beta,
+template <typename scalar_t, typename target_t>
+void jsd_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout rt, const bool* mask,
+                  at::opmath_type<scalar_t>* loss, scalar_t* gx, target_t* gt, int64_t N, int64_t V, TargetType tt, double temperature, double beta,
                   at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
                   const at::opmath_type<scalar_t>* given) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -126,7 +126,7 @@ void jsd_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout 
       if (gt) {
         const V_t h = V_t::loadu(c + i);
         const V_t gv = logits ? where_pos(p, p * (h - Vsp)) : lp ? where_pos(p, p * h) : h;
-        put_grad<scalar_t, acc_t>(gv * Vgt, gt + off, stage_t, i, V);
+        put_grad<target_t, acc_t>(gv * Vgt, gt + off, stage_t, i, V);
       }
     }
     if (gx) flush_grad(gx + off, stage_x, V);
@@ -141,17 +141,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_with_logits_fwd_cpu(
   KLCall call = prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input, grad_target,
                             grad_scale, row_stats);
   const int64_t N = num_rows(input), V = input.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "jsd_with_logits_fwd_cpu", [&] {
+  dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto xv, auto tv) {
+    using scalar_t = decltype(xv);
+    using target_t = decltype(tv);
     using acc_t = at::opmath_type<scalar_t>;
-    jsd_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), row_layout(input),
-                           row_layout(target),
-                           mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
-                           call.loss.mutable_data_ptr<acc_t>(),
-                           grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-                           grad_target ? call.gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, call.target_type,
-                           temperature, beta, grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
-                           call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
-                           call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
+    jsd_rows_cpu<scalar_t, target_t>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input), row_layout(target),
+        mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, call.loss.mutable_data_ptr<acc_t>(),
+        grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_target ? call.gt.mutable_data_ptr<target_t>() : nullptr, N, V, call.target_type, temperature, beta,
+        grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
+        call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+        call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
   });
   return {call.out(), call.gx, call.gt};
 }

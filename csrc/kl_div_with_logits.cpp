@@ -33,9 +33,9 @@ using namespace cpu;
 //   reverse KL = inv_s * sum b (a' - c') + mass_q * (log sum_t - log sum_s).
 // Passes: load (+ max), exp (+ sums and the KL accumulator; b and d are kept only when a gradient is wanted),
 // and one gradient pass.
-template <typename scalar_t>
-void kl_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout rt, const bool* mask, at::opmath_type<scalar_t>* loss,
-                 scalar_t* gx, scalar_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
+template <typename scalar_t, typename target_t>
+void kl_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout rt, const bool* mask,
+                 at::opmath_type<scalar_t>* loss, scalar_t* gx, target_t* gt, int64_t N, int64_t V, TargetType tt, Direction dir,
                  double temperature, at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
                  const at::opmath_type<scalar_t>* given) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -131,7 +131,7 @@ void kl_rows_cpu(const scalar_t* x, const scalar_t* t, RowLayout rx, RowLayout r
           else if (lp) gv = V_t(0) - q;
           else gv = where_pos(q, V_t(0) - q / p);
         }
-        put_grad<scalar_t, acc_t>(gv * V_t(gs), gt + off, stage_t, i, V);
+        put_grad<target_t, acc_t>(gv * V_t(gs), gt + off, stage_t, i, V);
       }
     }
     if (gx) flush_grad(gx + off, stage_x, V);
@@ -147,16 +147,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
                            grad_scale, row_stats);
   const int64_t N = num_rows(input), V = input.size(-1);
   at::Tensor &loss = call.loss, &gx = call.gx, &gt = call.gt;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "kl_div_with_logits_fwd_cpu", [&] {
+  dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto xv, auto tv) {
+    using scalar_t = decltype(xv);
+    using target_t = decltype(tv);
     using acc_t = at::opmath_type<scalar_t>;
-    kl_rows_cpu<scalar_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), row_layout(input),
-                          row_layout(target),
-                          mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, loss.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-                          grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                          grad_target ? gt.mutable_data_ptr<scalar_t>() : nullptr, N, V, call.target_type, call.direction, temperature,
-                          grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
-                          call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
-                          call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
+    kl_rows_cpu<scalar_t, target_t>(
+        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input), row_layout(target),
+        mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, loss.mutable_data_ptr<acc_t>(),
+        grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<target_t>() : nullptr,
+        N, V, call.target_type, call.direction, temperature,
+        grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
+        call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+        call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
   });
   return {call.out(), gx, gt};
 }
@@ -166,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
 TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
   // Per-row KL (accumulation dtype, 0 for masked rows) and, when asked, the gradients of each row's KL w.r.t. input
   // and target times grad_scale (a 0-dim accumulation-dtype tensor, e.g. 1 / rows for 'batchmean'; empty tensors
-  // when not asked). input/target: rows (csrc/common.h, RowLayout), same dtype. row_stats: the vocab-parallel modes
+  // when not asked). input/target: rows (csrc/common.h, RowLayout), a supported dtype pair (dtype_pair_supported). row_stats: the vocab-parallel modes
   // (csrc/common.h, KLCall), which return (rows, 3) or (rows, 2) instead of the per-row KL.
   m.def(
       "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "

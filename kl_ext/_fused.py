@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from kl_ext._backends import op
-from kl_ext._validation import acc_dtype
+from kl_ext._validation import acc_dtype, dtype_pair_supported
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     """(..., k) -> contiguous (rows, k): the sparse teacher's indices and values, k per row (small)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
+def _target(backend: str, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """The target as `backend` reads it. The CPU and Triton kernels read each tensor in its own dtype (csrc/common.h,
+    dtype_pair_supported); the CUDA kernels read one dtype, and the BCE drop-in takes every pair torch takes: those
+    targets are cast to the input's dtype (one more pass; backend='auto' on a GPU picks Triton, which needs none)."""
+    if target.dtype == input.dtype or (backend != "cuda" and dtype_pair_supported(input.dtype, target.dtype)):
+        return target
+    return target.to(input.dtype)
 
 
 def _factor(f: Optional[torch.Tensor], input: torch.Tensor) -> Optional[torch.Tensor]:
@@ -136,7 +145,7 @@ def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, 
     """_rows_forward for the row-softmax losses whose op takes rows, target rows, flat mask, target_type and
     `options`."""
     def make_args():
-        return _rows(input), _rows(target), _flat_mask(mask), target_type, *options
+        return _rows(input), _rows(_target(backend, target, input)), _flat_mask(mask), target_type, *options
 
     return _rows_forward(ctx, name, backend, make_args, (input, target, mask), mask, reduction, grad_input,
                          grad_target)
@@ -161,11 +170,13 @@ def _recompute(ctx):
 
 def _fused_backward(ctx, grad_out):
     """(grad input, grad target): the saved gradients times grad_output."""
-    scale = grad_out.to(acc_dtype(grad_out.dtype)).reshape(-1).contiguous()
+    # In each gradient's accumulation dtype (the BCE drop-in's loss may be float64 for float32 kernels).
+    scale = grad_out.reshape(-1).contiguous()
     wanted = ctx.needs_input_grad[:2]
     if torch.compiler.is_compiling():
         gx, gt = ctx.saved_tensors
-        grads = [op(ctx.backend, "scale_grad")(g, scale) if w else None for g, w in zip((gx, gt), wanted)]
+        grads = [op(ctx.backend, "scale_grad")(g, scale.to(acc_dtype(g.dtype))) if w else None
+                 for g, w in zip((gx, gt), wanted)]
     else:
         # The saved gradients are scaled in place once; a later backward (retained graph) recomputes them
         # (and must not unpack the saved tensors, which the first backward modified).
@@ -174,6 +185,6 @@ def _fused_backward(ctx, grad_out):
         grads = []
         for g, w in zip((gx, gt), wanted):
             if w:
-                op(ctx.backend, "scale_grad_")(g, scale)
+                op(ctx.backend, "scale_grad_")(g, scale.to(acc_dtype(g.dtype)))
             grads.append(g if w else None)
     return tuple(g.reshape(shape) if g is not None else None for g, shape in zip(grads, ctx.shapes))

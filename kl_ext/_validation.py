@@ -46,7 +46,17 @@ def _temperature(temperature) -> None:
         raise ValueError(f"kl_ext: temperature must be a finite number > 0, got {temperature}")
 
 
-def _pair(input, target, what: str = "target") -> None:
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def dtype_pair_supported(input_dtype: torch.dtype, target_dtype: torch.dtype) -> bool:
+    """The dtype pairs the kernels read in place, each tensor in its own dtype (csrc/common.h): one dtype, or a
+    16-bit one with float32 in either order (mixed precision)."""
+    return input_dtype == target_dtype or (input_dtype == torch.float32 and target_dtype in _HALF) or \
+        (input_dtype in _HALF and target_dtype == torch.float32)
+
+
+def _pair(input, target, what: str = "target", any_dtypes: bool = False) -> None:
     _tensor("input", input)
     _tensor(what, target)
     _floating("input", input)
@@ -60,9 +70,10 @@ def _pair(input, target, what: str = "target") -> None:
     if target.device != input.device:
         raise ValueError(f"kl_ext: input is on {input.device} but {what} is on {target.device}; "
                          f"move them to one device, e.g. {what}.to(input.device)")
-    if target.dtype != input.dtype:
-        raise TypeError(f"kl_ext: input is {input.dtype} but {what} is {target.dtype}; "
-                        f"cast one of them, e.g. {what}.to(input.dtype)")
+    if not any_dtypes and not dtype_pair_supported(input.dtype, target.dtype):
+        raise TypeError(f"kl_ext: input is {input.dtype} but {what} is {target.dtype}: input and {what} may share "
+                        "a dtype, or pair bfloat16 / float16 with float32 (either way round); float64 pairs only "
+                        f"with float64; cast one of them, e.g. {what}.to(input.dtype)")
 
 
 def _mask(mask, input) -> None:
@@ -244,7 +255,7 @@ def check_bernoulli(input, target, weight, target_type, temperature, reduction) 
 
 def check_bce(input, target, weight, pos_weight, reduction) -> None:
     _option("reduction", reduction, BCE_REDUCTIONS)
-    _pair(input, target)
+    _pair(input, target, any_dtypes=True)  # as torch's: pairs the kernels do not read are cast (_fused._target)
     _factor("weight", weight, input)
     _factor("pos_weight", pos_weight, input)
 

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext.jsd_with_logits import jsd_with_logits
 from kl_ext._backends import op, resolve
-from kl_ext._fused import (_denominator, _flat_mask, _fused_backward, _keep_grads, _reduce, _rows,
+from kl_ext._fused import (_denominator, _flat_mask, _fused_backward, _keep_grads, _reduce, _rows, _target,
                            divergence_op)
 from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_jsd, needs_grad
 
@@ -118,7 +118,7 @@ class VocabParallelFunction(torch.autograd.Function):
         logits = target_type == "logits"
         acc = acc_dtype(input.dtype)
         rows, V_r = math.prod(input.shape[:-1]), input.shape[-1]
-        x, t, m = _rows(input), _rows(target), _flat_mask(mask)
+        x, t, m = _rows(input), _rows(_target(backend, target, input)), _flat_mask(mask)
 
         def run(row_stats, gi=False, gt=False, grad_scale=None):
             return op(backend, name)(x, t, m, target_type, *options, gi, gt, grad_scale, row_stats)

@@ -6,11 +6,12 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
-from kl_ext._backends import resolve
-from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward
+from kl_ext._backends import _compile_constant, resolve
+from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target
 from kl_ext._validation import (check_bce, check_bernoulli, check_kl, needs_grad,
                                 validate_bernoulli_values, validate_kl_values)
 
@@ -36,7 +37,7 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
                        subtract_entropy, grad_input, grad_target):
     def make_args():
-        return (_rows(input), _rows(target), _factor(weight, input), _factor(pos_weight, input), target_type,
+        return (_rows(input), _rows(_target(backend, target, input)), _factor(weight, input), _factor(pos_weight, input), target_type,
                 temperature, subtract_entropy, reduction == "none")
 
     counted = input.numel() if reduction == "mean" else math.prod(input.shape[:-1])
@@ -66,12 +67,25 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, input, target, weight, pos_weight, reduction, backend, grad_input, grad_target):
         out = _bernoulli_forward(ctx, input, target, weight, pos_weight, "probs", 1.0, reduction, backend, False,
                                  grad_input, grad_target)
-        return out.to(input.dtype)  # torch's BCE returns the input's dtype
+        return out.to(_bce_dtype(*(None if f is None else f.dtype for f in (input, target, weight, pos_weight))))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None
+
+
+_BCE_DTYPES: dict = {}
+
+
+@_compile_constant
+def _bce_dtype(*dtypes):
+    """The dtype torch's binary_cross_entropy_with_logits returns for (input, target, weight, pos_weight) dtypes
+    (None: not given), asked of torch itself on meta tensors once per combination."""
+    if dtypes not in _BCE_DTYPES:
+        x, t, w, pw = (None if d is None else torch.empty(1, dtype=d, device="meta") for d in dtypes)
+        _BCE_DTYPES[dtypes] = F.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw).dtype
+    return _BCE_DTYPES[dtypes]
 
 
 def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",

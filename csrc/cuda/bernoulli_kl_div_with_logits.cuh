@@ -152,6 +152,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logi
     const c10::optional<at::Tensor>& grad_scale, int sms, cudaStream_t stream) {
   BernoulliCall call = prepare_bernoulli(input, target, weight, pos_weight, target_type, temperature,
                                          subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
+  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "kl_ext: the CUDA kernels read input and target in one "
+              "dtype (kl_ext casts the target for backend='cuda'; backend='triton' reads each in its own)");
   const int64_t N = num_rows(input), C = input.size(-1);
   if (N == 0) return {call.loss, call.gx, call.gt};
   const int group = bernoulli_group(C);

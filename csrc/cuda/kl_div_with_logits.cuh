@@ -756,6 +756,8 @@ void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stre
 inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
                               const c10::optional<at::Tensor>& mask, double temperature, double beta,
                               const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
+  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "kl_ext: the CUDA kernels read input and target in one "
+              "dtype (kl_ext casts the target for backend='cuda'; backend='triton' reads each in its own)");
   const int64_t N = num_rows(input), V = input.size(-1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "softmax_rows_cuda", [&] {
