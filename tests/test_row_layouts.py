@@ -161,3 +161,21 @@ def test_emulated_cuda_kernels_read_strided_rows(emu, B, T, V, skew, op_name):  
     for a, b in zip(got, exp):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck_and_compile_on_strided_mixed_rows(require_backend, backend):
+    require_backend(backend)
+    from kl_ext._backends import op
+    from conftest import assert_compiled_matches_eager
+    _, x, t = _layouts(2, 3, 37, torch.float32)[0]
+    for name, extra in (("kl_div_with_logits_fwd", ("forward",)), ("jsd_with_logits_fwd", (0.4,))):
+        args = (_rows(x), _rows(t).to(torch.bfloat16), None, "logits", 1.0, *extra, True, True, None)
+        torch.library.opcheck(op(backend, name), args)
+    big = torch.randn(2, 4, 37)
+    teacher = torch.randn(2, 4, 37, dtype=torch.bfloat16)
+
+    def step(b, tt):  # the shifted next-token call, student float32, teacher bfloat16
+        return kl_ext.kl_div_with_logits(b[:, :-1], tt[:, 1:], backend=backend) + \
+            kl_ext.bernoulli_kl_div_with_logits(b[:, 1:], tt[:, :-1].sigmoid(), backend=backend)
+    assert_compiled_matches_eager(step, [big], (teacher,))
