@@ -42,7 +42,14 @@ def _want_cuda():
     return True, ""
 
 
-cxx_flags = ["-O3", "-Wno-unknown-pragmas"]  # the -std level comes from torch (C++20 from torch 2.13 on)
+cxx_flags = ["-O3"]  # the -std level comes from torch (C++20 from torch 2.13 on)
+# at::parallel_for is an inline `#pragma omp parallel` in ATen's headers: without -fopenmp an extension's CPU
+# kernels silently run on one thread (kl_ext's did until 2026-11-23). Linking -fopenmp names libgomp.so.1, which
+# resolves to the copy torch has already loaded: one OpenMP runtime, torch.set_num_threads applies.
+link_flags = []
+if platform.system() == "Linux":
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 # ATen's Vectorized<float> is only SIMD (and exp/log only Sleef-backed) when a CPU_CAPABILITY is defined;
 # extensions get the scalar fallback otherwise. The default build is portable (any x86-64 or other CPU runs
 # it, so a wheel can be shared); KL_EXT_AVX2=1 builds the vectorized AVX2+FMA kernels, for CPUs that have
@@ -63,10 +70,11 @@ if with_cuda:
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx_flags + ["-DKL_EXT_WITH_CUDA"],
                             "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
     print(f"kl_ext: building the CPU ops only ({why_not})")
-    ext = CppExtension("kl_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("kl_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     name="kl_ext",

@@ -11,7 +11,14 @@ PyObject* PyInit__C(void) {
 #else
   const char* capability = "default";
 #endif
-  if (m != nullptr && PyModule_AddStringConstant(m, "cpu_capability", capability) != 0) {
+  // Whether the CPU kernels' at::parallel_for runs on threads (setup.py builds with -fopenmp on Linux).
+#ifdef _OPENMP
+  const long openmp = 1;
+#else
+  const long openmp = 0;
+#endif
+  if (m != nullptr && (PyModule_AddStringConstant(m, "cpu_capability", capability) != 0 ||
+                       PyModule_AddObject(m, "openmp", PyBool_FromLong(openmp)) != 0)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -54,6 +54,7 @@ for be in kl_ext.available_backends():
     print(f"  backend {be}: fwd+bwd ok")
 # The default build is portable: no AVX (ymm) instruction in the CPU kernels, so the wheel runs on any x86-64.
 assert kl_ext._C.cpu_capability == "default", kl_ext._C.cpu_capability
+assert kl_ext._C.openmp, "the CPU kernels were built without OpenMP: one thread"
 dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", kl_ext._C.__file__], capture_output=True, text=True)
 if dis.returncode == 0:
     assert "%ymm" not in dis.stdout, "the portable build uses AVX registers"

@@ -33,6 +33,14 @@ def test_import_is_lazy():
     assert r.stdout.strip() == "False False"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux")
+def test_cpu_kernels_run_rows_on_threads():
+    # at::parallel_for is an OpenMP pragma in ATen's headers: compiled without -fopenmp, every CPU kernel ran
+    # on one thread (setup.py).
+    import kl_ext._C
+    assert kl_ext._C.openmp
+
+
 def test_available_backends():
     b = kl_ext.available_backends()
     assert b[0] == "torch" and set(b) <= {"torch", "cpu", "cuda", "triton"}
