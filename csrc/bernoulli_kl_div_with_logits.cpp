@@ -60,74 +60,74 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    // Staging: z, target (p or u), weight, pos_weight, loss, gx, gt rows in acc_t.
-    std::vector<acc_t> buf(7 * np, acc_t(0));
-    acc_t *zb = buf.data(), *tb = zb + np, *wb = tb + np, *pwb = wb + np, *lb = pwb + np, *gxb = lb + np,
-          *gtb = gxb + np;
-    auto load = [&](const auto* src, acc_t* dst) {
+    // Rows of acc_t are read and written in place; 16-bit rows go through per-thread staging (x, t, gx, gt).
+    std::vector<acc_t> buf(4 * np, acc_t(0));
+    acc_t *xb = buf.data(), *tb = xb + np, *gxb = tb + np, *gtb = gxb + np;
+    auto in = [&](const auto* src, acc_t* stage) -> const acc_t* {
       if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(src)>>, acc_t>) {
-        std::copy(src, src + C, dst);
+        return src;
       } else {
-        at::vec::convert(src, dst, C);
+        at::vec::convert(src, stage, C);
+        return stage;
       }
     };
-    auto load_factor = [&](const acc_t* f, int64_t numel, int64_t r, acc_t* dst) {
-      const acc_t* src = f + (numel == C ? 0 : r * C);
-      std::copy(src, src + C, dst);
+    auto out = [&](auto* dst, acc_t* stage) -> acc_t* {
+      if constexpr (std::is_same_v<std::remove_pointer_t<decltype(dst)>, acc_t>) {
+        return dst;
+      } else {
+        return stage;
+      }
     };
-    if (w == nullptr) std::fill(wb, wb + np, acc_t(1));
-    if (pw == nullptr) std::fill(pwb, pwb + np, acc_t(1));
+    auto flush = [&](auto* dst, const acc_t* stage) {
+      if constexpr (!std::is_same_v<std::remove_pointer_t<decltype(dst)>, acc_t>) at::vec::convert(stage, dst, C);
+    };
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * C;
-      load(x + rx(r), zb);
-      load(t + rt(r), tb);
-      if (w != nullptr && (w_numel != C || r == begin)) load_factor(w, w_numel, r, wb);
-      if (pw != nullptr && (pw_numel != C || r == begin)) load_factor(pw, pw_numel, r, pwb);
+      const acc_t* zr = in(x + rx(r), xb);
+      const acc_t* tr = in(t + rt(r), tb);
+      const acc_t* wr = w == nullptr ? nullptr : w + (w_numel == C ? 0 : off);
+      const acc_t* pwr = pw == nullptr ? nullptr : pw + (pw_numel == C ? 0 : off);
+      acc_t* lr = elementwise ? loss + off : nullptr;
+      acc_t* gxr = gx != nullptr ? out(gx + off, gxb) : nullptr;
+      acc_t* gtr = gt != nullptr ? out(gt + off, gtb) : nullptr;
       V_t vsum(0);
-      for (int64_t i = 0; i < np; i += L) {
-        const V_t z = V_t::loadu(zb + i) * V_t(inv_t), wv = V_t::loadu(wb + i), pwv = V_t::loadu(pwb + i);
-        const V_t ez = (V_t(0) - z.abs()).exp();
+      for (int64_t i = 0; i < C; i += L) {
+        const int64_t n = std::min<int64_t>(L, C - i);  // a short last vector: its other lanes load 0
+        const V_t z = V_t::loadu(zr + i, n) * V_t(inv_t);
+        const V_t wv = wr != nullptr ? V_t::loadu(wr + i, n) : V_t(1);
+        const V_t pwv = pwr != nullptr ? V_t::loadu(pwr + i, n) : V_t(1);
+        const V_t ez = (V_t(0) - z.abs()).exp_u20();
         const V_t spz = softplus_neg(z, ez);
-        V_t p, l, u, spu;
+        V_t p, l, u;
         if (target_logits) {
-          u = V_t::loadu(tb + i) * V_t(inv_t);
-          const V_t eu = (V_t(0) - u.abs()).exp();
+          u = V_t::loadu(tr + i, n) * V_t(inv_t);
+          const V_t eu = (V_t(0) - u.abs()).exp_u20();
           p = sigmoid_from(u, eu);
-          spu = softplus_neg(u, eu);
-          l = (V_t(1) - p) * (z - u) + spz - spu;
+          l = (V_t(1) - p) * (z - u) + spz - softplus_neg(u, eu);
         } else {
-          p = V_t::loadu(tb + i);
-          const V_t lw = V_t(1) + (pwv - V_t(1)) * p;
-          l = (V_t(1) - p) * z + lw * spz;
+          p = V_t::loadu(tr + i, n);
+          l = (V_t(1) - p) * z + (pwr != nullptr ? V_t(1) + (pwv - V_t(1)) * p : V_t(1)) * spz;
           if (subtract_entropy) l = l + xlogx(p) + xlogx(V_t(1) - p);
         }
-        l = l * wv;
-        if (i + L > C) l = V_t::set(V_t(0), l, C - i);  // keep the padding out of the row sum
+        if (wr != nullptr) l = l * wv;
+        if (n < L) l = V_t::set(V_t(0), l, n);  // keep the padding out of the row sum
         vsum += l;
-        if (elementwise) l.store(lb + i);
-        if (gx != nullptr) {
-          const V_t lw = V_t(1) + (pwv - V_t(1)) * p;
-          (wv * (lw * sigmoid_from(z, ez) - pwv * p) * V_t(gx_f)).store(gxb + i);
+        if (lr != nullptr) l.store(lr + i, n);
+        if (gxr != nullptr) {
+          const V_t lw = pwr != nullptr ? V_t(1) + (pwv - V_t(1)) * p : V_t(1);
+          (wv * (lw * sigmoid_from(z, ez) - pwv * p) * V_t(gx_f)).store(gxr + i, n);
         }
-        if (gt != nullptr) {
+        if (gtr != nullptr) {
           V_t g;
           if (target_logits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
           else if (subtract_entropy) g = p.log() - (V_t(1) - p).log() - z;
           else g = (pwv - V_t(1)) * spz - z;
-          (wv * g * V_t(gs)).store(gtb + i);
+          (wv * g * V_t(gs)).store(gtr + i, n);
         }
       }
-      if (elementwise) std::copy(lb, lb + C, loss + off);
-      else loss[r] = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return a + b; }, vsum);
-      auto store = [&](const acc_t* src, auto* dst) {
-        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(dst)>, acc_t>) {
-          std::copy(src, src + C, dst);
-        } else {
-          at::vec::convert(src, dst, C);
-        }
-      };
-      if (gx != nullptr) store(gxb, gx + off);
-      if (gt != nullptr) store(gtb, gt + off);
+      if (!elementwise) loss[r] = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return a + b; }, vsum);
+      if (gx != nullptr) flush(gx + off, gxb);
+      if (gt != nullptr) flush(gt + off, gtb);
     }
   });
 }
