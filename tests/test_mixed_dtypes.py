@@ -39,9 +39,11 @@ def _worst(*dtypes):
     return max((TOL[d] for d in dtypes), key=lambda tol: tol[0])
 
 
-@pytest.mark.parametrize("xd,td", MIXED, ids=lambda d: str(d).split(".")[-1])
+# Every pair on the C++ kernels (each pair is its own instantiation); the Triton kernels upcast every load the same
+# way, so the bfloat16 pairs there (the interpreter is slow in CI).
+@pytest.mark.parametrize("backend,xd,td", [("cpu", *p) for p in MIXED] + [("triton", *p) for p in MIXED[:2]],
+                         ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("kind", ["kl", "jsd", "bernoulli", "bce"])
-@pytest.mark.parametrize("backend", backend_params())
 def test_mixed_pairs_read_in_place(require_backend, backend, kind, xd, td):
     require_backend(backend)
     x, t = _case(kind, xd, td)

@@ -57,9 +57,11 @@ def _layouts(B, T, V, dtype, form=None):
 KINDS = ["kl", "reverse_kl", "jsd", "sparse", "bernoulli", "bce"]
 
 
+# Row addressing does not depend on the dtype: bfloat16 on the C++ kernels (their 16-bit staging paths), the
+# interpreted Triton kernels (slow in CI) in float32.
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                           ("triton", torch.float32)], ids=str)
 def test_strided_rows_equal_the_contiguous_call(require_backend, backend, kind, dtype):
     require_backend(backend)
     loss_of, form, target_grad = _losses(kind)
