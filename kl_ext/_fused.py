@@ -38,7 +38,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
         else:
             dims.append((n, s))
     if rows == 0 or len(dims) > 2 or (V > 1 and x.stride(-1) != 1):
-        return x.reshape(rows, V).contiguous()
+        return _contiguous_rows(x)
     if len(dims) == 2:
         (n0, s0), (n1, s1) = dims
         return x.as_strided((n0, n1, V), (s0, s1, 1))
