@@ -50,11 +50,11 @@ def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
-def _target(backend: str, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    """The target as `backend` reads it. The CPU and Triton kernels read each tensor in its own dtype (csrc/common.h,
-    dtype_pair_supported); the CUDA kernels read one dtype, and the BCE drop-in takes every pair torch takes: those
-    targets are cast to the input's dtype (one more pass; backend='auto' on a GPU picks Triton, which needs none)."""
-    if target.dtype == input.dtype or (backend != "cuda" and dtype_pair_supported(input.dtype, target.dtype)):
+def _target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """The target as the kernels read it: in its own dtype for the pairs of dtype_pair_supported (csrc/common.h,
+    every backend). The BCE drop-in takes every pair torch takes: the others (bf16 with fp16, float64 with a
+    narrower dtype) are cast to the input's dtype, one more pass."""
+    if dtype_pair_supported(input.dtype, target.dtype):
         return target
     return target.to(input.dtype)
 
@@ -145,7 +145,7 @@ def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, 
     """_rows_forward for the row-softmax losses whose op takes rows, target rows, flat mask, target_type and
     `options`."""
     def make_args():
-        return _rows(input), _rows(_target(backend, target, input)), _flat_mask(mask), target_type, *options
+        return _rows(input), _rows(_target(target, input)), _flat_mask(mask), target_type, *options
 
     return _rows_forward(ctx, name, backend, make_args, (input, target, mask), mask, reduction, grad_input,
                          grad_target)

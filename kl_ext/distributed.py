@@ -118,7 +118,7 @@ class VocabParallelFunction(torch.autograd.Function):
         logits = target_type == "logits"
         acc = acc_dtype(input.dtype)
         rows, V_r = math.prod(input.shape[:-1]), input.shape[-1]
-        x, t, m = _rows(input), _rows(_target(backend, target, input)), _flat_mask(mask)
+        x, t, m = _rows(input), _rows(_target(target, input)), _flat_mask(mask)
 
         def run(row_stats, gi=False, gt=False, grad_scale=None):
             return op(backend, name)(x, t, m, target_type, *options, gi, gt, grad_scale, row_stats)

@@ -15,6 +15,10 @@ from test_kl_div_with_logits import make_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+TARGET_TYPES = ["logits", "log_probs", "probs"]
+# Every target type in float32 and bfloat16 (the two pack widths); float16 and float64 (the same code over another
+# element type) through one each: CI time.
+CASES = [(d, tt) for d in DTYPES[:2] for tt in TARGET_TYPES] + [(torch.float16, "probs"), (torch.float64, "log_probs")]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,7 @@ def check_grads(got, exp, dtype, what):
 KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 9000), (2, 33000), (2, 70000)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypatch):
     for i, (N, V) in enumerate(KL_SHAPES):
@@ -81,8 +84,7 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
 JSD_SHAPES = [(3, 1), (5, 37), (70, 20), (4, 1000), (3, 2101), (2, 9000)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
 def test_jsd_kernels_match_reference(emu, dtype, target_type):
     for i, (N, V) in enumerate(JSD_SHAPES):
         x, t, _ = make_case((N, V), target_type, dtype, seed=i)
@@ -199,6 +201,49 @@ def test_bernoulli_kernels_match_reference(emu, dtype, kind, N, C):
         check_grads(gt, exp[2], dtype, "grad target")
 
 
+# Input and target in different dtypes, each read in its own (Pack<target_t>, pair_vec): every pair, through the
+# resident rows with packs (4 x 1000), 1-element packs (5 x 37, and targets whose rows start off a pack boundary),
+# blocks looping over rows (70 x 20) and streamed rows (2 x 9000); KL, JSD, Bernoulli KL and BCE.
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+         (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("xd,td", MIXED, ids=str)
+def test_mixed_dtype_pairs_match_reference(emu, xd, td):
+    half = xd if xd != torch.float32 else td
+    gs = torch.tensor(0.5)
+    for i, (N, V, skew) in enumerate([(70, 20, 0), (5, 37, 0), (4, 1000, 1), (4, 1000, 0), (2, 9000, 0)]):
+        target_type, direction = TARGET_TYPES[i % 3], ("forward", "reverse")[i % 2]
+        x, t, _ = make_case((N, V + skew), target_type, torch.float64, seed=i)
+        x, t = x[:, skew:].to(xd), t[:, skew:].to(td)  # skew: rows start one element past a pack boundary
+        mask = torch.arange(N) % 3 != 1
+        what = f"{N}x{V} {skew=} {target_type} {direction}"
+        rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
+        loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
+        assert loss.dtype == torch.float32 and gx.dtype == xd and gt.dtype == td
+        assert_close_rel(loss, rloss, TOL[half][0], "KL loss " + what)
+        check_grads(gx, rgx, xd, "KL grad input " + what)
+        check_grads(gt, rgt, td, "KL grad target " + what)
+        x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
+        rows = reference.jsd_with_logits(x64, t64, beta=0.3, target_type=target_type, temperature=1.5,
+                                         reduction="none", mask=mask)
+        rgx, rgt = torch.autograd.grad(rows.sum() * 0.5, (x64, t64))
+        loss, gx, gt = emu.jsd_with_logits_fwd(x, t, mask, target_type, 1.5, 0.3, True, True, gs)
+        assert gx.dtype == xd and gt.dtype == td
+        assert_close_rel(loss, rows.detach(), TOL[half][0], "JSD loss " + what, atol=1e-6)
+        check_grads(gx, rgx, xd, "JSD grad input " + what)
+        check_grads(gt, rgt, td, "JSD grad target " + what)
+        p = t.float().sigmoid().clamp(0.01, 0.99).to(td)
+        for entropy in (True, False):
+            exp = bernoulli_expected(x, p, None, None, "probs", 1.0, entropy)
+            loss, gx, gt = emu.bernoulli_kl_div_with_logits_fwd(x, p, None, None, "probs", 1.0, entropy, True, True,
+                                                                True, gs.new_tensor(0.25))
+            assert gx.dtype == xd and gt.dtype == td
+            assert_close_rel(loss, exp[0], TOL[half][0], f"Bernoulli loss {entropy=} " + what)
+            check_grads(gx, exp[1], xd, f"Bernoulli grad input {entropy=} " + what)
+            check_grads(gt, exp[2], td, f"Bernoulli grad target {entropy=} " + what)
+
+
 def test_bernoulli_kernels_exactly_zero_when_matched(emu):
     x = torch.randn(7, 33)
     loss, _, _ = emu.bernoulli_kl_div_with_logits_fwd(x, x, None, None, "logits", 1.0, True, False, False, False,
@@ -241,8 +286,7 @@ SPARSE_SHAPES = [(3, 1, 1), (5, 37, 7), (70, 20, 5), (4, 64, 64), (3, 1000, 64),
                  (2, 70000, 100)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
 def test_sparse_kernels_match_reference(emu, dtype, target_type):
     from test_sparse_kl_div_with_logits import make_sparse
     for i, (N, V, k) in enumerate(SPARSE_SHAPES):

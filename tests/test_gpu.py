@@ -71,6 +71,28 @@ def test_jsd_vs_reference(backend, dtype, tt, V):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("xd,td", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                   (torch.float16, torch.float32), (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("V", [37, 4096, 32000])
+def test_mixed_dtype_pairs_vs_reference(backend, xd, td, V):
+    # Each tensor read in its own dtype (no cast), gradients in each one's dtype.
+    _gpu_backend(backend)
+    x, t = _case(64, V, torch.float32, "log_probs")
+    x, t = x.to(xd), t.to(td)
+    half = xd if xd != torch.float32 else td
+    for fn in (lambda a, b, be: kl_ext.kl_div_with_logits(a, b, target_type="log_probs", temperature=1.5,
+                                                          reduction="none", backend=be),
+               lambda a, b, be: kl_ext.jsd_with_logits(a, b, beta=0.3, target_type="log_probs", reduction="none",
+                                                       backend=be),
+               lambda a, b, be: kl_ext.bernoulli_kl_div_with_logits(a, b.float().exp().to(b.dtype),
+                                                                    reduction="none", backend=be)):
+        _check_vs_reference(fn, backend, x, t, half, atol=1e-6)
+        a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
+        fn(a, b, backend).sum().backward()
+        assert a.grad.dtype == xd and b.grad.dtype == td
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_jsd_deterministic_compiled_and_opcheck(backend):
     _gpu_backend(backend)
     x, t = _case(32, 40000, torch.bfloat16)  # streamed on both backends

@@ -76,13 +76,12 @@ def test_other_pairs_are_refused_with_the_fix(xd, td):
         kl_ext.jsd_with_logits(x, t)
 
 
-def test_cuda_kernels_get_the_target_in_the_inputs_dtype():
-    # The CUDA kernels read one dtype (a cast, documented); CPU and Triton read the pair in place; pairs outside
-    # the kernels' (the BCE drop-in's) are cast on every backend.
+def test_only_pairs_outside_the_kernels_are_cast():
+    # Every kernel backend reads the supported pairs in place; the BCE drop-in's other pairs are cast.
     x, t = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)
-    assert _target("cuda", t, x).dtype == torch.bfloat16
-    assert _target("cpu", t, x) is t and _target("triton", t, x) is t
-    assert _target("cpu", t.double(), x).dtype == torch.bfloat16
+    assert _target(t, x) is t and _target(x, t) is x
+    assert _target(t.double(), x).dtype == torch.bfloat16
+    assert _target(t.half(), x).dtype == torch.bfloat16
 
 
 BCE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -17,17 +17,17 @@
 namespace kl_ext {
 namespace cuda {
 
-template <typename scalar_t>
+template <typename scalar_t, typename target_t = scalar_t>
 struct BernoulliArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
-  const scalar_t* t;
+  const target_t* t;  // read in its own dtype (the pairs of dispatch_pair)
   RowLayout rx, rt;  // where rows of x and t start (losses and gradients: row * C)
   const acc_t* w;   // nullptr: 1
   const acc_t* pw;  // nullptr: 1
   acc_t* loss;      // (N,) row sums, or (N, C) when elementwise
   scalar_t* gx;     // nullptr: not wanted
-  scalar_t* gt;     // nullptr: not wanted
+  target_t* gt;     // nullptr: not wanted
   const acc_t* gs;  // grad_scale on the device, nullptr: 1
   int64_t N, C, w_numel, pw_numel;
   acc_t inv_t;
@@ -80,10 +80,12 @@ __device__ __forceinline__ T bernoulli_elem(T x, T t, T w, T pw, T inv_t, bool t
 
 // VEC elements per load (16 bytes when rows allow, else 1); 16 elements (8 for double) per lane and iteration,
 // all loaded before any is computed, so each lane keeps 2 - 4 loads of each input in flight.
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const BernoulliArgs<scalar_t> a) {
+template <typename scalar_t, typename target_t, int VEC>
+__global__ void __launch_bounds__(kBernoulliThreads)
+    bernoulli_rows_kernel(const BernoulliArgs<scalar_t, target_t> a) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
+  using PT = Pack<target_t, VEC>;
   constexpr int U = VEC >= 8 ? 2 : 4;
   const int lane = threadIdx.x & 31, group = a.group, sub = lane & (group - 1);
   const int rows_per_warp = 32 / group;
@@ -98,9 +100,10 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
     if (row < a.N) {
       const int64_t off = row * a.C;
       const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row));
-      const P* tr = reinterpret_cast<const P*>(a.t + a.rt(row));
+      const PT* tr = reinterpret_cast<const PT*>(a.t + a.rt(row));
       for (int64_t j0 = sub; j0 < npacks; j0 += int64_t(U) * group) {
-        P xv[U], tv[U];
+        P xv[U];
+        PT tv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int64_t j = j0 + int64_t(u) * group;
@@ -113,7 +116,8 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
         for (int u = 0; u < U; ++u) {
           const int64_t j = j0 + int64_t(u) * group;
           if (j >= npacks) continue;
-          P gxp, gtp;
+          P gxp;
+          PT gtp;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const int64_t c = j * VEC + e;
@@ -125,10 +129,10 @@ __global__ void __launch_bounds__(kBernoulliThreads) bernoulli_rows_kernel(const
             if (a.elementwise) a.loss[off + c] = l;
             else total += l;
             gxp.v[e] = static_cast<scalar_t>(gx * gx_f);
-            gtp.v[e] = static_cast<scalar_t>(gt * gs);
+            gtp.v[e] = static_cast<target_t>(gt * gs);
           }
           if (a.gx != nullptr) reinterpret_cast<P*>(a.gx + off)[j] = gxp;
-          if (a.gt != nullptr) reinterpret_cast<P*>(a.gt + off)[j] = gtp;
+          if (a.gt != nullptr) reinterpret_cast<PT*>(a.gt + off)[j] = gtp;
         }
       }
     }
@@ -152,42 +156,42 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logi
     const c10::optional<at::Tensor>& grad_scale, int sms, cudaStream_t stream) {
   BernoulliCall call = prepare_bernoulli(input, target, weight, pos_weight, target_type, temperature,
                                          subtract_entropy, elementwise, grad_input, grad_target, grad_scale);
-  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "kl_ext: the CUDA kernels read input and target in one "
-              "dtype (kl_ext casts the target for backend='cuda'; backend='triton' reads each in its own)");
   const int64_t N = num_rows(input), C = input.size(-1);
   if (N == 0) return {call.loss, call.gx, call.gt};
   const int group = bernoulli_group(C);
   const int64_t rows_per_block = int64_t(kBernoulliThreads / 32) * (32 / group);
   const dim3 grid(unsigned(std::min<int64_t>(ceil_div(N, rows_per_block), int64_t(sms) * (2048 / kBernoulliThreads)))),
       block(kBernoulliThreads);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bernoulli_kl_fwd_cuda", [&] {
+  dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto x_tag, auto t_tag) {
+    using scalar_t = decltype(x_tag);
+    using target_t = decltype(t_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const BernoulliArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
-                                    target.const_data_ptr<scalar_t>(),
-                                    row_layout(input),
-                                    row_layout(target),
-                                    weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
-                                    pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
-                                    call.loss.mutable_data_ptr<acc_t>(),
-                                    grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-                                    grad_target ? call.gt.mutable_data_ptr<scalar_t>() : nullptr,
-                                    grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
-                                    N,
-                                    C,
-                                    weight.has_value() ? weight->numel() : 0,
-                                    pos_weight.has_value() ? pos_weight->numel() : 0,
-                                    acc_t(1.0 / temperature),
-                                    call.target_logits,
-                                    subtract_entropy,
-                                    elementwise,
-                                    group};
-    constexpr int VEC = vec_size<scalar_t>();
-    if (C % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt) &&
-        a.rx.steps_of(VEC) && a.rt.steps_of(VEC)) {
-      auto kernel = bernoulli_rows_kernel<scalar_t, VEC>;
+    const BernoulliArgs<scalar_t, target_t> a{input.const_data_ptr<scalar_t>(),
+                                              target.const_data_ptr<target_t>(),
+                                              row_layout(input),
+                                              row_layout(target),
+                                              weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
+                                              pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
+                                              call.loss.mutable_data_ptr<acc_t>(),
+                                              grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                              grad_target ? call.gt.mutable_data_ptr<target_t>() : nullptr,
+                                              grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
+                                              N,
+                                              C,
+                                              weight.has_value() ? weight->numel() : 0,
+                                              pos_weight.has_value() ? pos_weight->numel() : 0,
+                                              acc_t(1.0 / temperature),
+                                              call.target_logits,
+                                              subtract_entropy,
+                                              elementwise,
+                                              group};
+    constexpr int VEC = pair_vec<scalar_t, target_t>();
+    if (C % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && packs_aligned<VEC>(a.t, a.gt) && a.rx.steps_of(VEC) &&
+        a.rt.steps_of(VEC)) {
+      auto kernel = bernoulli_rows_kernel<scalar_t, target_t, VEC>;
       KL_EXT_LAUNCH(kernel, grid, block, stream, a);
     } else {
-      auto kernel = bernoulli_rows_kernel<scalar_t, 1>;
+      auto kernel = bernoulli_rows_kernel<scalar_t, target_t, 1>;
       KL_EXT_LAUNCH(kernel, grid, block, stream, a);
     }
   });

@@ -28,6 +28,12 @@ constexpr int vec_size() {
   return 16 / int(sizeof(scalar_t));
 }
 
+// Elements per pack of an input / target pair read together: 16 bytes of the wider one (8 of the other).
+template <typename scalar_t, typename target_t>
+constexpr int pair_vec() {
+  return vec_size<scalar_t>() < vec_size<target_t>() ? vec_size<scalar_t>() : vec_size<target_t>();
+}
+
 // exp2 / log2 map to single SFU instructions on the GPU in float; double keeps full precision.
 __host__ __device__ __forceinline__ float kexp2(float x) { return exp2f(x); }
 __host__ __device__ __forceinline__ double kexp2(double x) { return exp2(x); }
@@ -103,7 +109,11 @@ __host__ __device__ __forceinline__ T safe_shift(T m) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Each pointer (nullptr: none) on a boundary of VEC elements of its type, as Pack<T, VEC> loads need.
+template <int VEC, typename... T>
+bool packs_aligned(const T*... p) {
+  return ((p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * VEC) == 0) && ...);
+}
 inline int round_up(int64_t a, int b) { return int(ceil_div(a, b) * b); }
 
 }  // namespace cuda

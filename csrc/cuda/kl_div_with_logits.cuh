@@ -32,16 +32,17 @@
 namespace kl_ext {
 namespace cuda {
 
-template <typename scalar_t>
+// The target may be of another dtype than the input (csrc/common.h, dispatch_pair): each is read in its own.
+template <typename scalar_t, typename target_t = scalar_t>
 struct KLArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
-  const scalar_t* t;
+  const target_t* t;
   RowLayout rx, rt;     // where rows of x and t start (gradients: row * V)
   const bool* mask;     // nullptr: every row counts
   acc_t* loss;          // (N,)
   scalar_t* gx;         // nullptr: not wanted
-  scalar_t* gt;         // nullptr: not wanted
+  target_t* gt;         // nullptr: not wanted
   const acc_t* gs;      // grad_scale on the device, nullptr: 1
   int64_t N, V;
   acc_t inv_t;          // 1 / temperature
@@ -164,10 +165,10 @@ __host__ __device__ __forceinline__ T teacher_log2(T t, TargetType tt, T scale2,
 // Fold packs j0 + k * stride (k < K, below npacks) into this thread's statistics, one pack at a time: the
 // pack's maxima, a rebase when they moved (rare after the first packs), then one exp2 per element and side.
 // Pack by pack keeps few converted values live (a whole-chunk max first made the compiler keep all of them).
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
-                                     int64_t j0, int64_t stride, int64_t npacks, const KLArgs<scalar_t>& a,
-                                     T scale2) {
+template <int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
+                                     int64_t j0, int64_t stride, int64_t npacks,
+                                     const KLArgs<scalar_t, target_t>& a, T scale2) {
   const bool logits = a.target == TargetType::Logits, fwd = a.forward;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -289,31 +290,34 @@ __device__ __forceinline__ ElemProbs<T> elem_probs(T xv, T tv, const RowResult<T
 
 // Gradient packs j0 + k * stride below npacks of the rows at gx + off and gt + off (nullptr: not wanted):
 // elem(k, e, gx, gt) sets element e of pack k of each.
-template <int K, typename scalar_t, int VEC, typename F>
+template <int K, typename scalar_t, int VEC, typename target_t, typename F>
 __device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t npacks, int64_t off, scalar_t* gx,
-                                            scalar_t* gt, const F& elem) {
+                                            target_t* gt, const F& elem) {
   using P = Pack<scalar_t, VEC>;
+  using PT = Pack<target_t, VEC>;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t j = j0 + k * stride;
     if (j >= npacks) continue;
-    P ox, ot;
+    P ox;
+    PT ot;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) elem(k, e, ox.v[e], ot.v[e]);
     if (gx != nullptr) reinterpret_cast<P*>(gx + off)[j] = ox;
-    if (gt != nullptr) reinterpret_cast<P*>(gt + off)[j] = ot;
+    if (gt != nullptr) reinterpret_cast<PT*>(gt + off)[j] = ot;
   }
 }
 
 // Gradients of the row's KL for packs j0 + k * stride, times grad_scale.
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+template <int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
                                             int64_t j0, int64_t stride, int64_t npacks, int64_t off,
-                                            const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs) {
+                                            const RowResult<T>& r, const KLArgs<scalar_t, target_t>& a, T scale2,
+                                            T gs) {
   const TargetType tt = a.target;
   const bool fwd = a.forward;
   const T gx_f = a.inv_t * gs;
-  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, target_t& ot) {
     const ElemProbs<T> v = elem_probs(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2);
     const T ls = v.ls, q = v.q, lt = v.lt, p = v.p;
     if (a.gx != nullptr) {
@@ -331,14 +335,14 @@ __device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const
         else if (tt == TargetType::LogProbs) g = -q;
         else g = q > T(0) ? -q / p : T(0);
       }
-      ot = static_cast<scalar_t>(g * gs);
+      ot = static_cast<target_t>(g * gs);
     }
   });
 }
 
-template <int K, typename scalar_t, int VEC>
-__device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_t, VEC>* pt,
-                                           const Pack<scalar_t, VEC>* xr, const Pack<scalar_t, VEC>* tr, int64_t j0,
+template <int K, typename scalar_t, int VEC, typename target_t>
+__device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<target_t, VEC>* pt,
+                                           const Pack<scalar_t, VEC>* xr, const Pack<target_t, VEC>* tr, int64_t j0,
                                            int64_t stride, int64_t npacks) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -348,6 +352,13 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<scalar_
       pt[k] = tr[j];
     }
   }
+}
+
+// Row `row` of base, as packs.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ const Pack<scalar_t, VEC>* row_packs(const scalar_t* base, const RowLayout& rows,
+                                                                int64_t row) {
+  return reinterpret_cast<const Pack<scalar_t, VEC>*>(base + rows(row));
 }
 
 // The same for a row of one operand.
@@ -378,10 +389,10 @@ __device__ __forceinline__ JSDElem<T> jsd_elem(T xv, T tv, const RowResult<T>& r
 }
 
 // This thread's share of the row's JSD sums (loss, sum q g, sum p h) over packs j0 + k * stride.
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ Vals<double, 4> jsd_sums(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
-                                                    int64_t j0, int64_t stride, int64_t npacks,
-                                                    const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2) {
+template <int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ Vals<double, 4> jsd_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
+                                                    int64_t j0, int64_t stride, int64_t npacks, const RowResult<T>& r,
+                                                    const KLArgs<scalar_t, target_t>& a, T scale2) {
   T sq = T(0), sp = T(0);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -397,21 +408,21 @@ __device__ __forceinline__ Vals<double, 4> jsd_sums(const Pack<scalar_t, VEC>* p
 }
 
 // The JSD's gradients for packs j0 + k * stride, times grad_scale; sq, sp: the row's sums.
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+template <int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
                                                 int64_t j0, int64_t stride, int64_t npacks, int64_t off,
-                                                const RowResult<T>& r, const KLArgs<scalar_t>& a, T scale2, T gs,
-                                                T sq, T sp) {
+                                                const RowResult<T>& r, const KLArgs<scalar_t, target_t>& a, T scale2,
+                                                T gs, T sq, T sp) {
   const TargetType tt = a.target;
   const T gx_f = a.inv_t * gs, gt_f = tt == TargetType::Logits ? a.inv_t * gs : gs;
-  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, scalar_t& ot) {
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, target_t& ot) {
     const JSDElem<T> v = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2, a.beta);
     ox = static_cast<scalar_t>((v.q > T(0) ? v.q * (v.g - sq) : T(0)) * gx_f);
     T g;
     if (tt == TargetType::Logits) g = v.p > T(0) ? v.p * (v.h - sp) : T(0);
     else if (tt == TargetType::LogProbs) g = v.p > T(0) ? v.p * v.h : T(0);
     else g = v.p + v.q > T(0) ? v.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
-    ot = static_cast<scalar_t>(g * gt_f);
+    ot = static_cast<target_t>(g * gt_f);
   });
 }
 
@@ -421,8 +432,8 @@ __device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, c
 // rows (a student near convergence). Streamed rows keep the online statistics (one read).
 
 // The maxima (base 2) of the held packs j0 + k * stride below npacks: raw compares, scaled once (scale2 > 0).
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+template <int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
                                                int64_t j0, int64_t stride, int64_t npacks, bool logits, T scale2) {
   Vals<T, 2> m{{-kinf<T>(), -kinf<T>()}};
 #pragma unroll
@@ -441,10 +452,11 @@ __device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, co
 
 // This thread's share of the row's sums (d_s, d_t, acc, s_p) relative to the row maxima m, to be summed in
 // double. fold() never rescales here: its state starts at the row maxima.
-template <int K, typename scalar_t, int VEC, typename T>
-__device__ __forceinline__ Vals<double, 4> held_sums(const Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* pt,
+template <int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ Vals<double, 4> held_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
                                                      int64_t j0, int64_t stride, int64_t npacks,
-                                                     const KLArgs<scalar_t>& a, T scale2, const Vals<T, 2>& m) {
+                                                     const KLArgs<scalar_t, target_t>& a, T scale2,
+                                                     const Vals<T, 2>& m) {
   RowState<T> st{m.v[0], T(0), m.v[1], T(0), T(0), T(0)};
   fold<K>(st, px, pt, j0, stride, npacks, a, scale2);
   return {{st.d_s, st.d_t, st.acc, st.s_p}};
@@ -491,26 +503,32 @@ constexpr int kStreamPacks = 4;        // packs in flight per thread when stream
 constexpr int kMaxCluster = 8;         // the portable cluster size limit
 
 // A masked row's gradients (nullptr: not wanted): 0.
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void zero_grads(scalar_t* gx, scalar_t* gt, int64_t off, int64_t npacks) {
+template <typename scalar_t, int VEC, typename target_t>
+__device__ __forceinline__ void zero_grads(scalar_t* gx, target_t* gt, int64_t off, int64_t npacks) {
   using P = Pack<scalar_t, VEC>;
+  using PT = Pack<target_t, VEC>;
   P zero;
+  PT zero_t;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) zero.v[e] = scalar_t(0);
+  for (int e = 0; e < VEC; ++e) {
+    zero.v[e] = scalar_t(0);
+    zero_t.v[e] = target_t(0);
+  }
   for (int64_t j = threadIdx.x; j < npacks; j += blockDim.x) {
     if (gx != nullptr) reinterpret_cast<P*>(gx + off)[j] = zero;
-    if (gt != nullptr) reinterpret_cast<P*>(gt + off)[j] = zero;
+    if (gt != nullptr) reinterpret_cast<PT*>(gt + off)[j] = zero_t;
   }
 }
 
 // RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
 // JSD: the row's statistics as for the KL, then one more pass for the JSD's loss and gradient sums (a template
 // parameter, so the KL kernels carry none of its code or registers).
-template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT, bool JSD>
+template <typename scalar_t, typename target_t, int VEC, int ITEMS, bool RESIDENT, bool JSD>
 __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads)
-    kl_rows_kernel(const KLArgs<scalar_t> a) {
+    kl_rows_kernel(const KLArgs<scalar_t, target_t> a) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
+  using PT = Pack<target_t, VEC>;
   __shared__ Vals<T, 2> red_max[32];
   __shared__ Vals<double, 4> red_sum[32];
   __shared__ RowResult<T> res;
@@ -524,10 +542,8 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   // without their branches those kernels keep the row in registers (with them, 208 bytes spilled on sm_90).
   constexpr bool kVocabParallel = !(RESIDENT && ITEMS == kWidePacks);
   const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
-  const auto packs = [&](const scalar_t* base, const RowLayout& rows, int64_t row) {
-    return reinterpret_cast<const P*>(base + rows(row));
-  };
-  P px[ITEMS], pt[ITEMS];
+  P px[ITEMS];
+  PT pt[ITEMS];
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const int64_t off = row * a.V;
     if (!live(row)) {
@@ -537,11 +553,11 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       RowResult<T> r;
       if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
         if constexpr (RESIDENT) {
-          load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), tid, stride, npacks);
+          load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), tid, stride, npacks);
         }
         r = given_result(a.given + 4 * row, logits);
       } else if constexpr (RESIDENT) {
-        load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), tid, stride, npacks);
+        load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), tid, stride, npacks);
         const Vals<T, 2> m =
             block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
         r = block_finish(m, held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m), red_sum, &res, logits,
@@ -549,7 +565,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       } else {
         RowState<T> st = empty_state<T>();
         for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-          load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), j0, stride, npacks);
+          load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
           fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
         }
         // Each thread's online statistics moved once to the row maxima, in double, then summed in double: fp32
@@ -570,7 +586,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
           js = jsd_sums<ITEMS>(px, pt, tid, stride, npacks, r, a, scale2);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), j0, stride, npacks);
+            load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
             js = SumOp()(js, jsd_sums<ITEMS>(px, pt, j0, stride, npacks, r, a, scale2));
           }
         }
@@ -600,7 +616,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
           grads_of(tid);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load_packs<ITEMS>(px, pt, packs(a.x, a.rx, row), packs(a.t, a.rt, row), j0, stride, npacks);
+            load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
             grads_of(j0);
           }
         }
@@ -624,10 +640,12 @@ __device__ __forceinline__ V cluster_allreduce(V v, V* mine, unsigned size, Op o
 // A row split over the blocks of a cluster: block `rank` holds packs [rank * slice, (rank + 1) * slice) in
 // registers. Maxima, then sums, are reduced over each block and then over the cluster through distributed
 // shared memory, in rank order (the same result in every block, deterministic). Launched only with clusters.
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArgs<scalar_t> a, int64_t slice) {
+template <typename scalar_t, typename target_t, int VEC>
+__global__ void __launch_bounds__(kWideThreads)
+    kl_split_rows_kernel(const KLArgs<scalar_t, target_t> a, int64_t slice) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
+  using PT = Pack<target_t, VEC>;
   constexpr int ITEMS = kWidePacks;
   using Max2 = Vals<T, 2>;
   using Sums = Vals<double, 4>;
@@ -650,8 +668,9 @@ __global__ void __launch_bounds__(kWideThreads) kl_split_rows_kernel(const KLArg
       continue;
     }
     const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row) + lo * VEC);
-    const P* tr = reinterpret_cast<const P*>(a.t + a.rt(row) + lo * VEC);
-    P px[ITEMS], pt[ITEMS];
+    const PT* tr = reinterpret_cast<const PT*>(a.t + a.rt(row) + lo * VEC);
+    P px[ITEMS];
+    PT pt[ITEMS];
     load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
     Max2 m = block_allreduce(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2), red_max,
                              Max2{{-kinf<T>(), -kinf<T>()}}, MaxOp());
@@ -674,6 +693,7 @@ struct KLConfig {
   int items, threads, cluster;  // cluster > 0: split rows over `cluster` blocks
   bool resident;
 };
+constexpr KLConfig kStreamConfig{kStreamPacks, kWideThreads, 0, false};
 
 // Resident when the row fits a block of <= 256 threads with up to 4 packs each (several blocks per SM).
 // Longer rows stream with 512 threads, 4 packs in flight each: one read for the forward, a second for the
@@ -698,7 +718,7 @@ inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters, bool hold_l
       }
     }
   }
-  return {kStreamPacks, kWideThreads, 0, false};
+  return kStreamConfig;
 }
 
 inline bool hold_long_rows() {
@@ -706,87 +726,107 @@ inline bool hold_long_rows() {
   return v != nullptr && std::string(v) == "hold";
 }
 
+// Which kernels are built for a dtype pair (each one multiplies the build): float64 (tests and gradcheck:
+// correctness, not speed) streams every row; the opt-in held long rows (8 packs per thread, clusters) are built
+// for the KL of one 32/16-bit dtype only. Mixed pairs get the default paths: resident and streamed rows.
+template <typename scalar_t, typename target_t>
+constexpr bool kHeldRows = !std::is_same_v<scalar_t, double>;
+template <typename scalar_t, typename target_t, bool JSD>
+constexpr bool kHeldLongRows = !JSD && kHeldRows<scalar_t, target_t> && std::is_same_v<scalar_t, target_t>;
+
 // launch(items, resident) with the configuration's packs per thread and residency as compile-time constants
-// (std::integral_constant / std::bool_constant): the row kernels' template arguments. HELD8: whether held
-// rows of 8 packs per thread can occur (kl_config with hold_long).
-template <bool HELD8, typename F>
+// (std::integral_constant / std::bool_constant): the row kernels' template arguments. HELD: whether held rows
+// can occur; HELD8: whether held rows of 8 packs per thread can (kl_config with hold_long).
+template <bool HELD, bool HELD8, typename F>
 void with_row_kernel(const KLConfig& c, const F& launch) {
-  if (!c.resident) {
-    launch(std::integral_constant<int, kStreamPacks>{}, std::false_type{});
-  } else if (c.items == 1) {
-    launch(std::integral_constant<int, 1>{}, std::true_type{});
-  } else if (c.items == 2) {
-    launch(std::integral_constant<int, 2>{}, std::true_type{});
-  } else if (c.items == 4) {
-    launch(std::integral_constant<int, 4>{}, std::true_type{});
-  } else if constexpr (HELD8) {
-    launch(std::integral_constant<int, kWidePacks>{}, std::true_type{});
+  if constexpr (HELD) {
+    if (c.resident) {
+      if (c.items == 1) {
+        launch(std::integral_constant<int, 1>{}, std::true_type{});
+      } else if (c.items == 2) {
+        launch(std::integral_constant<int, 2>{}, std::true_type{});
+      } else if (c.items == 4) {
+        launch(std::integral_constant<int, 4>{}, std::true_type{});
+      } else if constexpr (HELD8) {
+        launch(std::integral_constant<int, kWidePacks>{}, std::true_type{});
+      }
+      return;
+    }
   }
+  launch(std::integral_constant<int, kStreamPacks>{}, std::false_type{});
 }
 
-template <typename scalar_t, int VEC, bool JSD>
-void launch_rows(const KLArgs<scalar_t>& a, const KLConfig& c, dim3 grid, dim3 block, cudaStream_t stream) {
-  // Held long rows: the KL only (kl_config).
-  with_row_kernel<!JSD>(c, [&](auto items, auto resident) {
-    auto kernel = kl_rows_kernel<scalar_t, VEC, decltype(items)::value, decltype(resident)::value, JSD>;
+template <typename scalar_t, typename target_t, int VEC, bool JSD>
+void launch_rows(const KLArgs<scalar_t, target_t>& a, const KLConfig& c, dim3 grid, dim3 block,
+                 cudaStream_t stream) {
+  with_row_kernel<kHeldRows<scalar_t, target_t>, kHeldLongRows<scalar_t, target_t, JSD>>(c, [&](auto items,
+                                                                                                auto resident) {
+    auto kernel = kl_rows_kernel<scalar_t, target_t, VEC, decltype(items)::value, decltype(resident)::value, JSD>;
     KL_EXT_LAUNCH(kernel, grid, block, stream, a);
   });
 }
 
-template <typename scalar_t, int VEC, bool JSD>
-void launch_kl(const KLArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
+template <typename scalar_t, typename target_t, int VEC, bool JSD>
+void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStream_t stream) {
   const int64_t npacks = a.V / VEC;
+  constexpr bool held_long = kHeldLongRows<scalar_t, target_t, JSD>;
   // Split rows (clusters) have no vocab-parallel modes: those stream.
-  const KLConfig c = kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters,
-                               !JSD && a.shard == nullptr && hold_long_rows());
+  const KLConfig c = kHeldRows<scalar_t, target_t>
+                         ? kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters,
+                                     held_long && a.shard == nullptr && hold_long_rows())
+                         : kStreamConfig;
   const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 4 : 1);
   const dim3 block(c.threads);
-  if (!JSD && c.cluster > 0) {
-    // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
-    const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.sms / c.cluster));
-    auto kernel = kl_split_rows_kernel<scalar_t, VEC>;
-    KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(clusters * c.cluster)), block, c.cluster, stream, a,
-                          ceil_div(npacks, c.cluster));
-    return;
+  if constexpr (held_long) {
+    if (c.cluster > 0) {
+      // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
+      const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.sms / c.cluster));
+      auto kernel = kl_split_rows_kernel<scalar_t, target_t, VEC>;
+      KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(clusters * c.cluster)), block, c.cluster, stream, a,
+                            ceil_div(npacks, c.cluster));
+      return;
+    }
   }
-  launch_rows<scalar_t, VEC, JSD>(a, c, dim3(unsigned(std::min<int64_t>(a.N, wave))), block, stream);
+  launch_rows<scalar_t, target_t, VEC, JSD>(a, c, dim3(unsigned(std::min<int64_t>(a.N, wave))), block, stream);
 }
 
-// Both ops on device tensors, after their checks (call); beta > 0 selects the JSD.
+// Both ops on device tensors, after their checks (call); beta > 0 selects the JSD. Input and target are read
+// each in its own dtype (the pairs of dispatch_pair).
 inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
                               const c10::optional<at::Tensor>& mask, double temperature, double beta,
                               const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
-  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "kl_ext: the CUDA kernels read input and target in one "
-              "dtype (kl_ext casts the target for backend='cuda'; backend='triton' reads each in its own)");
   const int64_t N = num_rows(input), V = input.size(-1);
   if (N == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "softmax_rows_cuda", [&] {
+  dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto x_tag, auto t_tag) {
+    using scalar_t = decltype(x_tag);
+    using target_t = decltype(t_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const KLArgs<scalar_t> a{input.const_data_ptr<scalar_t>(),
-                             target.const_data_ptr<scalar_t>(),
-                             row_layout(input),
-                             row_layout(target),
-                             mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
-                             call.loss.mutable_data_ptr<acc_t>(),
-                             call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-                             call.gt.numel() > 0 ? call.gt.mutable_data_ptr<scalar_t>() : nullptr,
-                             grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
-                             N,
-                             V,
-                             acc_t(1.0 / temperature),
-                             call.target_type,
-                             call.direction == Direction::Forward,
-                             acc_t(beta),
-                             call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
-                             call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
-    constexpr int VEC = vec_size<scalar_t>();
-    // 16-byte packs need every row to start on a 16-byte boundary.
-    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.t) && aligned16(a.gx) && aligned16(a.gt) &&
+    const KLArgs<scalar_t, target_t> a{input.const_data_ptr<scalar_t>(),
+                                       target.const_data_ptr<target_t>(),
+                                       row_layout(input),
+                                       row_layout(target),
+                                       mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+                                       call.loss.mutable_data_ptr<acc_t>(),
+                                       call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                       call.gt.numel() > 0 ? call.gt.mutable_data_ptr<target_t>() : nullptr,
+                                       grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
+                                       N,
+                                       V,
+                                       acc_t(1.0 / temperature),
+                                       call.target_type,
+                                       call.direction == Direction::Forward,
+                                       acc_t(beta),
+                                       call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+                                       call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
+    constexpr int VEC = pair_vec<scalar_t, target_t>();
+    const bool packs = V % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && packs_aligned<VEC>(a.t, a.gt) &&
                        a.rx.steps_of(VEC) && a.rt.steps_of(VEC);
     if (beta > 0) {
-      packs ? launch_kl<scalar_t, VEC, true>(a, dev, stream) : launch_kl<scalar_t, 1, true>(a, dev, stream);
+      packs ? launch_kl<scalar_t, target_t, VEC, true>(a, dev, stream)
+            : launch_kl<scalar_t, target_t, 1, true>(a, dev, stream);
     } else {
-      packs ? launch_kl<scalar_t, VEC, false>(a, dev, stream) : launch_kl<scalar_t, 1, false>(a, dev, stream);
+      packs ? launch_kl<scalar_t, target_t, VEC, false>(a, dev, stream)
+            : launch_kl<scalar_t, target_t, 1, false>(a, dev, stream);
     }
   });
 }

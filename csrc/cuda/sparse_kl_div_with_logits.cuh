@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
 template <typename scalar_t, int VEC>
 void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
   KLConfig c = kl_config(a.V / VEC, a.gx != nullptr, false, false);
-  if (c.resident && c.items > 1) c = {kStreamPacks, kWideThreads, 0, false};
+  if (c.resident && c.items > 1) c = kStreamConfig;
   const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * (c.resident ? 4 : 1)))), block(c.threads);
   const size_t smem = size_t(ceil_div(a.V, 32)) * sizeof(uint32_t);
   if (c.resident) {
@@ -303,7 +303,7 @@ inline void sparse_kl_cuda(const SparseCall& call, const at::Tensor& input, cons
                                  call.target_type,
                                  call.normalize};
     constexpr int VEC = vec_size<scalar_t>();
-    const bool packs = V % VEC == 0 && aligned16(a.x) && aligned16(a.gx) && a.rx.steps_of(VEC);
+    const bool packs = V % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && a.rx.steps_of(VEC);
     packs ? launch_sparse<scalar_t, VEC>(a, dev, stream) : launch_sparse<scalar_t, 1>(a, dev, stream);
   });
 }
