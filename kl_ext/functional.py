@@ -37,8 +37,8 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
                        subtract_entropy, grad_input, grad_target):
     def make_args():
-        return (_rows(input), _rows(_target(target, input)), _factor(weight, input), _factor(pos_weight, input), target_type,
-                temperature, subtract_entropy, reduction == "none")
+        return (_rows(input), _rows(_target(target, input)), _factor(weight, input), _factor(pos_weight, input),
+                target_type, temperature, subtract_entropy, reduction == "none")
 
     counted = input.numel() if reduction == "mean" else math.prod(input.shape[:-1])
     out = _fused_forward(ctx, "bernoulli_kl_div_with_logits_fwd", backend, make_args,

@@ -33,8 +33,8 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, input, target_values, target_indices, mask, target_type, tail, temperature, reduction,
                 backend, grad_input, grad_target):
         def make_args():
-            return (_rows(input), _contiguous_rows(target_indices), _contiguous_rows(target_values), _flat_mask(mask), target_type, tail,
-                    temperature)
+            return (_rows(input), _contiguous_rows(target_indices), _contiguous_rows(target_values), _flat_mask(mask),
+                    target_type, tail, temperature)
 
         return _rows_forward(ctx, "sparse_kl_div_with_logits_fwd", backend, make_args,
                              (input, target_values, mask, target_indices), mask, reduction, grad_input, grad_target)

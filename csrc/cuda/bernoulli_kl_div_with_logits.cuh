@@ -99,8 +99,8 @@ __global__ void __launch_bounds__(kBernoulliThreads)
     T total = T(0);
     if (row < a.N) {
       const int64_t off = row * a.C;
-      const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row));
-      const PT* tr = reinterpret_cast<const PT*>(a.t + a.rt(row));
+      const P* xr = row_packs<VEC>(a.x, a.rx, row);
+      const PT* tr = row_packs<VEC>(a.t, a.rt, row);
       for (int64_t j0 = sub; j0 < npacks; j0 += int64_t(U) * group) {
         P xv[U];
         PT tv[U];

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../common.h"
+
 namespace kl_ext {
 namespace cuda {
 
@@ -22,6 +24,13 @@ template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
+
+// Row `row` of base (rows: its RowLayout), as packs of VEC elements.
+template <int VEC, typename scalar_t>
+__host__ __device__ __forceinline__ const Pack<scalar_t, VEC>* row_packs(const scalar_t* base, const RowLayout& rows,
+                                                                         int64_t row) {
+  return reinterpret_cast<const Pack<scalar_t, VEC>*>(base + rows(row));
+}
 
 template <typename scalar_t>
 constexpr int vec_size() {

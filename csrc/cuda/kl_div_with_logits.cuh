@@ -354,13 +354,6 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<target_
   }
 }
 
-// Row `row` of base, as packs.
-template <int VEC, typename scalar_t>
-__device__ __forceinline__ const Pack<scalar_t, VEC>* row_packs(const scalar_t* base, const RowLayout& rows,
-                                                                int64_t row) {
-  return reinterpret_cast<const Pack<scalar_t, VEC>*>(base + rows(row));
-}
-
 // The same for a row of one operand.
 template <int K, typename scalar_t, int VEC>
 __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* xr, int64_t j0,
@@ -544,6 +537,10 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
   const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
   P px[ITEMS];
   PT pt[ITEMS];
+  // Packs j0 + k * stride of row `row` of both inputs into px, pt.
+  const auto load = [&](int64_t row, int64_t j0) {
+    load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
+  };
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const int64_t off = row * a.V;
     if (!live(row)) {
@@ -553,11 +550,11 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       RowResult<T> r;
       if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
         if constexpr (RESIDENT) {
-          load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), tid, stride, npacks);
+          load(row, tid);
         }
         r = given_result(a.given + 4 * row, logits);
       } else if constexpr (RESIDENT) {
-        load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), tid, stride, npacks);
+        load(row, tid);
         const Vals<T, 2> m =
             block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
         r = block_finish(m, held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m), red_sum, &res, logits,
@@ -565,7 +562,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
       } else {
         RowState<T> st = empty_state<T>();
         for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-          load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
+          load(row, j0);
           fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
         }
         // Each thread's online statistics moved once to the row maxima, in double, then summed in double: fp32
@@ -586,7 +583,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
           js = jsd_sums<ITEMS>(px, pt, tid, stride, npacks, r, a, scale2);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
+            load(row, j0);
             js = SumOp()(js, jsd_sums<ITEMS>(px, pt, j0, stride, npacks, r, a, scale2));
           }
         }
@@ -616,7 +613,7 @@ __global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWi
           grads_of(tid);
         } else {
           for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
+            load(row, j0);
             grads_of(j0);
           }
         }
@@ -667,8 +664,8 @@ __global__ void __launch_bounds__(kWideThreads)
       zero_grads<scalar_t, VEC>(a.gx, a.gt, off, count);
       continue;
     }
-    const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row) + lo * VEC);
-    const PT* tr = reinterpret_cast<const PT*>(a.t + a.rt(row) + lo * VEC);
+    const P* xr = row_packs<VEC>(a.x, a.rx, row) + lo;
+    const PT* tr = row_packs<VEC>(a.t, a.rt, row) + lo;
     P px[ITEMS];
     PT pt[ITEMS];
     load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
@@ -729,10 +726,10 @@ inline bool hold_long_rows() {
 // Which kernels are built for a dtype pair (each one multiplies the build): float64 (tests and gradcheck:
 // correctness, not speed) streams every row; the opt-in held long rows (8 packs per thread, clusters) are built
 // for the KL of one 32/16-bit dtype only. Mixed pairs get the default paths: resident and streamed rows.
-template <typename scalar_t, typename target_t>
+template <typename scalar_t>
 constexpr bool kHeldRows = !std::is_same_v<scalar_t, double>;
 template <typename scalar_t, typename target_t, bool JSD>
-constexpr bool kHeldLongRows = !JSD && kHeldRows<scalar_t, target_t> && std::is_same_v<scalar_t, target_t>;
+constexpr bool kHeldLongRows = !JSD && kHeldRows<scalar_t> && std::is_same_v<scalar_t, target_t>;
 
 // launch(items, resident) with the configuration's packs per thread and residency as compile-time constants
 // (std::integral_constant / std::bool_constant): the row kernels' template arguments. HELD: whether held rows
@@ -759,7 +756,7 @@ void with_row_kernel(const KLConfig& c, const F& launch) {
 template <typename scalar_t, typename target_t, int VEC, bool JSD>
 void launch_rows(const KLArgs<scalar_t, target_t>& a, const KLConfig& c, dim3 grid, dim3 block,
                  cudaStream_t stream) {
-  with_row_kernel<kHeldRows<scalar_t, target_t>, kHeldLongRows<scalar_t, target_t, JSD>>(c, [&](auto items,
+  with_row_kernel<kHeldRows<scalar_t>, kHeldLongRows<scalar_t, target_t, JSD>>(c, [&](auto items,
                                                                                                 auto resident) {
     auto kernel = kl_rows_kernel<scalar_t, target_t, VEC, decltype(items)::value, decltype(resident)::value, JSD>;
     KL_EXT_LAUNCH(kernel, grid, block, stream, a);
@@ -771,7 +768,7 @@ void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStr
   const int64_t npacks = a.V / VEC;
   constexpr bool held_long = kHeldLongRows<scalar_t, target_t, JSD>;
   // Split rows (clusters) have no vocab-parallel modes: those stream.
-  const KLConfig c = kHeldRows<scalar_t, target_t>
+  const KLConfig c = kHeldRows<scalar_t>
                          ? kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters,
                                      held_long && a.shard == nullptr && hold_long_rows())
                          : kStreamConfig;

@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
   P px[ITEMS];
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const int64_t off = row * a.V;  // of the gradient
-    const P* xr = reinterpret_cast<const P*>(a.x + a.rx(row));
+    const P* xr = row_packs<VEC>(a.x, a.rx, row);
     __syncthreads();  // every thread is done with the previous row's bitmap
     if (a.mask != nullptr && !a.mask[row]) {
       if (tid == 0) a.loss[row] = T(0);
