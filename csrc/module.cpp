@@ -1,27 +1,28 @@
 // The Python module kl_ext._C: importing it runs the TORCH_LIBRARY registrations of every op.
-#include <Python.h>
+#include <torch/csrc/utils/pybind.h>
 
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "kl_ext native ops (registered in torch.ops.kl_ext)", -1, nullptr};
-  PyObject* m = PyModule_Create(&module_def);
+#include <optional>
+#include <string>
+
+namespace kl_ext {
+void attach_fused_backward(const at::Tensor& out, const at::Tensor& input, const at::Tensor& target,
+                           const std::optional<at::Tensor>& gx, const std::optional<at::Tensor>& gt,
+                           const std::string& scale_grad_op, const pybind11::object& rerun, std::string name);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kl_ext native ops (registered in torch.ops.kl_ext)";
   // Which CPU kernels were compiled (setup.py: portable by default, KL_EXT_AVX2=1 for AVX2).
 #ifdef CPU_CAPABILITY_AVX2
-  const char* capability = "avx2";
+  m.attr("cpu_capability") = "avx2";
 #else
-  const char* capability = "default";
+  m.attr("cpu_capability") = "default";
 #endif
   // Whether the CPU kernels' at::parallel_for runs on threads (setup.py builds with -fopenmp on Linux).
 #ifdef _OPENMP
-  const long openmp = 1;
+  m.attr("openmp") = true;
 #else
-  const long openmp = 0;
+  m.attr("openmp") = false;
 #endif
-  if (m != nullptr && (PyModule_AddStringConstant(m, "cpu_capability", capability) != 0 ||
-                       PyModule_AddObject(m, "openmp", PyBool_FromLong(openmp)) != 0)) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
-}
+  m.def("attach_fused_backward", &kl_ext::attach_fused_backward, "kl_ext/_fused.py apply: the eager backward node");
 }

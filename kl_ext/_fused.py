@@ -6,6 +6,8 @@ Backward only multiplies it by grad_output, in place (scale_grad_), which moves 
 is 1 (loss.backward() on a reduced loss). A second backward through a retained graph recomputes the
 gradients from the saved inputs. Under torch.compile the out-of-place scale_grad keeps the graph functional.
 The backward is once_differentiable: use backend="torch" (the reference) for double backward.
+Each loss is an autograd.Function (what torch.compile traces); in eager mode apply() runs its forward directly
+and the backward is a C++ node (csrc/fused_backward.cpp) doing what _fused_backward does, without Python.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from kl_ext._backends import op
+from kl_ext._backends import native_loaded, op
 from kl_ext._validation import acc_dtype, dtype_pair_supported
 
 
@@ -70,37 +72,34 @@ def _factor(f: Optional[torch.Tensor], input: torch.Tensor) -> Optional[torch.Te
     return f.expand(input.shape).reshape(-1).contiguous()
 
 
-def _denominator(reduction, counted, acc, device):
-    """(what the reduced loss divides by, its reciprocal as the kernels' grad_scale), both None for 'sum' and
-    'none'. counted: an int or a device tensor. Nothing counted (empty batch, all rows masked) gives loss 0,
-    never 0/0."""
+def _grad_scale(reduction, counted, acc, device):
+    """1 / what the reduced loss divides by, a 0-d tensor (the kernels' grad_scale); None for 'sum' and 'none'.
+    counted: an int or a device tensor. Nothing counted (empty batch, all rows masked) gives loss 0, never 0/0."""
     if reduction not in ("mean", "batchmean"):
-        return None, None
+        return None
     if isinstance(counted, torch.Tensor):
-        denom = counted.clamp(min=1).to(acc)
-        return denom, denom.reciprocal()
+        return counted.clamp(min=1).to(acc).reciprocal()
     denom = float(max(counted, 1))
     if torch.compiler.is_compiling():
-        return denom, torch.full((), 1.0 / denom, dtype=acc, device=device)
+        return torch.full((), 1.0 / denom, dtype=acc, device=device)
     # One 0-d tensor per value, reused (the kernels only read it): a torch.full per call shows on small losses.
     key = (denom, acc, device)
     if key not in _SCALES:
         if len(_SCALES) >= 256:
             _SCALES.clear()
         _SCALES[key] = torch.full((), 1.0 / denom, dtype=acc, device=device)
-    return denom, _SCALES[key]
+    return _SCALES[key]
 
 
 _SCALES: dict = {}
 
 
-def _reduce(loss, reduction, denom):
+def _reduce(loss, reduction, scale):
     if reduction == "none":
         return loss
-    if denom is None:
-        return loss.sum()
-    # One op instead of two where the denominator is the number of losses (unmasked 'batchmean').
-    return loss.mean() if isinstance(denom, float) and denom == loss.numel() else loss.sum() / denom
+    # sum() then an in-place multiply by the cached 1 / denominator: on small losses a third cheaper than mean()
+    # or a division by a Python float (which wraps it in a tensor per call).
+    return loss.sum() if scale is None else loss.sum().mul_(scale)
 
 
 def _keep_grads(ctx, backend, sources, gx, gt, rerun):
@@ -118,11 +117,11 @@ def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, g
     for backward. sources: the user's tensors the arguments are made from (input and target first).
     counted: what the reduction divides by, an int or a device tensor."""
     input = sources[0]
-    denom, grad_scale = _denominator(reduction, counted, acc_dtype(input.dtype), input.device)
-    grad_args = (grad_input, grad_target, grad_scale if grad_input or grad_target else None)
+    scale = _grad_scale(reduction, counted, acc_dtype(input.dtype), input.device)
+    grad_args = (grad_input, grad_target, scale if grad_input or grad_target else None)
     loss, gx, gt = op(backend, name)(*make_args(), *grad_args)
     _keep_grads(ctx, backend, sources, gx, gt, lambda: op(backend, name)(*make_args(), *grad_args))
-    return _reduce(loss, reduction, denom)
+    return _reduce(loss, reduction, scale)
 
 
 def _rows_forward(ctx, name, backend, make_args, sources, mask, reduction, grad_input, grad_target):
@@ -157,6 +156,40 @@ def divergence_op(beta: float, temperature: float):
     if 0 < beta < 1:
         return "jsd_with_logits_fwd", (temperature, beta)
     return "kl_div_with_logits_fwd", (temperature, "forward" if beta == 0 else "reverse")
+
+
+class _EagerCtx:
+    """What _keep_grads records when apply() runs a Function's forward without autograd.Function."""
+    __slots__ = ("backend", "shapes", "scaled_in_place", "saved_tensors", "rerun")
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def apply(function, *args):
+    """function.apply(*args) for the losses' autograd Functions (arguments: input, target, ..., backend,
+    grad_input, grad_target). In eager mode the same forward runs without autograd.Function's machinery and
+    the backward is a C++ node (csrc/fused_backward.cpp) doing what _fused_backward does: the Python layers cost
+    ~100 µs per call, as much as the kernels of a small loss. torch.compile traces function.apply."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not native_loaded():
+        return function.apply(*args)
+    ctx = _EagerCtx()
+    grad_enabled = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        out = function.forward(ctx, *args)
+    finally:
+        torch._C._set_grad_enabled(grad_enabled)
+    if args[-2] or args[-1]:
+        gx, gt = ctx.saved_tensors
+        del ctx.saved_tensors  # the node holds them (as saved variables: saved-tensor hooks apply), not ctx
+        scale_op = "kl_ext_triton::scale_grad_" if args[-3] == "triton" else "kl_ext::scale_grad_"
+        import kl_ext._C as native
+
+        native.attach_fused_backward(
+            out, args[0], args[1], gx if args[-2] else None, gt if args[-1] else None, scale_op,
+            lambda: _recompute(ctx), function.__name__ + "Backward")
+    return out
 
 
 def _recompute(ctx):

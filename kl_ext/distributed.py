@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext.jsd_with_logits import jsd_with_logits
 from kl_ext._backends import op, resolve
-from kl_ext._fused import (_denominator, _flat_mask, _fused_backward, _keep_grads, _reduce, _rows, _target,
+from kl_ext._fused import (_flat_mask, _fused_backward, _grad_scale, _keep_grads, _reduce, _rows, _target, apply,
                            divergence_op)
 from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_jsd, needs_grad
 
@@ -147,7 +147,7 @@ class VocabParallelFunction(torch.autograd.Function):
         counted = m.sum() if mask is not None else rows
         if reduction == "mean":
             counted = counted * V
-        denom, grad_scale = _denominator(reduction, counted, acc, input.device)
+        grad_scale = _grad_scale(reduction, counted, acc, input.device)
         given = given.to(acc)
         if grad_input or grad_target:
             _, gx, gt = run(given, grad_input, grad_target, grad_scale)             # finishing pass
@@ -155,7 +155,7 @@ class VocabParallelFunction(torch.autograd.Function):
             gx = gt = input.new_empty((0,))
         _keep_grads(ctx, backend, (input, target, mask), gx, gt,
                     lambda: run(given, grad_input, grad_target, grad_scale))
-        out = _reduce(loss.to(acc), reduction, denom)
+        out = _reduce(loss.to(acc), reduction, grad_scale)
         return out.reshape(input.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
@@ -182,8 +182,8 @@ def _vocab_parallel(input, target, beta, group, target_type, temperature, reduct
                  float(temperature), float(beta), reduction)
     if check_ranks:
         _check_ranks(group, signature, input.device)
-    return VocabParallelFunction.apply(input, target, mask, float(beta), target_type, float(temperature), reduction,
-                                       group, be, needs_grad(input), needs_grad(target))
+    return apply(VocabParallelFunction, input, target, mask, float(beta), target_type, float(temperature),
+                 reduction, group, be, needs_grad(input), needs_grad(target))
 
 
 def vocab_parallel_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, group=None,

@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import _compile_constant, resolve
-from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target
+from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target, apply
 from kl_ext._validation import (check_bce, check_bernoulli, check_kl, needs_grad,
                                 validate_bernoulli_values, validate_kl_values)
 
@@ -67,7 +67,9 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, input, target, weight, pos_weight, reduction, backend, grad_input, grad_target):
         out = _bernoulli_forward(ctx, input, target, weight, pos_weight, "probs", 1.0, reduction, backend, False,
                                  grad_input, grad_target)
-        return out.to(_bce_dtype(*(None if f is None else f.dtype for f in (input, target, weight, pos_weight))))
+        dtype = _bce_dtype(input.dtype, target.dtype, None if weight is None else weight.dtype,
+                           None if pos_weight is None else pos_weight.dtype)
+        return out if out.dtype == dtype else out.to(dtype)
 
     @staticmethod
     @once_differentiable
@@ -108,8 +110,8 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
     if be == "torch":
         return reference.kl_div_with_logits(input, target, target_type=target_type, temperature=temperature,
                                             direction=direction, reduction=reduction, mask=mask)
-    return KLDivWithLogitsFunction.apply(input, target, mask, target_type, float(temperature), direction,
-                                         reduction, be, needs_grad(input), needs_grad(target))
+    return apply(KLDivWithLogitsFunction, input, target, mask, target_type, float(temperature), direction, reduction,
+                 be, needs_grad(input), needs_grad(target))
 
 
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",
@@ -130,8 +132,8 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
     if be == "torch":
         return reference.bernoulli_kl_div_with_logits(input, target, target_type=target_type,
                                                       temperature=temperature, weight=weight, reduction=reduction)
-    return BernoulliKLDivWithLogitsFunction.apply(input, target, weight, target_type, float(temperature), reduction,
-                                                  be, needs_grad(input), needs_grad(target))
+    return apply(BernoulliKLDivWithLogitsFunction, input, target, weight, target_type, float(temperature),
+                 reduction, be, needs_grad(input), needs_grad(target))
 
 
 def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
@@ -139,8 +141,9 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
                                      pos_weight: Optional[torch.Tensor] = None,
                                      backend: str = "auto") -> torch.Tensor:
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits (same arguments and results)."""
-    if all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in (input, target)) and \
-            all(f is None or (isinstance(f, torch.Tensor) and f.dim() == 0) for f in (weight, pos_weight)):
+    if isinstance(input, torch.Tensor) and input.dim() == 0 and isinstance(target, torch.Tensor) and \
+            target.dim() == 0 and all(f is None or (isinstance(f, torch.Tensor) and f.dim() == 0)
+                                      for f in (weight, pos_weight)):
         # One logit as a 0-d tensor, as torch accepts it: one row of one class for the kernels.
         one = [None if f is None else f.reshape(1) for f in (weight, pos_weight)]
         out = binary_cross_entropy_with_logits(input.reshape(1), target.reshape(1), one[0], reduction, one[1],
@@ -151,5 +154,5 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
     if be == "torch":
         return reference.binary_cross_entropy_with_logits(input, target, weight=weight, reduction=reduction,
                                                           pos_weight=pos_weight)
-    return BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction, be, needs_grad(input),
-                                       needs_grad(target))
+    return apply(BCEWithLogitsFunction, input, target, weight, pos_weight, reduction, be, needs_grad(input),
+                 needs_grad(target))

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _fused_backward, _softmax_rows_forward, divergence_op
+from kl_ext._fused import _fused_backward, _softmax_rows_forward, apply, divergence_op
 from kl_ext._validation import check_jsd, needs_grad, validate_kl_values
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
@@ -56,8 +56,8 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
     if be == "torch":
         return reference.jsd_with_logits(input, target, beta=beta, target_type=target_type,
                                          temperature=temperature, reduction=reduction, mask=mask)
-    return JSDWithLogitsFunction.apply(input, target, mask, float(beta), target_type, float(temperature), reduction,
-                                       be, needs_grad(input), needs_grad(target))
+    return apply(JSDWithLogitsFunction, input, target, mask, float(beta), target_type, float(temperature),
+                 reduction, be, needs_grad(input), needs_grad(target))
 
 
 class JSDWithLogitsLoss(nn.Module):

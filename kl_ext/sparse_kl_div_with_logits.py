@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward
+from kl_ext._fused import _contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward, apply
 from kl_ext._validation import acc_dtype, check_sparse, needs_grad, validate_sparse_indices
 
 __all__ = ["sparse_kl_div_with_logits", "SparseKLDivWithLogitsFunction", "SparseKLDivWithLogitsLoss",
@@ -72,9 +72,8 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     # The kernels read int64 indices and values in the accumulation dtype: k per row, so the casts are cheap
     # (and no-ops for int64 indices and float32 values); autograd casts the values' gradient back.
     values = target_values.to(acc_dtype(input.dtype))
-    return SparseKLDivWithLogitsFunction.apply(input, values, target_indices.to(torch.int64), mask, target_type, tail,
-                                               float(temperature), reduction, be, needs_grad(input),
-                                               needs_grad(values))
+    return apply(SparseKLDivWithLogitsFunction, input, values, target_indices.to(torch.int64), mask, target_type,
+                 tail, float(temperature), reduction, be, needs_grad(input), needs_grad(values))
 
 
 class SparseKLDivWithLogitsLoss(nn.Module):

@@ -1,0 +1,136 @@
+// The backward of every kl_ext loss in eager mode (kl_ext/_fused.py, apply): a C++ autograd node over the
+// gradients the fused forward already computed. It does what the losses' autograd.Function backward does
+// (_fused_backward: scale the saved gradients in place by grad_output with the backend's scale_grad_, once
+// differentiable, a second backward through a retained graph recomputes them) without entering Python, and
+// the forward skips autograd.Function.apply: together ~100 µs per call on small losses (BENCHMARKS.md,
+// per-call overhead). torch.compile traces the autograd.Function instead.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace kl_ext {
+namespace {
+
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+// "kl_ext::scale_grad_" or "kl_ext_triton::scale_grad_", looked up once.
+const c10::OperatorHandle& scale_op(const std::string& name) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, c10::OperatorHandle> ops;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = ops.find(name);
+  if (it == ops.end()) it = ops.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "")).first;
+  return it->second;
+}
+
+struct FusedLossBackward : Node {
+  FusedLossBackward(std::string name, const c10::OperatorHandle& scale, PyObject* rerun)
+      : name_(std::move(name)), scale_(scale), rerun_(rerun) {
+    Py_INCREF(rerun_);
+  }
+
+  ~FusedLossBackward() override { drop_rerun(); }
+
+  std::string name() const override { return name_; }
+
+  variable_list apply(variable_list&& grad_outputs) override {
+    const at::Tensor& grad_out = grad_outputs[0];
+    variable_list out(2);
+    if (!grad_out.defined()) return out;  // no gradient flows: zero
+    at::Tensor grads[2];
+    if (!scaled_) {
+      for (int i = 0; i < 2; ++i) grads[i] = saved_[i].unpack();
+    } else {
+      recompute(grads);  // the saved ones were scaled in place by the first backward
+    }
+    scaled_ = true;
+    const at::Tensor scale = grad_out.reshape(-1).contiguous();
+    for (int i = 0; i < 2; ++i) {
+      if (!should_compute_output(i) || !grads[i].defined()) continue;
+      const auto acc = grads[i].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      scale_.typed<void(at::Tensor&, const at::Tensor&)>().call(grads[i], scale.to(acc));
+      out[i] = grads[i].reshape(shapes_[i]);
+    }
+    if (at::GradMode::is_enabled() && grad_out.requires_grad()) {
+      // create_graph=True: as torch's @once_differentiable, an error when these gradients are differentiated.
+      for (auto& g : out) {
+        if (g.defined()) g = g.detach().requires_grad_(true);
+      }
+      torch::autograd::DelayedError err(
+          "trying to differentiate twice a function that was marked with @once_differentiable "
+          "(kl_ext's kernel backends; backend='torch' supports double backward)",
+          2);
+      out = err.apply(std::move(out));
+    }
+    return out;
+  }
+
+  void release_variables() override {
+    for (auto& s : saved_) s.reset_data();
+    drop_rerun();
+  }
+
+  SavedVariable saved_[2];
+  std::vector<int64_t> shapes_[2];
+
+ private:
+  void recompute(at::Tensor* grads) {
+    TORCH_CHECK(rerun_ != nullptr, "kl_ext: this loss's graph was freed by an earlier backward; pass "
+                                   "retain_graph=True to the first one");
+    pybind11::gil_scoped_acquire gil;
+    PyObject* res = PyObject_CallNoArgs(rerun_);
+    if (res == nullptr) {
+      python_error err;
+      err.persist();
+      throw err;
+    }
+    for (int i = 0; i < 2; ++i) {
+      PyObject* g = PyTuple_GET_ITEM(res, i);
+      grads[i] = g == Py_None ? at::Tensor() : THPVariable_Unpack(g);
+    }
+    Py_DECREF(res);
+  }
+
+  void drop_rerun() {
+    if (rerun_ == nullptr) return;
+    if (Py_IsInitialized()) {
+      pybind11::gil_scoped_acquire gil;
+      Py_DECREF(rerun_);
+    }
+    rerun_ = nullptr;
+  }
+
+  std::string name_;
+  const c10::OperatorHandle& scale_;
+  PyObject* rerun_;
+  bool scaled_ = false;
+};
+
+}  // namespace
+
+// Make `out` (computed without autograd) the output of a FusedLossBackward node whose gradients for input and
+// target are gx and gt (None where not wanted) times grad_output. rerun() returns (gx, gt) again, unscaled.
+void attach_fused_backward(const at::Tensor& out, const at::Tensor& input, const at::Tensor& target,
+                           const std::optional<at::Tensor>& gx, const std::optional<at::Tensor>& gt,
+                           const std::string& scale_grad_op, const pybind11::object& rerun, std::string name) {
+  auto node = c10::make_intrusive<FusedLossBackward>(std::move(name), scale_op(scale_grad_op), rerun.ptr());
+  node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+  node->saved_[0] = SavedVariable(gx, false);
+  node->saved_[1] = SavedVariable(gt, false);
+  node->shapes_[0] = input.sizes().vec();
+  node->shapes_[1] = target.sizes().vec();
+  torch::autograd::set_history(out, node);
+}
+
+}  // namespace kl_ext
