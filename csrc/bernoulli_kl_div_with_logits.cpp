@@ -77,13 +77,15 @@ inline Vec<T> xlogx(const Vec<T>& p) {
   return Vec<T>::blendv(Vec<T>(T(0)), p * p.log(), p > Vec<T>(T(0)));
 }
 
-template <typename scalar_t, typename target_t>
+// Which loss a kernel instance computes: compiled separately so the BCE loop holds no call to Sleef's log
+// (the probs KL's entropy), around which every live vector register would be spilled.
+enum class Form { kTargetLogits, kProbsKL, kBCE };
+
+template <Form form, typename scalar_t, typename target_t>
 void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout rt,
                         const at::opmath_type<scalar_t>* w, int64_t w_numel, const at::opmath_type<scalar_t>* pw,
                         int64_t pw_numel, at::opmath_type<scalar_t>* loss, bool elementwise, scalar_t* gx,
-                        target_t* gt, int64_t N,
-                        int64_t C, bool target_logits, double temperature, bool subtract_entropy,
-                        at::opmath_type<scalar_t> gs) {
+                        target_t* gt, int64_t N, int64_t C, double temperature, at::opmath_type<scalar_t> gs) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
@@ -116,15 +118,17 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
       acc_t* gxr = gx != nullptr ? out(gx + off, gxb) : nullptr;
       acc_t* gtr = gt != nullptr ? out(gt + off, gtb) : nullptr;
       V_t vsum(0);
-      for (int64_t i = 0; i < C; i += L) {
-        const int64_t n = std::min<int64_t>(L, C - i);  // a short last vector: its other lanes load 0
+      // One vector at i; `partial`: the row's short last one (its other lanes load 0). Full vectors take
+      // compile-time counts, so their loads and stores are single instructions, not calls.
+      auto step = [&](int64_t i, auto partial) {
+        const int64_t n = decltype(partial)::value ? C - i : L;
         const V_t z = load_acc<acc_t>(zr + i, n) * V_t(inv_t);
         const V_t wv = wr != nullptr ? V_t::loadu(wr + i, n) : V_t(1);
         const V_t pwv = pwr != nullptr ? V_t::loadu(pwr + i, n) : V_t(1);
         const V_t ez = (V_t(0) - z.abs()).exp_u20();
         const V_t spz = softplus_neg(z, ez);
         V_t p, l, u;
-        if (target_logits) {
+        if constexpr (form == Form::kTargetLogits) {
           u = load_acc<acc_t>(tr + i, n) * V_t(inv_t);
           const V_t eu = (V_t(0) - u.abs()).exp_u20();
           p = sigmoid_from(u, eu);
@@ -132,10 +136,10 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
         } else {
           p = load_acc<acc_t>(tr + i, n);
           l = (V_t(1) - p) * z + (pwr != nullptr ? V_t(1) + (pwv - V_t(1)) * p : V_t(1)) * spz;
-          if (subtract_entropy) l = l + xlogx(p) + xlogx(V_t(1) - p);
+          if constexpr (form == Form::kProbsKL) l = l + xlogx(p) + xlogx(V_t(1) - p);
         }
         if (wr != nullptr) l = l * wv;
-        if (n < L) l = V_t::set(V_t(0), l, n);  // keep the padding out of the row sum
+        if constexpr (decltype(partial)::value) l = V_t::set(V_t(0), l, n);  // padding stays out of the sum
         vsum += l;
         if (lr != nullptr) l.store(lr + i, n);
         if (gxr != nullptr) {
@@ -144,12 +148,15 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
         }
         if (gtr != nullptr) {
           V_t g;
-          if (target_logits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
-          else if (subtract_entropy) g = p.log() - (V_t(1) - p).log() - z;
+          if constexpr (form == Form::kTargetLogits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
+          else if constexpr (form == Form::kProbsKL) g = p.log() - (V_t(1) - p).log() - z;
           else g = (pwv - V_t(1)) * spz - z;
           (wv * g * V_t(gs)).store(gtr + i, n);
         }
-      }
+      };
+      int64_t i = 0;
+      for (; i + L <= C; i += L) step(i, std::false_type{});
+      if (i < C) step(i, std::true_type{});
       if (!elementwise) loss[r] = at::vec::vec_reduce_all<acc_t>([](V_t& a, V_t& b) { return a + b; }, vsum);
       if (gx != nullptr) flush(gx + off, gxb);
       if (gt != nullptr) flush(gt + off, gtb);
@@ -170,14 +177,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
     using scalar_t = decltype(xv);
     using target_t = decltype(tv);
     using acc_t = at::opmath_type<scalar_t>;
-    bernoulli_rows_cpu<scalar_t, target_t>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input), row_layout(target),
-        weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, weight.has_value() ? weight->numel() : 0,
-        pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
-        pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,
-        grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr, grad_target ? gt.mutable_data_ptr<target_t>() : nullptr,
-        N, C, call.target_logits, temperature, subtract_entropy,
-        grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
+    auto run = [&](auto form) {
+      bernoulli_rows_cpu<decltype(form)::value, scalar_t, target_t>(
+          input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input),
+          row_layout(target), weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
+          weight.has_value() ? weight->numel() : 0,
+          pos_weight.has_value() ? pos_weight->const_data_ptr<acc_t>() : nullptr,
+          pos_weight.has_value() ? pos_weight->numel() : 0, loss.mutable_data_ptr<acc_t>(), elementwise,
+          grad_input ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+          grad_target ? gt.mutable_data_ptr<target_t>() : nullptr, N, C, temperature,
+          grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1));
+    };
+    if (call.target_logits) {
+      run(std::integral_constant<Form, Form::kTargetLogits>{});
+    } else if (subtract_entropy) {
+      run(std::integral_constant<Form, Form::kProbsKL>{});
+    } else {
+      run(std::integral_constant<Form, Form::kBCE>{});
+    }
   });
   return {loss, gx, gt};
 }

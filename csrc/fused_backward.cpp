@@ -55,12 +55,13 @@ struct FusedLossBackward : Node {
       recompute(grads);  // the saved ones were scaled in place by the first backward
     }
     scaled_ = true;
-    const at::Tensor scale = grad_out.reshape(-1).contiguous();
+    // A reduced loss's grad_output is 0-d: scale_grad_ takes it as it is (no view to make per call).
+    const at::Tensor scale = grad_out.dim() == 0 ? grad_out : grad_out.reshape(-1).contiguous();
     for (int i = 0; i < 2; ++i) {
       if (!should_compute_output(i) || !grads[i].defined()) continue;
       const auto acc = grads[i].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
       scale_.typed<void(at::Tensor&, const at::Tensor&)>().call(grads[i], scale.to(acc));
-      out[i] = grads[i].reshape(shapes_[i]);
+      out[i] = grads[i].sizes() == shapes_[i] ? grads[i] : grads[i].reshape(shapes_[i]);
     }
     if (at::GradMode::is_enabled() && grad_out.requires_grad()) {
       // create_graph=True: as torch's @once_differentiable, an error when these gradients are differentiated.

@@ -11,6 +11,7 @@ and the backward is a C++ node (csrc/fused_backward.cpp) doing what _fused_backw
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -184,12 +185,16 @@ def apply(function, *args):
         gx, gt = ctx.saved_tensors
         del ctx.saved_tensors  # the node holds them (as saved variables: saved-tensor hooks apply), not ctx
         scale_op = "kl_ext_triton::scale_grad_" if args[-3] == "triton" else "kl_ext::scale_grad_"
-        import kl_ext._C as native
-
-        native.attach_fused_backward(
-            out, args[0], args[1], gx if args[-2] else None, gt if args[-1] else None, scale_op,
-            lambda: _recompute(ctx), function.__name__ + "Backward")
+        _native().attach_fused_backward(out, args[0], args[1], gx if args[-2] else None, gt if args[-1] else None,
+                                        scale_op, lambda: _recompute(ctx), function.__name__ + "Backward")
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _native():
+    import kl_ext._C
+
+    return kl_ext._C
 
 
 def _recompute(ctx):
