@@ -103,3 +103,14 @@ def test_gradient_only_where_wanted(require_backend, name):
     x.grad = None
     with torch.no_grad():
         assert loss_of(x, t, "batchmean", "cpu").grad_fn is None
+
+
+def test_call_overhead_benchmark_runs(require_backend, capsys):
+    # benchmarks/bench_call_overhead.py backs BENCHMARKS.md's per-call table: it must keep running.
+    require_backend("cpu")
+    from benchmarks import bench_call_overhead
+
+    bench_call_overhead.main(["--shapes", "2x3", "--rounds", "1", "--calls", "2"])
+    out = capsys.readouterr().out
+    for loss in ("KL", "Bernoulli KL", "BCE", "JSD"):
+        assert f"2x3       {loss} " in out
