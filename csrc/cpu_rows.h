@@ -131,6 +131,8 @@ inline void zero_row(acc_t* loss, scalar_t* gx, target_t* gt, int64_t r, int64_t
 }
 
 // exp(a - shift) into e over a padded row; returns the sum (fp32 vectors folded into double per 64 vectors).
+// The row losses take exp within 20 ulp (ATen's exp_u20, as Inductor's CPU code does; Sleef's u10 exp is a call
+// per vector): the fp32 sums it feeds round more than that.
 template <typename T>
 double exp_row(const T* a, T* e, int64_t np, T shift) {
   constexpr int64_t L = Vec<T>::size();
@@ -138,7 +140,7 @@ double exp_row(const T* a, T* e, int64_t np, T shift) {
   for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
     Vec<T> v(0);
     for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
-      const Vec<T> x = (Vec<T>::loadu(a + i) - Vec<T>(shift)).exp();
+      const Vec<T> x = (Vec<T>::loadu(a + i) - Vec<T>(shift)).exp_u20();
       x.store(e + i);
       v += x;
     }

@@ -52,15 +52,15 @@ void jsd_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout 
     for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
       V_t vs(0), vt(0);
       for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
-        const V_t eq = (V_t::loadu(a + i) - V_t(sh_s)).exp();
+        const V_t eq = (V_t::loadu(a + i) - V_t(sh_s)).exp_u20();
         eq.store(qb + i);
         vs += eq;
         if (logits) {
-          const V_t ep = (V_t::loadu(c + i) - V_t(sh_t)).exp();
+          const V_t ep = (V_t::loadu(c + i) - V_t(sh_t)).exp_u20();
           ep.store(pd + i);
           vt += ep;
         } else if (lp) {
-          const V_t ep = V_t::loadu(c + i).exp();
+          const V_t ep = V_t::loadu(c + i).exp_u20();
           ep.store(pd + i);
           vt += ep;
         } else {

@@ -62,14 +62,14 @@ void kl_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout r
       V_t vs_s(0), vs_t(0), vacc(0);
       for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
         const V_t av = V_t::loadu(a + i) - V_t(sh_s);  // shifted
-        const V_t eb = av.exp();
+        const V_t eb = av.exp_u20();
         V_t cv, ed;
         if (logits) {
           cv = V_t::loadu(c + i) - V_t(sh_t);  // shifted
-          ed = cv.exp();
+          ed = cv.exp_u20();
         } else if (lp) {
           cv = V_t::loadu(c + i);
-          ed = cv.exp();
+          ed = cv.exp_u20();
         } else {
           ed = V_t::loadu(d + i);
           cv = ed.log();
