@@ -13,9 +13,12 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 
 namespace kl_ext {
 namespace {
@@ -118,6 +121,18 @@ struct FusedLossBackward : Node {
   bool scaled_ = false;
 };
 
+// torch < 2.13 holds autograd nodes in std::shared_ptr, deleted through deleteNode (iteratively, so freeing a
+// long graph does not recurse); later releases in c10::intrusive_ptr. N is a template parameter so that only
+// the branch of the torch being built against is compiled (deleteNode is found by argument-dependent lookup).
+template <typename N, typename... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  } else {
+    return std::shared_ptr<N>(new N(std::forward<Args>(args)...), [](N* node) { deleteNode(node); });
+  }
+}
+
 }  // namespace
 
 // Make `out` (computed without autograd) the output of a FusedLossBackward node whose gradients for input and
@@ -125,7 +140,7 @@ struct FusedLossBackward : Node {
 void attach_fused_backward(const at::Tensor& out, const at::Tensor& input, const at::Tensor& target,
                            const std::optional<at::Tensor>& gx, const std::optional<at::Tensor>& gt,
                            const std::string& scale_grad_op, const pybind11::object& rerun, std::string name) {
-  auto node = c10::make_intrusive<FusedLossBackward>(std::move(name), scale_op(scale_grad_op), rerun.ptr());
+  auto node = make_node<FusedLossBackward>(std::move(name), scale_op(scale_grad_op), rerun.ptr());
   node->set_next_edges(torch::autograd::collect_next_edges(input, target));
   node->saved_[0] = SavedVariable(gx, false);
   node->saved_[1] = SavedVariable(gt, false);
