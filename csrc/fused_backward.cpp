@@ -4,6 +4,7 @@
 // differentiable, a second backward through a retained graph recomputes them) without entering Python, and
 // the forward skips autograd.Function.apply: together ~100 µs per call on small losses (BENCHMARKS.md,
 // per-call overhead). torch.compile traces the autograd.Function instead.
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/function.h>
@@ -147,6 +148,26 @@ void attach_fused_backward(const at::Tensor& out, const at::Tensor& input, const
   node->shapes_[0] = input.sizes().vec();
   node->shapes_[1] = target.sizes().vec();
   torch::autograd::set_history(out, node);
+}
+
+// The eager path's reduced loss: the per-row losses summed, times the reduction's 1 / denominator (scale, 0-d,
+// the loss's dtype) when given. Small CPU losses are summed here in a double loop: sum() and mul_() through the
+// dispatcher cost ~15 µs on an 8 x 1000 loss (2026-11-23), as much as its kernel.
+at::Tensor reduce_rows(const at::Tensor& loss, const std::optional<at::Tensor>& scale) {
+  constexpr int64_t kLoopRows = 1 << 16;  // beyond: ATen's vectorized, threaded sum
+  const bool loop = loss.device().is_cpu() && loss.dim() == 1 && loss.numel() <= kLoopRows &&
+                    loss.is_contiguous() && !loss.requires_grad() &&
+                    (!scale || (scale->device().is_cpu() && scale->scalar_type() == loss.scalar_type()));
+  if (!loop) return scale ? loss.sum().mul_(*scale) : loss.sum();
+  at::Tensor out = at::empty({}, loss.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "reduce_rows", [&] {
+    const scalar_t* l = loss.const_data_ptr<scalar_t>();
+    double sum = 0;
+    for (int64_t i = 0; i < loss.numel(); ++i) sum += l[i];
+    if (scale) sum *= *scale->const_data_ptr<scalar_t>();
+    *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(sum);
+  });
+  return out;
 }
 
 }  // namespace kl_ext

@@ -8,6 +8,7 @@ namespace kl_ext {
 void attach_fused_backward(const at::Tensor& out, const at::Tensor& input, const at::Tensor& target,
                            const std::optional<at::Tensor>& gx, const std::optional<at::Tensor>& gt,
                            const std::string& scale_grad_op, const pybind11::object& rerun, std::string name);
+at::Tensor reduce_rows(const at::Tensor& loss, const std::optional<at::Tensor>& scale);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   m.def("attach_fused_backward", &kl_ext::attach_fused_backward, "kl_ext/_fused.py apply: the eager backward node");
+  m.def("reduce_rows", &kl_ext::reduce_rows, "kl_ext/_fused.py _reduce: the eager path's reduced loss");
 }

@@ -95,9 +95,11 @@ def _grad_scale(reduction, counted, acc, device):
 _SCALES: dict = {}
 
 
-def _reduce(loss, reduction, scale):
+def _reduce(loss, reduction, scale, eager=False):
     if reduction == "none":
         return loss
+    if eager:  # one C++ call (small CPU losses: a loop, no dispatcher round trips; csrc/fused_backward.cpp)
+        return _native().reduce_rows(loss, scale)
     # sum() then an in-place multiply by the cached 1 / denominator: on small losses a third cheaper than mean()
     # or a division by a Python float (which wraps it in a tensor per call).
     return loss.sum() if scale is None else loss.sum().mul_(scale)
@@ -107,6 +109,9 @@ def _keep_grads(ctx, backend, sources, gx, gt, rerun):
     """Keep the forward's gradients for _fused_backward. rerun() recomputes (loss, gx, gt) for a second backward
     through a retained graph, from sources: the user's tensors (input and target first; not copies made from
     them, which would stay alive with the graph)."""
+    if type(ctx) is _EagerCtx:  # apply() hands these to the C++ node, which knows the rest
+        ctx.saved_tensors, ctx.rerun = (gx, gt), (rerun, sources, [x._version for x in sources if x is not None])
+        return
     ctx.backend, ctx.shapes, ctx.scaled_in_place = backend, (sources[0].shape, sources[1].shape), False
     ctx.save_for_backward(gx, gt)
     if not torch.compiler.is_compiling():
@@ -120,9 +125,11 @@ def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, g
     input = sources[0]
     scale = _grad_scale(reduction, counted, acc_dtype(input.dtype), input.device)
     grad_args = (grad_input, grad_target, scale if grad_input or grad_target else None)
-    loss, gx, gt = op(backend, name)(*make_args(), *grad_args)
-    _keep_grads(ctx, backend, sources, gx, gt, lambda: op(backend, name)(*make_args(), *grad_args))
-    return _reduce(loss, reduction, scale)
+    eager = type(ctx) is _EagerCtx
+    run = _raw_op(backend, name) if eager else op(backend, name)
+    loss, gx, gt = run(*make_args(), *grad_args)
+    _keep_grads(ctx, backend, sources, gx, gt, lambda: run(*make_args(), *grad_args))
+    return _reduce(loss, reduction, scale, eager)
 
 
 def _rows_forward(ctx, name, backend, make_args, sources, mask, reduction, grad_input, grad_target):
@@ -161,10 +168,7 @@ def divergence_op(beta: float, temperature: float):
 
 class _EagerCtx:
     """What _keep_grads records when apply() runs a Function's forward without autograd.Function."""
-    __slots__ = ("backend", "shapes", "scaled_in_place", "saved_tensors", "rerun")
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
+    __slots__ = ("saved_tensors", "rerun")
 
 
 def apply(function, *args):
@@ -188,6 +192,16 @@ def apply(function, *args):
         _native().attach_fused_backward(out, args[0], args[1], gx if args[-2] else None, gt if args[-1] else None,
                                         scale_op, lambda: _recompute(ctx), function.__name__ + "Backward")
     return out
+
+
+_RAW_OPS: dict = {}
+
+
+def _raw_op(backend, name):
+    """op(backend, name) for eager calls: the overload's C++ callable, without OpOverloadPacket.__call__'s frame."""
+    if (backend, name) not in _RAW_OPS:
+        _RAW_OPS[backend, name] = op(backend, name).default._op
+    return _RAW_OPS[backend, name]
 
 
 @functools.lru_cache(maxsize=None)
