@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU box (torch preinstalled, no network): build, GPU tests, sanitizer, benchmark; logs under $OUT.
 # Run from the repo root:  OUT=/tmp/out bash scripts/gpu_check.sh [stage ...]
-# Stages: build test sanitize bench (the full sweep) bench-quick bench-lm ncu; default: build test sanitize bench.
+# Stages: build test sanitize bench (the full sweep) bench-quick bench-lm bench-cpu ncu; default: build test
+# sanitize bench. bench-cpu: the CPU rows (issue 15's bar: ahead of the fastest torch peer) on the box's CPU.
 # DEADLINE=s (seconds from the start): each stage is cut off there (SIGINT: pytest still prints its summary), so
 # a device call returns its logs before its own limit. A later call on the same warm box can skip the build.
 set -uo pipefail
@@ -18,8 +19,11 @@ limited() {
 if has build; then
     { nvidia-smi; which python; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
         > "$OUT/env.txt" 2>&1
-    # The box's own GPU only (sm_90): a third of the default build's compile time.
-    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" python -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
+    # The box's own GPU only (sm_90): a third of the default build's compile time. AVX2 CPU kernels where the
+    # box's CPU has them (bench-cpu compares them with compiled torch).
+    avx2=$(grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo && echo 1 || echo 0)
+    KL_EXT_AVX2="${KL_EXT_AVX2:-$avx2}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+        python -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
         || { tail -50 "$OUT/build.log"; exit 1; }
     # Benchmark baselines fetched beforehand (`make gpu-wheels`, then carry wheels/): the box has no network.
     if ls wheels/*.whl > /dev/null 2>&1; then
@@ -100,6 +104,11 @@ fi
 if has bench-quick; then
     python -m benchmarks.run --quick --out "$OUT/bench" > "$OUT/bench.log" 2>&1
     tail -60 "$OUT/bench.log"
+fi
+if has bench-cpu; then
+    limited python -m benchmarks.run --device cpu --quick --modes fwd,fwd+bwd --dtypes fp32,bf16 \
+        --out "$OUT/bench_cpu" > "$OUT/bench_cpu.log" 2>&1
+    grep -v "benchmarks:" "$OUT/bench_cpu.log" | tail -40
 fi
 if has ncu; then
     # Throughput, occupancy and stall reasons of the CUDA kernels' second (warm) launches.

@@ -105,6 +105,23 @@ def test_gradient_only_where_wanted(require_backend, name):
         assert loss_of(x, t, "batchmean", "cpu").grad_fn is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [0, 1, 9, (1 << 16) + 1])  # the last one: past the loop, ATen's sum
+@pytest.mark.parametrize("scaled", [False, True])
+def test_reduced_loss_is_the_scaled_sum_of_the_rows(require_backend, dtype, rows, scaled):
+    # The eager path reduces the per-row losses in C++ (csrc/fused_backward.cpp reduce_rows).
+    require_backend("cpu")
+    from kl_ext._fused import _native
+
+    loss = torch.randn(rows, dtype=torch.float64).exp()
+    scale = torch.tensor(1.0 / max(rows, 1), dtype=torch.float64) if scaled else None
+    expected = loss.sum() * (scale if scaled else 1.0)
+    out = _native().reduce_rows(loss.to(dtype), None if scale is None else scale.to(dtype))
+    assert out.dtype == dtype and out.shape == ()
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=0)
+
+
 def test_call_overhead_benchmark_runs(require_backend, capsys):
     # benchmarks/bench_call_overhead.py backs BENCHMARKS.md's per-call table: it must keep running.
     require_backend("cpu")

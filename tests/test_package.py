@@ -138,3 +138,24 @@ def test_validate_accepts_correct_inputs():
     kl_ext.kl_div_with_logits(X, F.log_softmax(X, -1), target_type="log_probs", validate=True)
     kl_ext.kl_div_with_logits(X, X * 2, validate=True)
     kl_ext.bernoulli_kl_div_with_logits(X, torch.rand(4, 5), validate=True)
+
+
+def test_benchmark_summary_says_slower_and_names_the_fastest_peer(capsys):
+    # benchmarks/run.py's closing lines: "N x slower" when slower (never "0.6x faster"), and each kl_ext row
+    # against the fastest torch peer of its row (issue 15's bar), the BCE drop-in against the BCE calls only.
+    from benchmarks.common import Row
+    from benchmarks.run import _speedups
+
+    def row(op, provider, ms):
+        return Row(op=op, mode="fwd", dtype="float32", shape="4x5", V=5, provider=provider, ms=ms)
+
+    _speedups([row("kl", "kl_ext cpu", 2.0), row("kl", "nn.KLDivLoss eager", 1.0),
+               row("kl", "reference compiled", 3.0), row("bernoulli", "kl_ext BCE cpu", 1.0),
+               row("bernoulli", "BCEWithLogitsLoss eager", 4.0), row("bernoulli", "BCEWithLogitsLoss compiled", 2.0),
+               row("bernoulli", "reference KL compiled", 0.5)])
+    out = capsys.readouterr().out
+    eager, fastest = out.split("against the fastest torch peer of each row:")
+    assert "2.00x slower than nn.KLDivLoss eager" in eager and "faster than nn.KLDivLoss" not in eager
+    assert "4.00x faster than BCEWithLogitsLoss eager" in eager
+    assert "2.00x slower than nn.KLDivLoss eager" in fastest
+    assert "2.00x faster than BCEWithLogitsLoss compiled" in fastest and "reference KL" not in fastest
