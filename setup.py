@@ -42,7 +42,9 @@ def _want_cuda():
     return True, ""
 
 
-cxx_flags = ["-O3"]  # the -std level comes from torch (C++20 from torch 2.13 on)
+# The -std level comes from torch (C++20 from torch 2.13 on). KL_EXT_CXX_OPT: scripts/sdist_check.sh builds at -O0
+# (it checks the package, not its speed; CI has 20 minutes on 2 cores).
+cxx_flags = [os.environ.get("KL_EXT_CXX_OPT", "-O3")]
 # at::parallel_for is an inline `#pragma omp parallel` in ATen's headers: without -fopenmp an extension's CPU
 # kernels silently run on one thread (kl_ext's did until 2026-11-23). Linking -fopenmp names libgomp.so.1, which
 # resolves to the copy torch has already loaded: one OpenMP runtime, torch.set_num_threads applies.
