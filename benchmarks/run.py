@@ -115,7 +115,8 @@ def _speedups(rows):
         # The BCE drop-in's peers are the BCE calls; the Bernoulli KL's are the KL formulas.
         bce = "BCE" in r.provider
         return [b for b in rows if (b.op, b.mode, b.timing, b.dtype, b.shape) == key and b.ms == b.ms
-                and not b.provider.startswith("kl_ext") and (r.op != "bernoulli" or ("BCEWithLogits" in b.provider) == bce)]
+                and not b.provider.startswith("kl_ext")
+                and (r.op != "bernoulli" or ("BCEWithLogits" in b.provider) == bce)]
 
     def line(r, base):
         ratio = base.ms / r.ms

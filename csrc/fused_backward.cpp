@@ -162,8 +162,9 @@ at::Tensor reduce_rows(const at::Tensor& loss, const std::optional<at::Tensor>& 
   at::Tensor out = at::empty({}, loss.options());
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "reduce_rows", [&] {
     const scalar_t* l = loss.const_data_ptr<scalar_t>();
+    const int64_t n = loss.numel();
     double sum = 0;
-    for (int64_t i = 0; i < loss.numel(); ++i) sum += l[i];
+    for (int64_t i = 0; i < n; ++i) sum += l[i];
     if (scale) sum *= *scale->const_data_ptr<scalar_t>();
     *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(sum);
   });

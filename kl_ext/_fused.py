@@ -95,10 +95,10 @@ def _grad_scale(reduction, counted, acc, device):
 _SCALES: dict = {}
 
 
-def _reduce(loss, reduction, scale, eager=False):
+def _reduce(ctx, loss, reduction, scale):
     if reduction == "none":
         return loss
-    if eager:  # one C++ call (small CPU losses: a loop, no dispatcher round trips; csrc/fused_backward.cpp)
+    if type(ctx) is _EagerCtx:  # one C++ call (small CPU losses: a loop, no dispatcher round trips)
         return _native().reduce_rows(loss, scale)
     # sum() then an in-place multiply by the cached 1 / denominator: on small losses a third cheaper than mean()
     # or a division by a Python float (which wraps it in a tensor per call).
@@ -125,11 +125,10 @@ def _fused_forward(ctx, name, backend, make_args, sources, reduction, counted, g
     input = sources[0]
     scale = _grad_scale(reduction, counted, acc_dtype(input.dtype), input.device)
     grad_args = (grad_input, grad_target, scale if grad_input or grad_target else None)
-    eager = type(ctx) is _EagerCtx
-    run = _raw_op(backend, name) if eager else op(backend, name)
+    run = _raw_op(backend, name) if type(ctx) is _EagerCtx else op(backend, name)
     loss, gx, gt = run(*make_args(), *grad_args)
     _keep_grads(ctx, backend, sources, gx, gt, lambda: run(*make_args(), *grad_args))
-    return _reduce(loss, reduction, scale, eager)
+    return _reduce(ctx, loss, reduction, scale)
 
 
 def _rows_forward(ctx, name, backend, make_args, sources, mask, reduction, grad_input, grad_target):

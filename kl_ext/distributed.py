@@ -155,7 +155,7 @@ class VocabParallelFunction(torch.autograd.Function):
             gx = gt = input.new_empty((0,))
         _keep_grads(ctx, backend, (input, target, mask), gx, gt,
                     lambda: run(given, grad_input, grad_target, grad_scale))
-        out = _reduce(loss.to(acc), reduction, grad_scale)
+        out = _reduce(ctx, loss.to(acc), reduction, grad_scale)
         return out.reshape(input.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
