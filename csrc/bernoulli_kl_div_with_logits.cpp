@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_math.h"
 
 namespace kl_ext {
 namespace {
@@ -74,11 +75,10 @@ inline Vec<acc_t> load_acc(const src_t* src, int64_t n) {
 
 template <typename T>
 inline Vec<T> xlogx(const Vec<T>& p) {
-  return Vec<T>::blendv(Vec<T>(T(0)), p * p.log(), p > Vec<T>(T(0)));
+  return Vec<T>::blendv(Vec<T>(T(0)), p * cpu::log_poly(p), p > Vec<T>(T(0)));
 }
 
-// Which loss a kernel instance computes: compiled separately so the BCE loop holds no call to Sleef's log
-// (the probs KL's entropy), around which every live vector register would be spilled.
+// Which loss a kernel instance computes: compiled separately so the BCE loop does no work for the others.
 enum class Form { kTargetLogits, kProbsKL, kBCE };
 
 template <Form form, typename scalar_t, typename target_t>
@@ -149,7 +149,7 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
         if (gtr != nullptr) {
           V_t g;
           if constexpr (form == Form::kTargetLogits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
-          else if constexpr (form == Form::kProbsKL) g = p.log() - (V_t(1) - p).log() - z;
+          else if constexpr (form == Form::kProbsKL) g = cpu::log_poly(p) - cpu::log_poly(V_t(1) - p) - z;
           else g = (pwv - V_t(1)) * spz - z;
           (wv * g * V_t(gs)).store(gtr + i, n);
         }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_math.h"
 
 namespace kl_ext {
 namespace cpu {

@@ -65,7 +65,7 @@ void jsd_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout 
           vt += ep;
         } else {
           const V_t p = V_t::loadu(pd + i);
-          p.log().store(c + i);
+          log_poly(p).store(c + i);
           vt += p;
         }
       }

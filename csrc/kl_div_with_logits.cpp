@@ -72,7 +72,7 @@ void kl_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout r
           ed = cv.exp_u20();
         } else {
           ed = V_t::loadu(d + i);
-          cv = ed.log();
+          cv = log_poly(ed);
           cv.store(c + i);
         }
         vs_s += eb;
