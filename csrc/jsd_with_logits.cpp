@@ -24,7 +24,7 @@ using namespace cpu;
 template <typename T>
 inline Vec<T> log_mixture(const Vec<T>& ls, const Vec<T>& lt, T beta, T beta1) {
   const Vec<T> d = lt - ls, c = Vec<T>::blendv(Vec<T>(beta), Vec<T>(beta1), d > Vec<T>(T(0)));
-  return at::vec::maximum(ls, lt) + (c * (Vec<T>(T(0)) - d.abs()).expm1()).log1p();
+  return at::vec::maximum(ls, lt) + log1p_poly(c * expm1_nonpos(Vec<T>(T(0)) - d.abs()));
 }
 
 template <typename scalar_t, typename target_t>

@@ -9,7 +9,7 @@ void attach_fused_backward(const at::Tensor& out, const at::Tensor& input, const
                            const std::optional<at::Tensor>& gx, const std::optional<at::Tensor>& gt,
                            const std::string& scale_grad_op, const pybind11::object& rerun, std::string name);
 at::Tensor reduce_rows(const at::Tensor& loss, const std::optional<at::Tensor>& scale);
-at::Tensor log_poly(const at::Tensor& x);
+at::Tensor cpu_math(const at::Tensor& x, const std::string& fn);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -28,5 +28,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("attach_fused_backward", &kl_ext::attach_fused_backward, "kl_ext/_fused.py apply: the eager backward node");
   m.def("reduce_rows", &kl_ext::reduce_rows, "kl_ext/_fused.py _reduce: the eager path's reduced loss");
-  m.def("log_poly", &kl_ext::log_poly, "the CPU kernels' inline log (csrc/cpu_math.h), for its accuracy test");
+  m.def("cpu_math", &kl_ext::cpu_math, "the CPU kernels' inline log / log1p / expm1 (csrc/cpu_math.h), for tests");
 }
