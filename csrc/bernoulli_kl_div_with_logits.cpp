@@ -27,25 +27,10 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3, by atanh's odd series to s^13 (the rest is
-// < 1.6e-8 relative: fp32-accurate, and relative-accurate as e -> 0). About 10 vector ops: Sleef's general
-// log1p took half of the BCE forward's time (perf, 2026-11-23). double keeps Sleef's.
-template <typename T>
-inline Vec<T> log1p_unit(const Vec<T>& e) {
-  if constexpr (std::is_same_v<T, float>) {
-    const Vec<T> s = e / (Vec<T>(2.f) + e), w = s * s;
-    Vec<T> q(1.f / 13);
-    for (float c : {1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) q = at::vec::fmadd(q, w, Vec<T>(c));
-    return Vec<T>(2.f) * s * q;
-  } else {
-    return e.log1p();
-  }
-}
-
 template <typename T>
 inline Vec<T> softplus_neg(const Vec<T>& z, const Vec<T>& e_abs) {
   // softplus(-z) = max(-z, 0) + log1p(exp(-|z|))
-  return at::vec::maximum(Vec<T>(T(0)) - z, Vec<T>(T(0))) + log1p_unit(e_abs);
+  return at::vec::maximum(Vec<T>(T(0)) - z, Vec<T>(T(0))) + cpu::log1p_unit(e_abs);
 }
 
 template <typename T>

@@ -28,5 +28,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("attach_fused_backward", &kl_ext::attach_fused_backward, "kl_ext/_fused.py apply: the eager backward node");
   m.def("reduce_rows", &kl_ext::reduce_rows, "kl_ext/_fused.py _reduce: the eager path's reduced loss");
-  m.def("cpu_math", &kl_ext::cpu_math, "the CPU kernels' inline log / log1p / expm1 (csrc/cpu_math.h), for tests");
+  m.def("cpu_math", &kl_ext::cpu_math, "the CPU kernels' inline math (csrc/cpu_math.h), for tests");
 }

@@ -53,6 +53,14 @@ for be in kl_ext.available_backends():
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), be
         x.grad = None
     print(f"  backend {be}: fwd+bwd ok")
+# The inline math (csrc/cpu_math.h) holds in the portable build's scalar Vectorized too (bit tricks included).
+pos = torch.arange(1, 0x7F800000, 65521).to(torch.int32).view(torch.float32)
+unit = pos[pos <= 1]
+for fn, x, ref, rtol in (("log", pos, torch.log, 1.2e-7), ("log1p", -unit, torch.log1p, 1.2e-7),
+                         ("expm1_nonpos", -pos, torch.expm1, 1.7e-7), ("log1p_unit", unit, torch.log1p, 3.6e-7)):
+    want = ref(x.double()).float()
+    torch.testing.assert_close(kl_ext._C.cpu_math(x, fn), want, rtol=rtol, atol=1e-45, msg=fn)
+print("  portable build: cpu_math within its ulps")
 # The default build is portable: no AVX (ymm) instruction in the CPU kernels, so the wheel runs on any x86-64.
 assert kl_ext._C.cpu_capability == "default", kl_ext._C.cpu_capability
 assert kl_ext._C.openmp, "the CPU kernels were built without OpenMP: one thread"

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-torch_fn = {"log": torch.log, "log1p": torch.log1p, "expm1_nonpos": torch.expm1}
+ULP_UNIT = 3.0  # log1p_unit: a plain series in s, softplus's cheaper log1p (worst 2.88 over [0, 1])
+torch_fn = {"log": torch.log, "log1p": torch.log1p, "log1p_unit": torch.log1p, "expm1_nonpos": torch.expm1}
 
 
 def _ulp_error(fn, x):
@@ -36,8 +37,10 @@ def _floats(first, last, step=1, negative=False):
     ("log1p", (0x3E800000, 0x3F000000, 1, True), 1.0),  # every float in [-1/2, -1/4]: the switch at 1 - sqrt(1/2)
     ("log1p", (0x3B000000, 0x3D000000, 1, True), 1.0),  # every float in [-1/32, -1/512]: where 1 + y rounds
     ("log1p", (1, 0x3F800001, 4099, True), 1.0),  # (-1, 0) to -1 itself: the JSD's range
+    ("log1p_unit", (0x3E800000, 0x3F800001), ULP_UNIT),  # every float in [1/4, 1]: the largest s
+    ("log1p_unit", (0, 0x3F800001, 4099), ULP_UNIT),  # [0, 1]: softplus's exp(-|z|)
 ], ids=["log-around-1", "log-subnormal", "log-binades", "expm1-switch", "expm1-binades", "log1p-switch",
-        "log1p-small", "log1p-binades"])
+        "log1p-small", "log1p-binades", "log1p_unit-top", "log1p_unit-binades"])
 def test_within_ulps(require_backend, fn, floats, ulps):
     require_backend("cpu")
     err = _ulp_error(fn, _floats(*floats))
@@ -48,6 +51,7 @@ def test_within_ulps(require_backend, fn, floats, ulps):
     ("log", [0.0, -0.0, math.inf, -math.inf, math.nan, -1.0, -1e-45, 1.0, 1e-45, 3.4e38]),
     ("log1p", [0.0, -0.0, -1.0, math.nan, 1e-30, -1e-30, math.inf]),
     ("expm1_nonpos", [0.0, -0.0, -math.inf, math.nan, -1e-30, -1.0, -100.0]),
+    ("log1p_unit", [0.0, 1.0, 1e-45, 1e-30, 0.5]),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: ATen's own functions
 def test_special_values_as_torch(require_backend, fn, x, dtype):
