@@ -2,6 +2,7 @@
 with the single-process float64 reference on the gathered rows, and writes {case: error message or None} as
 JSON.  Usage: python vocab_parallel_worker.py RANK WORLD STORE_FILE OUT_FILE"""
 import json
+import os
 import sys
 import traceback
 import zlib
@@ -210,10 +211,15 @@ def main():
             results[name] = traceback.format_exc()
     group1 = dist.new_group([0])  # every rank takes part in creating it
     results.update(special_cases(rank, world, group1 if rank == 0 else None))
-    dist.barrier()
-    dist.destroy_process_group()
     with open(out_file, "w") as f:
         json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    # Gloo's worker threads can abort the interpreter's own teardown ("terminate called without an active
+    # exception": CI, 2026-11-24; pytorch/pytorch#179291): every result is written and the group destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
