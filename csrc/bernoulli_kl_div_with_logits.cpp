@@ -58,9 +58,10 @@ inline Vec<acc_t> load_acc(const src_t* src, int64_t n) {
   }
 }
 
+// p log p from log p, 0 where p = 0.
 template <typename T>
-inline Vec<T> xlogx(const Vec<T>& p) {
-  return Vec<T>::blendv(Vec<T>(T(0)), p * cpu::log_poly(p), p > Vec<T>(T(0)));
+inline Vec<T> xlogx(const Vec<T>& p, const Vec<T>& log_p) {
+  return Vec<T>::blendv(Vec<T>(T(0)), p * log_p, p > Vec<T>(T(0)));
 }
 
 // Which loss a kernel instance computes: compiled separately so the BCE loop does no work for the others.
@@ -112,7 +113,7 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
         const V_t pwv = pwr != nullptr ? V_t::loadu(pwr + i, n) : V_t(1);
         const V_t ez = (V_t(0) - z.abs()).exp_u20();
         const V_t spz = softplus_neg(z, ez);
-        V_t p, l, u;
+        V_t p, l, u, log_p, log_q;  // log_p, log_q: log p and log(1 - p), the probs KL's (entropy, target gradient)
         if constexpr (form == Form::kTargetLogits) {
           u = load_acc<acc_t>(tr + i, n) * V_t(inv_t);
           const V_t eu = (V_t(0) - u.abs()).exp_u20();
@@ -121,7 +122,11 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
         } else {
           p = load_acc<acc_t>(tr + i, n);
           l = (V_t(1) - p) * z + (pwr != nullptr ? V_t(1) + (pwv - V_t(1)) * p : V_t(1)) * spz;
-          if constexpr (form == Form::kProbsKL) l = l + xlogx(p) + xlogx(V_t(1) - p);
+          if constexpr (form == Form::kProbsKL) {
+            log_p = cpu::log_poly(p);
+            log_q = cpu::log_poly(V_t(1) - p);
+            l = l + xlogx(p, log_p) + xlogx(V_t(1) - p, log_q);
+          }
         }
         if (wr != nullptr) l = l * wv;
         if constexpr (decltype(partial)::value) l = V_t::set(V_t(0), l, n);  // padding stays out of the sum
@@ -134,7 +139,7 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
         if (gtr != nullptr) {
           V_t g;
           if constexpr (form == Form::kTargetLogits) g = V_t(0) - p * (V_t(1) - p) * (z - u) * V_t(inv_t);
-          else if constexpr (form == Form::kProbsKL) g = cpu::log_poly(p) - cpu::log_poly(V_t(1) - p) - z;
+          else if constexpr (form == Form::kProbsKL) g = log_p - log_q - z;
           else g = (pwv - V_t(1)) * spz - z;
           (wv * g * V_t(gs)).store(gtr + i, n);
         }

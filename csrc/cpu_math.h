@@ -5,7 +5,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <limits>
-#include <type_traits>
 
 namespace kl_ext {
 namespace cpu {
@@ -48,70 +47,58 @@ inline at::vec::Vectorized<float> log_specials(const at::vec::Vectorized<float>&
 }
 }  // namespace detail
 
-// log(x), fp32 within 1 ulp (checked over every positive float, 2026-11-24), special values as std::log.
-// double keeps ATen's (Sleef) log.
+// Each function below is fp32; double (tests, gradcheck) keeps ATen's own, Sleef's, through these templates.
 template <typename T>
-inline at::vec::Vectorized<T> log_poly(const at::vec::Vectorized<T>& x) {
-  if constexpr (!std::is_same_v<T, float>) {
-    return x.log();
-  } else {
-    at::vec::Vectorized<float> kf, f;
-    detail::log_reduce(x, kf, f);
-    return detail::log_specials(x, detail::log_reduced(kf, f, at::vec::Vectorized<float>(0.f)));
-  }
+inline at::vec::Vectorized<T> log_poly(const at::vec::Vectorized<T>& x) { return x.log(); }
+template <typename T>
+inline at::vec::Vectorized<T> expm1_nonpos(const at::vec::Vectorized<T>& x) { return x.expm1(); }
+template <typename T>
+inline at::vec::Vectorized<T> log1p_poly(const at::vec::Vectorized<T>& y) { return y.log1p(); }
+template <typename T>
+inline at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& e) { return e.log1p(); }
+
+// log(x) within 1 ulp (checked over every positive float, 2026-11-24), special values as std::log.
+inline at::vec::Vectorized<float> log_poly(const at::vec::Vectorized<float>& x) {
+  at::vec::Vectorized<float> kf, f;
+  detail::log_reduce(x, kf, f);
+  return detail::log_specials(x, detail::log_reduced(kf, f, at::vec::Vectorized<float>(0.f)));
 }
 
-// expm1(x) for x <= 0 (NaN stays NaN), fp32 within 1.4 ulp (every non-positive float, 2026-11-24): Taylor to
-// x^11 on [-1, 0] (the rest < 4e-9 relative), exp - 1 below (|result| > 0.63: exp_u20's error stays about an
-// ulp). double keeps ATen's (Sleef) expm1.
-template <typename T>
-inline at::vec::Vectorized<T> expm1_nonpos(const at::vec::Vectorized<T>& x) {
-  using VF = at::vec::Vectorized<T>;
-  if constexpr (!std::is_same_v<T, float>) {
-    return x.expm1();
-  } else {
-    // 1 / n! from n = 11 down to 2
-    constexpr float inv_fact[] = {1.f / 39916800, 1.f / 3628800, 1.f / 362880, 1.f / 40320, 1.f / 5040,
-                                  1.f / 720,      1.f / 120,     1.f / 24,     1.f / 6,     1.f / 2};
-    VF p(inv_fact[0]);
-    for (int i = 1; i < 10; ++i) p = at::vec::fmadd(p, x, VF(inv_fact[i]));
-    return VF::blendv(at::vec::fmadd(x * x, p, x), x.exp_u20() - VF(1.f), x < VF(-1.f));
-  }
+// expm1(x) for x <= 0 (NaN stays NaN), within 1.4 ulp (every non-positive float, 2026-11-24): Taylor to x^11
+// on [-1, 0] (the rest < 4e-9 relative), exp - 1 below (|result| > 0.63: exp_u20's error stays about an ulp).
+inline at::vec::Vectorized<float> expm1_nonpos(const at::vec::Vectorized<float>& x) {
+  using VF = at::vec::Vectorized<float>;
+  // 1 / n! from n = 11 down to 2
+  constexpr float inv_fact[] = {1.f / 39916800, 1.f / 3628800, 1.f / 362880, 1.f / 40320, 1.f / 5040,
+                                1.f / 720,      1.f / 120,     1.f / 24,     1.f / 6,     1.f / 2};
+  VF p(inv_fact[0]);
+  for (int i = 1; i < 10; ++i) p = at::vec::fmadd(p, x, VF(inv_fact[i]));
+  return VF::blendv(at::vec::fmadd(x * x, p, x), x.exp_u20() - VF(1.f), x < VF(-1.f));
 }
 
-// log1p(y), fp32 within 1 ulp (every float in [-1, 1], 2026-11-24), as musl's log1pf: where 1 + y lies in
+// log1p(y) within 1 ulp (every float in [-1, 1], 2026-11-24), as musl's log1pf: where 1 + y lies in
 // [sqrt(1/2), sqrt(2)), f = y exactly; elsewhere u = 1 + y is reduced as for the log and (y - (u - 1)) / u adds
-// back what rounding u lost. double keeps ATen's (Sleef) log1p.
-template <typename T>
-inline at::vec::Vectorized<T> log1p_poly(const at::vec::Vectorized<T>& y) {
-  using VF = at::vec::Vectorized<T>;
-  if constexpr (!std::is_same_v<T, float>) {
-    return y.log1p();
-  } else {
-    const VF u = VF(1.f) + y;
-    VF kf, f;
-    detail::log_reduce(u, kf, f);
-    const VF near = (y >= VF(-0.29289321881f)) & (y < VF(0.41421356237f));
-    const VF c = VF::blendv((y - (u - VF(1.f))) / u, VF(0.f), near);
-    return detail::log_specials(u, detail::log_reduced(VF::blendv(kf, VF(0.f), near), VF::blendv(f, y, near), c));
-  }
+// back what rounding u lost.
+inline at::vec::Vectorized<float> log1p_poly(const at::vec::Vectorized<float>& y) {
+  using VF = at::vec::Vectorized<float>;
+  const VF u = VF(1.f) + y;
+  VF kf, f;
+  detail::log_reduce(u, kf, f);
+  const VF near = (y >= VF(-0.29289321881f)) & (y < VF(0.41421356237f));
+  const VF c = VF::blendv((y - (u - VF(1.f))) / u, VF(0.f), near);
+  return detail::log_specials(u, detail::log_reduced(VF::blendv(kf, VF(0.f), near), VF::blendv(f, y, near), c));
 }
 
-// log1p(e) for e in [0, 1] (softplus's log1p(exp(-|z|))), fp32 within 3 ulp (every float there, 2026-11-24):
+// log1p(e) for e in [0, 1] (softplus's log1p(exp(-|z|))) within 3 ulp (every float there, 2026-11-24):
 // 2 atanh(s), s = e / (2 + e) <= 1/3, by atanh's odd series to s^13 (the rest < 1.6e-8 relative). About 10
 // vector ops, cheaper than log1p_poly where the range allows: Sleef's log1p took half of the BCE forward's time
-// (perf, 2026-11-23). double keeps ATen's (Sleef) log1p.
-template <typename T>
-inline at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& e) {
-  using VF = at::vec::Vectorized<T>;
-  if constexpr (std::is_same_v<T, float>) {
-    const VF s = e / (VF(2.f) + e), w = s * s;
-    VF q(1.f / 13);
-    for (float c : {1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) q = at::vec::fmadd(q, w, VF(c));
-    return VF(2.f) * s * q;
-  } else {
-    return e.log1p();
-  }
+// (perf, 2026-11-23).
+inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e) {
+  using VF = at::vec::Vectorized<float>;
+  const VF s = e / (VF(2.f) + e), w = s * s;
+  VF q(1.f / 13);
+  for (float c : {1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) q = at::vec::fmadd(q, w, VF(c));
+  return VF(2.f) * s * q;
 }
 
 }  // namespace cpu
