@@ -58,6 +58,15 @@ inline Vec<acc_t> load_acc(const src_t* src, int64_t n) {
   }
 }
 
+// A streaming read prefetched 1 KiB ahead. On the 2-core Intel VM of 2026-11-24 the hardware prefetchers left
+// this loop waiting on its loads (BCE 65536 x 1000 fp32 forward 72 -> 27 ms with it; rows ending in a partial
+// vector ran fast without it, for no reason found: the VM has no hardware counters). Past a row's end it is a
+// hint, never a fault.
+template <typename T>
+inline void prefetch_ahead(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + 1024);
+}
+
 // p log p from log p, 0 where p = 0.
 template <typename T>
 inline Vec<T> xlogx(const Vec<T>& p, const Vec<T>& log_p) {
@@ -108,6 +117,8 @@ void bernoulli_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowL
       // compile-time counts, so their loads and stores are single instructions, not calls.
       auto step = [&](int64_t i, auto partial) {
         const int64_t n = decltype(partial)::value ? C - i : L;
+        prefetch_ahead(zr + i);
+        prefetch_ahead(tr + i);
         const V_t z = load_acc<acc_t>(zr + i, n) * V_t(inv_t);
         const V_t wv = wr != nullptr ? V_t::loadu(wr + i, n) : V_t(1);
         const V_t pwv = pwr != nullptr ? V_t::loadu(pwr + i, n) : V_t(1);
