@@ -53,29 +53,27 @@ inline void check_row_tensor(const at::Tensor& t, const char* name) {
               " must be (rows, V) or (A, B, V) with unit stride over V");
 }
 
-// A large CPU gradient is freshly mapped memory each step (glibc maps big blocks, torch's CPU allocator keeps
-// none): the kernel's first writes then fault once per 4 KiB page, over a quarter of a 4096 x 32000 KL training
-// step on the 2-core VM (2026-11-24: 225 -> 161 ms with this). Asking for transparent huge pages before the
-// first write makes that a fault per 2 MiB, as torch does for every allocation under THP_MEM_ALLOC_ENABLE=1. A
-// hint: nothing changes where THP is off, and the memory stays torch's to free.
-inline void advise_huge_pages(const at::Tensor& t) {
+// An output the kernel fills: a large one on the CPU is freshly mapped memory each call (glibc maps big blocks,
+// torch's CPU allocator keeps none), so the kernel's first writes fault once per 4 KiB page: over a quarter of a
+// 4096 x 32000 KL training step on the 2-core VM (2026-11-24: 225 -> 161 ms with this). Asking for transparent
+// huge pages before the first write makes that a fault per 2 MiB, as torch does for every allocation under
+// THP_MEM_ALLOC_ENABLE=1. A hint: nothing changes where THP is off, and the memory stays torch's to free.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (!t.is_cpu() || t.nbytes() < 2 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
+  if (t.is_cpu() && t.nbytes() >= 2 * kHuge) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
 #endif
+  return t;
 }
 
 // A row tensor's gradient: contiguous (rows, V), or empty when not wanted.
 inline at::Tensor grad_like(const at::Tensor& t, bool wanted) {
-  if (!wanted) return at::empty({0}, t.options());
-  at::Tensor g = at::empty({num_rows(t), t.size(-1)}, t.options());
-  advise_huge_pages(g);
-  return g;
+  return wanted ? empty_output({num_rows(t), t.size(-1)}, t.options()) : at::empty({0}, t.options());
 }
 
 // The input / target dtype pairs the kernels read in place: one dtype (float32, float64, bfloat16, float16), or
@@ -271,7 +269,7 @@ inline BernoulliCall prepare_bernoulli(const at::Tensor& input, const at::Tensor
               "kl_ext: pos_weight is only defined for binary cross-entropy with probability targets");
   const int64_t N = num_rows(input), C = input.size(-1);
   const auto acc = input.options().dtype(acc_type(input.scalar_type()));
-  return {tt == TargetType::Logits, elementwise ? at::empty({N, C}, acc) : at::empty({N}, acc),
+  return {tt == TargetType::Logits, elementwise ? empty_output({N, C}, acc) : at::empty({N}, acc),
           grad_like(input, grad_input), grad_like(target, grad_target)};
 }
 

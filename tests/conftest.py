@@ -43,6 +43,27 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16
        torch.bfloat16: (1e-2, 2e-2)}
 
 
+# Transparent huge pages: csrc/common.h's empty_output asks for them for large CPU outputs (Linux).
+HAS_THP = os.path.exists("/sys/kernel/mm/transparent_hugepage")
+
+
+def asks_for_huge_pages(t):
+    """Whether the mapping that holds t's first 2 MiB-aligned address is marked for huge pages (VmFlags hg)."""
+    huge = 1 << 21
+    addr = (t.data_ptr() + huge - 1) // huge * huge
+    assert addr + huge <= t.data_ptr() + t.numel() * t.element_size(), "too small to hold an aligned 2 MiB range"
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
 def assert_close_rel(actual, expected, rtol, what="", atol=0.0):
     """|actual - expected| <= rtol * max(|expected|, tiny) + atol, elementwise against the scale of `expected`."""
     actual, expected = actual.double(), expected.double()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import kl_ext
 from kl_ext import reference
-from conftest import TOL, assert_close_rel, assert_compiled_matches_eager, backend_params, triton_gpu_compile
+from conftest import (HAS_THP, TOL, asks_for_huge_pages, assert_close_rel, assert_compiled_matches_eager,
+                      backend_params, triton_gpu_compile)
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -227,3 +228,15 @@ def test_triton_kernels_compile_for_gpu_without_spilling():
     kernels = triton_gpu_compile("bernoulli")
     assert len(kernels) == 12
     assert all(k["stack"] == 0 for k in kernels), kernels
+
+
+@pytest.mark.skipif(not HAS_THP, reason="Linux with THP only")
+def test_large_cpu_outputs_ask_for_huge_pages(require_backend):
+    # The elementwise loss and the gradient are fresh memory the kernel fills: csrc/common.h's empty_output
+    # advises huge pages before the first write. 8 MiB each holds an aligned 2 MiB range.
+    require_backend("cpu")
+    x = torch.randn(2048, 1024, requires_grad=True)
+    loss = kl_ext.bernoulli_kl_div_with_logits(x, torch.rand(2048, 1024), reduction="none", backend="cpu")
+    assert asks_for_huge_pages(loss)
+    loss.sum().backward()
+    assert asks_for_huge_pages(x.grad)

@@ -1,5 +1,4 @@
 import math
-import os
 
 import pytest
 import torch
@@ -7,8 +6,8 @@ import torch.nn.functional as F
 
 import kl_ext
 from kl_ext import reference
-from conftest import (TOL, assert_close_rel, assert_compiled_matches_eager, backend_params, cuda_kernel_resources,
-                      triton_gpu_compile)
+from conftest import (HAS_THP, TOL, asks_for_huge_pages, assert_close_rel, assert_compiled_matches_eager,
+                      backend_params, cuda_kernel_resources, triton_gpu_compile)
 
 TARGET_TYPES = ["logits", "log_probs", "probs"]
 DIRECTIONS = ["forward", "reverse"]
@@ -155,30 +154,14 @@ def test_forward_only_no_grad_buffers(backend, require_backend):
     assert_close_rel(out, reference.kl_div_with_logits(x.double(), t.double()), 1e-5)
 
 
-def _vm_flags(addr):
-    """The VmFlags of the mapping of this process that holds addr (Linux /proc/self/smaps)."""
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
-@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="Linux with THP only")
+@pytest.mark.skipif(not HAS_THP, reason="Linux with THP only")
 def test_large_cpu_gradient_asks_for_huge_pages(require_backend):
     # The fused forward writes the gradient into fresh memory: csrc/common.h advises huge pages for it before the
     # first write (a fault per 2 MiB instead of per 4 KiB). 8 MiB holds at least one aligned 2 MiB range.
     require_backend("cpu")
     x = torch.randn(2048, 1024, requires_grad=True)
     kl_ext.kl_div_with_logits(x, torch.randn(2048, 1024), backend="cpu").backward()
-    huge = 1 << 21
-    first_aligned = (x.grad.data_ptr() + huge - 1) // huge * huge
-    assert "hg" in _vm_flags(first_aligned)
+    assert asks_for_huge_pages(x.grad)
 
 
 # ------------------------------------------------------------------------------------------ edge cases
