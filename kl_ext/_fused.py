@@ -40,12 +40,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
             dims[-1] = (dims[-1][0] * n, s)
         else:
             dims.append((n, s))
-    if rows == 0 or len(dims) > 2 or (V > 1 and x.stride(-1) != 1):
+    if rows == 0 or len(dims) > 2 or x.stride(-1) != 1:
         return _contiguous_rows(x)
-    if len(dims) == 2:
-        (n0, s0), (n1, s1) = dims
-        return x.as_strided((n0, n1, V), (s0, s1, 1))
-    return x.as_strided((rows, V), (dims[0][1] if dims else V, 1))
+    # A view (the leading dims fold into these), by reshape rather than as_strided: Inductor on torch 2.11 drops
+    # a view's storage offset from as_strided, and Dynamo there cannot read storage_offset() in a Function.
+    return x.reshape((dims[0][0], dims[1][0], V) if len(dims) == 2 else (rows, V))
 
 
 def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +99,9 @@ def _reduce(ctx, loss, reduction, scale):
         return loss
     if type(ctx) is _EagerCtx:  # one C++ call (small CPU losses: a loop, no dispatcher round trips)
         return _native().reduce_rows(loss, scale)
-    # sum() then an in-place multiply by the cached 1 / denominator: on small losses a third cheaper than mean()
-    # or a division by a Python float (which wraps it in a tensor per call).
-    return loss.sum() if scale is None else loss.sum().mul_(scale)
+    # Out of place: on torch 2.11 - 2.12 Dynamo returns the Function's intermediates as extra outputs, and an
+    # in-place product is the same tensor twice, whose gradient arrives as zeros (pytorch/pytorch#180642).
+    return loss.sum() if scale is None else loss.sum() * scale
 
 
 def _keep_grads(ctx, backend, sources, gx, gt, rerun):

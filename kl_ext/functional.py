@@ -67,7 +67,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, input, target, weight, pos_weight, reduction, backend, grad_input, grad_target):
         out = _bernoulli_forward(ctx, input, target, weight, pos_weight, "probs", 1.0, reduction, backend, False,
                                  grad_input, grad_target)
-        dtype = _bce_dtype(input.dtype, target.dtype, None if weight is None else weight.dtype,
+        dtype = _bce_dtype(input.device.type, input.dtype, target.dtype, None if weight is None else weight.dtype,
                            None if pos_weight is None else pos_weight.dtype)
         return out if out.dtype == dtype else out.to(dtype)
 
@@ -81,13 +81,15 @@ _BCE_DTYPES: dict = {}
 
 
 @_compile_constant
-def _bce_dtype(*dtypes):
+def _bce_dtype(device_type, *dtypes):
     """The dtype torch's binary_cross_entropy_with_logits returns for (input, target, weight, pos_weight) dtypes
-    (None: not given), asked of torch itself on meta tensors once per combination."""
-    if dtypes not in _BCE_DTYPES:
-        x, t, w, pw = (None if d is None else torch.empty(1, dtype=d, device="meta") for d in dtypes)
-        _BCE_DTYPES[dtypes] = F.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw).dtype
-    return _BCE_DTYPES[dtypes]
+    (None: not given), asked of torch itself once per combination, on one-element tensors of the input's device
+    type (not meta tensors: on torch 2.11 meta promotes float32 x bfloat16 to float32, the CPU to bfloat16)."""
+    key = (device_type, *dtypes)
+    if key not in _BCE_DTYPES:
+        x, t, w, pw = (None if d is None else torch.zeros(1, dtype=d, device=device_type) for d in dtypes)
+        _BCE_DTYPES[key] = F.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw).dtype
+    return _BCE_DTYPES[key]
 
 
 def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",

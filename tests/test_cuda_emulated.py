@@ -26,8 +26,9 @@ def emu():
     from torch.utils.cpp_extension import is_ninja_available, load
     if not is_ninja_available():  # requirements-dev.txt has it; a bare GPU box may not
         pytest.skip("building the emulated kernels needs ninja (pip install ninja)")
+    # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
     load(name="kl_ext_cuda_emu", sources=[os.path.join(HERE, "cuda_emu", "emu_ops.cpp")],
-         extra_cflags=["-O2"], is_python_module=False)
+         extra_cflags=["-O2", "-std=c++20"], is_python_module=False)
     ops = torch.ops.kl_ext_cuda_emu
     ops.set_device(1, True)  # one SM with clusters: blocks and clusters loop over rows
     return ops

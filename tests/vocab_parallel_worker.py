@@ -135,7 +135,9 @@ def special_cases(rank, world, group1):
             plain = fn(xs, td.to_local(), **kw)
             plain.backward()
             assert torch.equal(got, plain), (got, plain)
-            assert torch.equal(xd.grad.to_local(), xs.grad)
+            # By value, whatever the placement: torch 2.11 accumulates an unevenly sharded leaf's gradient as
+            # Replicate (the full tensor on every rank), later versions as Shard(-1).
+            assert torch.equal(xd.grad.full_tensor()[..., lo:hi], xs.grad)
             xr = x.double().requires_grad_()
             ref = (reference.kl_div_with_logits if not kw else reference.jsd_with_logits)(xr, t.double(), **kw)
             ref.backward()

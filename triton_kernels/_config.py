@@ -1,4 +1,5 @@
 """Launch configurations chosen from the shape and dtype (no autotuning: nothing runs at import)."""
+import inspect
 import os
 
 import triton
@@ -6,6 +7,25 @@ import triton
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_numpy_fix():
+    """Triton 3.6's interpreter (torch 2.11's) takes int() of a one-element 1-D array where a kernel uses a
+    runtime tensor as a range() bound, which numpy 2.4 refuses; Triton 3.7 squeezes the array first. The same
+    squeeze for older Tritons, so the interpreter (CI's way of running these kernels) works with any numpy."""
+    from triton.runtime import interpreter
+    patch = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(patch):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting():
+    _interpreter_numpy_fix()
 
 
 def rows_of(t) -> int:
