@@ -255,8 +255,10 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
         t, idx = t.to(acc_dtype(input.dtype)).contiguous(), idx.to(torch.int64).contiguous()
     elif form == "dense":
         t = t.to(input.dtype).contiguous()
-    out = LinearDistillationFunction.apply(x, linear_weight, linear_bias, t, target_linear_weight,
-                                           target_linear_bias, idx, lab, live, spec)
+    # The teacher is constant: detached, so a tensor passed both as the student's and the teacher's (a shared
+    # bias) is two inputs of the Function, which torch.compile requires.
+    t_w, t_b = (None if v is None else v.detach() for v in (target_linear_weight, target_linear_bias))
+    out = LinearDistillationFunction.apply(x, linear_weight, linear_bias, t.detach(), t_w, t_b, idx, lab, live, spec)
     return out.reshape(lead) if reduction == "none" else out
 
 
