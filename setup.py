@@ -27,6 +27,15 @@ def _version():
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
+def _torch_requirement():
+    # The one place the supported range is written: kl_ext/_torch_range.py (not imported: it checks the torch).
+    with open(os.path.join(HERE, "kl_ext", "_torch_range.py")) as f:
+        text = f.read()
+    lo, hi = (tuple(int(v) for v in re.search(rf"^{name} = \((\d+), (\d+)\)", text, re.M).groups())
+              for name in ("MIN", "MAX"))
+    return f"torch>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}"
+
+
 def _readme():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         return f.read()
@@ -103,7 +112,7 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    install_requires=[_torch_requirement()],
     extras_require={
         "triton": ["triton>=3.3"],
         "bench": ["matplotlib", "tqdm", "numpy"],

@@ -3,6 +3,7 @@
 Importing kl_ext needs no GPU: the native extension registers its ops on first use, Triton is imported
 only when the triton backend is chosen.
 """
+from kl_ext import _torch_range  # noqa: F401  (first: refuses a torch outside the supported range)
 from kl_ext._backends import available_backends
 from kl_ext.functional import (BCEWithLogitsFunction, BernoulliKLDivWithLogitsFunction, KLDivWithLogitsFunction,
                                bernoulli_kl_div_with_logits, binary_cross_entropy_with_logits, kl_div_with_logits)

@@ -83,12 +83,31 @@ def _mask(mask, input) -> None:
     if mask.dtype != torch.bool:
         raise TypeError(f"kl_ext: mask must be a bool tensor (True = row counted), got {mask.dtype}; "
                         "use mask.bool() or (labels != ignore_index)")
-    if mask.shape != input.shape[:-1]:
-        raise ValueError(f"kl_ext: mask shape {tuple(mask.shape)} must equal the input's leading shape "
-                         f"{tuple(input.shape[:-1])} (one value per row)")
-    if mask.device != input.device:
-        raise ValueError(f"kl_ext: mask is on {mask.device} but input is on {input.device}; "
-                         "use mask.to(input.device)")
+    _per_row("mask", mask, input, "value")
+
+
+def _per_row(name, t, input, what) -> None:
+    """t holds one `what` per row of input: its leading shape, on its device."""
+    if t.shape != input.shape[:-1]:
+        raise ValueError(f"kl_ext: {name} shape {tuple(t.shape)} must equal the input's leading shape "
+                         f"{tuple(input.shape[:-1])} (one {what} per row)")
+    if t.device != input.device:
+        raise ValueError(f"kl_ext: {name} is on {t.device} but input is on {input.device}; "
+                         f"use {name}.to(input.device)")
+
+
+def label_mask(mask, labels, ignore_index, input):
+    """The row mask with labels as one more source, as TRL and Liger take them: rows whose label is ignore_index
+    (-100: padding) are left out, combined with `mask` (already checked) when both are given. No host sync."""
+    if labels is None:
+        return mask
+    _tensor("labels", labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"kl_ext: labels must be an integer tensor (token ids, ignore_index={ignore_index} for "
+                        f"rows to leave out), got {labels.dtype}; for a bool row mask pass mask=")
+    _per_row("labels", labels, input, "label")
+    keep = labels != ignore_index
+    return keep if mask is None else mask & keep
 
 
 def check_kl(input, target, mask, target_type, temperature, direction, reduction) -> None:
@@ -136,6 +155,26 @@ def check_sparse(input, target_indices, target_values, mask, target_type, tail, 
             raise ValueError(f"kl_ext: input is on {input.device} but {name} is on {t.device}; "
                              f"use {name}.to(input.device)")
     _mask(mask, input)
+
+
+def validate_finite(x: torch.Tensor, name: str, what: str) -> None:
+    """validate=True: NaN or +inf in x (-inf is allowed: a class with no mass) -> ValueError naming the first bad row
+    (reads values, syncs)."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return
+    bad = torch.isnan(x) | torch.isposinf(x)
+    if not bool(bad.any()):
+        return
+    rows = bad.reshape(-1, x.shape[-1]).any(-1) if x.dim() > 0 else bad.reshape(1)
+    first = int(rows.nonzero()[0, 0])
+    lead = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), x.shape[:-1])) if x.dim() > 1 else ()
+    row = x.reshape(-1, x.shape[-1])[first] if x.dim() > 0 else x.reshape(1)
+    kind = "NaN" if bool(torch.isnan(row).any()) else "+inf"
+    at = f"row {lead if len(lead) != 1 else lead[0]}" if x.dim() > 1 else "its values"
+    raise ValueError(f"kl_ext: {name} ({what}) holds {kind} in {at}; {int(rows.sum())} of {rows.numel()} rows have "
+                     f"NaN or +inf, and the loss would be NaN. Find where it comes from (an overflowing activation, a "
+                     f"division by zero, corrupt data), or leave such rows out with mask= (-inf is fine: a class "
+                     f"with no mass)")
 
 
 def validate_sparse_indices(target_indices: torch.Tensor, V: int) -> None:
@@ -273,6 +312,8 @@ def _rows_sum_to_one(p: torch.Tensor, tol: float = 1e-2) -> bool:
 def validate_kl_values(input: torch.Tensor, target: torch.Tensor, target_type: str) -> None:
     if input.numel() == 0:
         return
+    validate_finite(input, "input", "the student's logits")
+    validate_finite(target, "target", f"the teacher's {target_type.replace('_', '-')}")
     if _looks_like_probs(input) and _rows_sum_to_one(input) and input.shape[-1] > 1:
         raise ValueError("kl_ext: the input rows look like probabilities (in [0, 1], summing to 1). "
                          "kl_div_with_logits takes the student's raw logits: pass the logits, not softmax(logits)")
@@ -307,7 +348,9 @@ def validate_kl_values(input: torch.Tensor, target: torch.Tensor, target_type: s
                          "use target_type='probs' (softmax of probabilities is not the teacher you mean)")
 
 
-def validate_bernoulli_values(target: torch.Tensor, target_type: str) -> None:
+def validate_bernoulli_values(input: torch.Tensor, target: torch.Tensor, target_type: str) -> None:
+    validate_finite(input, "input", "the logits")
+    validate_finite(target, "target", f"the targets' {target_type}")
     if target_type == "probs" and target.numel() and not _looks_like_probs(target):
         raise ValueError("kl_ext: Bernoulli targets with target_type='probs' must lie in [0, 1]; "
                          "pass target_type='logits' for raw teacher logits")

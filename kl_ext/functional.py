@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from kl_ext import reference
 from kl_ext._backends import _compile_constant, resolve
 from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target, apply
-from kl_ext._validation import (check_bce, check_bernoulli, check_kl, needs_grad,
+from kl_ext._validation import (check_bce, check_bernoulli, check_kl, label_mask, needs_grad,
                                 validate_bernoulli_values, validate_kl_values)
 
 __all__ = ["kl_div_with_logits", "bernoulli_kl_div_with_logits", "binary_cross_entropy_with_logits",
@@ -94,18 +94,20 @@ def _bce_dtype(device_type, *dtypes):
 
 def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
                        temperature: float = 1.0, direction: str = "forward", reduction: str = "batchmean",
-                       mask: Optional[torch.Tensor] = None, backend: str = "auto",
-                       validate: bool = False) -> torch.Tensor:
+                       mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                       ignore_index: int = -100, backend: str = "auto", validate: bool = False) -> torch.Tensor:
     """KL divergence between a teacher and the student softmax(input / T), over the last dim.
 
     input: student logits (..., V). target: teacher logits, log-probs or probs (target_type), same shape.
     direction: "forward" = KL(teacher || student) (distillation), "reverse" = KL(student || teacher).
     reduction: "batchmean" (sum / rows counted: per token for (B, T, V)), "sum", "mean" (sum / (rows * V)),
     "none" (per-row loss of the leading shape). mask: bool of the leading shape; False rows give 0 loss and
-    0 gradient and are not counted. Losses are float32 (float64 for float64 inputs). validate=True checks the
+    0 gradient and are not counted. labels (integer, the leading shape): rows whose label is ignore_index are left
+    out as a False mask would (combined with mask when both are given). Losses are float32 (float64 for float64 inputs). validate=True checks the
     values for the classic pitfalls (it syncs). See README "Semantics" for the edge cases.
     """
     check_kl(input, target, mask, target_type, temperature, direction, reduction)
+    mask = label_mask(mask, labels, ignore_index, input)
     be = resolve(backend, input.device)
     if validate:
         validate_kl_values(input, target, target_type)
@@ -130,7 +132,7 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
     check_bernoulli(input, target, weight, target_type, temperature, reduction)
     be = resolve(backend, input.device)
     if validate:
-        validate_bernoulli_values(target, target_type)
+        validate_bernoulli_values(input, target, target_type)
     if be == "torch":
         return reference.bernoulli_kl_div_with_logits(input, target, target_type=target_type,
                                                       temperature=temperature, weight=weight, reduction=reduction)

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from kl_ext import reference
 from kl_ext._backends import resolve
 from kl_ext._fused import _fused_backward, _softmax_rows_forward, apply, divergence_op
-from kl_ext._validation import check_jsd, needs_grad, validate_kl_values
+from kl_ext._validation import check_jsd, label_mask, needs_grad, validate_kl_values
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
 
@@ -41,15 +41,18 @@ class JSDWithLogitsFunction(torch.autograd.Function):
 
 def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.5, target_type: str = "logits",
                     temperature: float = 1.0, reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
-                    backend: str = "auto", validate: bool = False) -> torch.Tensor:
+                    labels: Optional[torch.Tensor] = None, ignore_index: int = -100, backend: str = "auto",
+                    validate: bool = False) -> torch.Tensor:
     """Generalized JSD between a teacher and the student softmax(input / T), over the last dim.
 
     beta in [0, 1]: 0 = KL(teacher || student), 1 = KL(student || teacher), in between the generalized JSD
     (0.5: the symmetric one). Everything else as kl_div_with_logits: target_type "logits" / "log_probs" /
-    "probs", reduction "batchmean" (per counted row) / "sum" / "mean" / "none", bool row mask, float32 losses
-    (float64 for float64 input), gradients w.r.t. input and target.
+    "probs", reduction "batchmean" (per counted row) / "sum" / "mean" / "none", bool row mask, labels with
+    ignore_index as a row mask source, float32 losses (float64 for float64 input), gradients w.r.t. input and
+    target.
     """
     check_jsd(input, target, mask, target_type, temperature, beta, reduction)
+    mask = label_mask(mask, labels, ignore_index, input)
     be = resolve(backend, input.device)
     if validate:
         validate_kl_values(input, target, target_type)
@@ -61,18 +64,20 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
 
 
 class JSDWithLogitsLoss(nn.Module):
-    """Module form of kl_ext.jsd_with_logits: forward(input, target, mask=None)."""
+    """Module form of kl_ext.jsd_with_logits: forward(input, target, mask=None, labels=None)."""
 
     def __init__(self, beta: float = 0.5, target_type: str = "logits", temperature: float = 1.0,
-                 reduction: str = "batchmean", backend: str = "auto", validate: bool = False):
+                 reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto",
+                 validate: bool = False):
         super().__init__()
         self.beta, self.target_type, self.temperature = beta, target_type, temperature
-        self.reduction, self.backend, self.validate = reduction, backend, validate
+        self.reduction, self.ignore_index, self.backend, self.validate = reduction, ignore_index, backend, validate
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
         return jsd_with_logits(input, target, beta=self.beta, target_type=self.target_type,
-                               temperature=self.temperature, reduction=self.reduction, mask=mask,
-                               backend=self.backend, validate=self.validate)
+                               temperature=self.temperature, reduction=self.reduction, mask=mask, labels=labels,
+                               ignore_index=self.ignore_index, backend=self.backend, validate=self.validate)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, target_type={self.target_type!r}, temperature={self.temperature}, "

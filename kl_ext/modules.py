@@ -12,18 +12,20 @@ __all__ = ["KLDivWithLogitsLoss", "BernoulliKLDivWithLogitsLoss", "BCEWithLogits
 
 
 class KLDivWithLogitsLoss(nn.Module):
-    """Module form of kl_ext.kl_div_with_logits: forward(input, target, mask=None)."""
+    """Module form of kl_ext.kl_div_with_logits: forward(input, target, mask=None, labels=None)."""
 
     def __init__(self, target_type: str = "logits", temperature: float = 1.0, direction: str = "forward",
-                 reduction: str = "batchmean", backend: str = "auto", validate: bool = False):
+                 reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto",
+                 validate: bool = False):
         super().__init__()
         self.target_type, self.temperature, self.direction = target_type, temperature, direction
-        self.reduction, self.backend, self.validate = reduction, backend, validate
+        self.reduction, self.ignore_index, self.backend, self.validate = reduction, ignore_index, backend, validate
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
         return F.kl_div_with_logits(input, target, target_type=self.target_type, temperature=self.temperature,
-                                    direction=self.direction, reduction=self.reduction, mask=mask,
-                                    backend=self.backend, validate=self.validate)
+                                    direction=self.direction, reduction=self.reduction, mask=mask, labels=labels,
+                                    ignore_index=self.ignore_index, backend=self.backend, validate=self.validate)
 
     def extra_repr(self) -> str:
         return (f"target_type={self.target_type!r}, temperature={self.temperature}, direction={self.direction!r}, "

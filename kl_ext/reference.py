@@ -27,6 +27,43 @@ def safe_log_softmax(z: torch.Tensor) -> torch.Tensor:
     return torch.where(dead, torch.full_like(ls, float("-inf")), ls)
 
 
+class _XLogX(torch.autograd.Function):
+    """x log x, 0 at x = 0, with the one-sided derivative log x + 1 (-inf at x = 0: a probability target's
+    gradient there, as every kernel backend gives it; README "Semantics"). A zero upstream gradient gives 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        live = x > 0
+        return torch.where(live, x * torch.log(torch.where(live, x, torch.ones_like(x))), torch.zeros_like(x))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        return torch.where(g == 0, torch.zeros_like(g), g * (torch.log(x) + 1))
+
+
+class _LogProb(torch.autograd.Function):
+    """log p of a probability target, -inf at p = 0, with derivative 1 / p, where a zero upstream gradient (a
+    masked-out 0 log 0 term) gives 0 rather than 0 / 0."""
+
+    @staticmethod
+    def forward(ctx, p):
+        ctx.save_for_backward(p)
+        return torch.log(p)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, = ctx.saved_tensors
+        return torch.where(g == 0, torch.zeros_like(g), g / p)
+
+
+def _p_log_ratio(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """p (log p - b) for a probability target p, 0 log 0 = 0, d/dp = log p + 1 - b (-inf at p = 0)."""
+    live = p > 0
+    return _XLogX.apply(p) - torch.where(live, p * torch.where(live, b, torch.zeros_like(b)), torch.zeros_like(p))
+
+
 def _weighted_log_ratio(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """w * (a - b) where w > 0, exactly 0 where w == 0 (0 log 0 = 0), with NaN-free gradients there."""
     live = w > 0
@@ -63,7 +100,7 @@ def _log_probs(input, target, target_type, temperature, mask):
         lt, p = t, t.exp()
     else:
         p = t
-        lt = torch.log(p)
+        lt = _LogProb.apply(p)
     return ls, lt, p
 
 
@@ -79,7 +116,7 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
     if direction == "forward":
-        row = _weighted_log_ratio(p, lt, ls).sum(-1)
+        row = (_p_log_ratio(p, ls) if target_type == "probs" else _weighted_log_ratio(p, lt, ls)).sum(-1)
     else:
         row = _weighted_log_ratio(ls.exp(), ls, lt).sum(-1)
     return _finish_rows(row, reduction, mask, input.shape[-1])
@@ -100,7 +137,8 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
     live = (p > 0) | (q > 0)
     zero = torch.zeros_like(ls)
     lm = torch.logaddexp(torch.where(live, lt, zero) + math.log(beta), torch.where(live, ls, zero) + math.log1p(-beta))
-    row = (beta * _weighted_log_ratio(p, lt, lm) + (1 - beta) * _weighted_log_ratio(q, ls, lm)).sum(-1)
+    kl_pm = _p_log_ratio(p, lm) if target_type == "probs" else _weighted_log_ratio(p, lt, lm)
+    row = (beta * kl_pm + (1 - beta) * _weighted_log_ratio(q, ls, lm)).sum(-1)
     return _finish_rows(row, reduction, mask, input.shape[-1])
 
 
@@ -137,7 +175,7 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     elif target_type == "log_probs":
         w = v64
     else:
-        w = torch.log(torch.where(valid, v64, torch.ones_like(v64)))
+        w = _LogProb.apply(torch.where(valid, v64, torch.ones_like(v64)))
     lse_w = _masked_logsumexp(w, valid)
     ninf = torch.full_like(w, float("-inf"))
     if target_type == "logits" or tail == "renorm":
@@ -150,7 +188,17 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
         p = torch.where(valid, v if target_type == "probs" else v.exp(), torch.zeros_like(v))
         full = valid.sum(-1) == V
         p_tail = torch.where(full, torch.zeros_like(lse_w), torch.clamp(-torch.expm1(lse_w), min=0)).to(acc)
-    head = _weighted_log_ratio(p, lp, ls_s).sum(-1)
+    if target_type == "probs":  # through p log p, so that a zero probability's gradient is -inf (README)
+        if tail == "renorm":  # sum p^ (log p^ - ls) with p^ = p / P is (sum p (log p - ls)) / P - log P
+            raw = torch.where(valid, v, torch.zeros_like(v))
+            head, mass = _p_log_ratio(raw, ls_s).sum(-1), raw.sum(-1)
+            live = mass > 0
+            safe = torch.where(live, mass, torch.ones_like(mass))
+            head = torch.where(live, head / safe - torch.log(safe), torch.zeros_like(head))
+        else:
+            head = _p_log_ratio(p, ls_s).sum(-1)
+    else:
+        head = _weighted_log_ratio(p, lp, ls_s).sum(-1)
     member = torch.zeros_like(ls).scatter_add(-1, idx, valid.to(ls.dtype)) > 0  # (empty slots add 0 at 0)
     log_qt = _masked_logsumexp(ls, ~member)
     row = head + _weighted_log_ratio(p_tail, torch.log(torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))),
@@ -206,7 +254,7 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
         elem = (1 - p) * (z - u) + F.softplus(-z) - F.softplus(-u)
     else:
         p = target.to(acc)
-        elem = (1 - p) * z + F.softplus(-z) + torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
+        elem = (1 - p) * z + F.softplus(-z) + _XLogX.apply(p) + _XLogX.apply(1 - p)
     if weight is not None:
         elem = elem * weight.to(acc)
     if reduction == "none":

@@ -19,7 +19,8 @@ from torch.autograd.function import once_differentiable
 from kl_ext import reference
 from kl_ext._backends import resolve
 from kl_ext._fused import _contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward, apply
-from kl_ext._validation import acc_dtype, check_sparse, needs_grad, validate_sparse_indices
+from kl_ext._validation import (acc_dtype, check_sparse, label_mask, needs_grad, validate_finite,
+                                validate_sparse_indices)
 
 __all__ = ["sparse_kl_div_with_logits", "SparseKLDivWithLogitsFunction", "SparseKLDivWithLogitsLoss",
            "topk_target"]
@@ -48,6 +49,7 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
 def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor, *,
                               target_type: str = "log_probs", tail: str = "bucket", temperature: float = 1.0,
                               reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
+                              labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
                               backend: str = "auto", validate: bool = False) -> torch.Tensor:
     """KL(teacher || softmax(input / T)) with the teacher given on k entries per row.
 
@@ -58,12 +60,16 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     tail "bucket": the teacher's missing mass p_tail = 1 - sum p is one more outcome, matched against the
     student's mass outside the support; "renorm": the teacher is renormalized over its support.
     reduction "batchmean" (per counted row) / "sum" / "mean" (per counted row and class) / "none"; bool row
-    mask; float32 losses (float64 for float64 input); gradients w.r.t. input and target_values (never indices).
+    mask, and labels with ignore_index as one more mask source; float32 losses (float64 for float64 input);
+    gradients w.r.t. input and target_values (never indices).
     A class repeated within a row is undefined (validate=True raises, and checks indices are in [-1, V)).
     """
     check_sparse(input, target_indices, target_values, mask, target_type, tail, temperature, reduction)
+    mask = label_mask(mask, labels, ignore_index, input)
     be = resolve(backend, input.device)
     if validate:
+        validate_finite(input, "input", "the student's logits")
+        validate_finite(target_values, "target_values", f"the teacher's {target_type.replace('_', '-')}")
         validate_sparse_indices(target_indices, input.shape[-1])
     if be == "torch":
         return reference.sparse_kl_div_with_logits(input, target_indices, target_values, target_type=target_type,
@@ -77,19 +83,22 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
 
 
 class SparseKLDivWithLogitsLoss(nn.Module):
-    """Module form of kl_ext.sparse_kl_div_with_logits: forward(input, target_indices, target_values, mask=None)."""
+    """Module form of kl_ext.sparse_kl_div_with_logits: forward(input, target_indices, target_values, mask=None,
+    labels=None)."""
 
     def __init__(self, target_type: str = "log_probs", tail: str = "bucket", temperature: float = 1.0,
-                 reduction: str = "batchmean", backend: str = "auto", validate: bool = False):
+                 reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto",
+                 validate: bool = False):
         super().__init__()
         self.target_type, self.tail, self.temperature = target_type, tail, temperature
-        self.reduction, self.backend, self.validate = reduction, backend, validate
+        self.reduction, self.ignore_index, self.backend, self.validate = reduction, ignore_index, backend, validate
 
     def forward(self, input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor,
-                mask: Optional[torch.Tensor] = None):
+                mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         return sparse_kl_div_with_logits(input, target_indices, target_values, target_type=self.target_type,
                                          tail=self.tail, temperature=self.temperature, reduction=self.reduction,
-                                         mask=mask, backend=self.backend, validate=self.validate)
+                                         mask=mask, labels=labels, ignore_index=self.ignore_index,
+                                         backend=self.backend, validate=self.validate)
 
     def extra_repr(self) -> str:
         return (f"target_type={self.target_type!r}, tail={self.tail!r}, temperature={self.temperature}, "

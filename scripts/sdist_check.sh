@@ -22,7 +22,7 @@ echo "sdist: $(basename "$sdist"), $(wc -l < "$work/files") entries, every sourc
 # Only torch: the CPU wheel where this machine has it (small), else the dev venv's torch range.
 python3 -m venv "$work/venv"
 pip="$work/venv/bin/python -m pip"
-$pip install -q "torch==2.13.0+cpu" 2>/dev/null || $pip install -q "torch>=2.11,<=2.14.1"
+$pip install -q "torch==2.13.0+cpu" 2>/dev/null || $pip install -q "torch>=2.11,<2.15"
 $pip install -q "setuptools>=64" wheel ninja  # what --no-build-isolation builds with (ninja: parallel compiles)
 # -O0: this checks the package (sources, install, import, results), not its speed, and -O0 compiles faster.
 KL_EXT_NO_CUDA=1 KL_EXT_CXX_OPT=-O0 $pip install -q --no-build-isolation "$sdist" > "$work/install.log" 2>&1 \

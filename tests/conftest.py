@@ -37,6 +37,22 @@ def require_backend():
     return _require
 
 
+@pytest.fixture(scope="session")
+def emu():
+    """The CUDA kernels (csrc/cuda/*.cuh) compiled as host C++ against tests/cuda_emu/cuda_emu.h: their ops as
+    torch.ops.kl_ext_cuda_emu, on an emulated device of one SM with clusters (blocks and clusters loop over rows)."""
+    from torch.utils.cpp_extension import is_ninja_available, load
+    if not is_ninja_available():  # requirements-dev.txt has it; a bare GPU box may not
+        pytest.skip("building the emulated kernels needs ninja (pip install ninja)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
+    load(name="kl_ext_cuda_emu", sources=[os.path.join(here, "cuda_emu", "emu_ops.cpp")],
+         extra_cflags=["-O2", "-std=c++20"], is_python_module=False)
+    ops = torch.ops.kl_ext_cuda_emu
+    ops.set_device(1, True)
+    return ops
+
+
 # Tolerances against the float64 reference: (loss rtol, grad error relative to the gradient's max).
 # 16-bit gradients are rounded twice (the unscaled gradient, then grad_output * it): up to ~1.5 ulp.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 3e-3),

@@ -37,20 +37,20 @@ def _losses(backend):
     }
 
 
-def _compare(step, grad_inputs, other, compiler):
+def _compare(step, grad_inputs, other, compiler, tol=dict(rtol=1e-9, atol=1e-12)):
     """Loss and gradients of torch.compile(step, fullgraph=True, backend=compiler) equal eager's, with a random
-    upstream gradient (a float64 case: the same kernels, so to float64 rounding)."""
+    upstream gradient (float64 cases here: the same kernels, so to float64 rounding)."""
     torch._dynamo.reset()
     runs = []
     for fn in (torch.compile(step, fullgraph=True, backend=compiler), step):
         xs = [x.detach().clone().requires_grad_() for x in grad_inputs]
         loss = fn(*xs, *other)
-        go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype) + 2.0
+        go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype).to(loss.device) + 2
         grads = torch.autograd.grad(loss, xs, go)
         runs.append((loss.detach(), *grads))
     for what, a, b in zip(("loss", *(f"grad {i}" for i in range(len(grad_inputs)))), *runs):
         assert b.abs().max() > 0 or what == "loss", f"{what}: eager gradient is zero, the case tests nothing"
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -3,7 +3,6 @@
 with the real ops' schemas. Shapes are chosen to reach every launch configuration (row-resident with 1, 2, 4
 and 8 packs per thread, streamed rows, 16-byte packs and unaligned rows, blocks looping over rows).
 Compared with the float64 reference (kl_ext.reference). tests/test_gpu.py runs the same kernels on a GPU."""
-import os
 
 import pytest
 import torch
@@ -13,25 +12,11 @@ from kl_ext import reference
 from conftest import TOL, assert_close_rel
 from test_kl_div_with_logits import make_case
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 TARGET_TYPES = ["logits", "log_probs", "probs"]
 # Every target type in float32 and bfloat16 (the two pack widths); float16 and float64 (the same code over another
 # element type) through one each: CI time.
 CASES = [(d, tt) for d in DTYPES[:2] for tt in TARGET_TYPES] + [(torch.float16, "probs"), (torch.float64, "log_probs")]
-
-
-@pytest.fixture(scope="module")
-def emu():
-    from torch.utils.cpp_extension import is_ninja_available, load
-    if not is_ninja_available():  # requirements-dev.txt has it; a bare GPU box may not
-        pytest.skip("building the emulated kernels needs ninja (pip install ninja)")
-    # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
-    load(name="kl_ext_cuda_emu", sources=[os.path.join(HERE, "cuda_emu", "emu_ops.cpp")],
-         extra_cflags=["-O2", "-std=c++20"], is_python_module=False)
-    ops = torch.ops.kl_ext_cuda_emu
-    ops.set_device(1, True)  # one SM with clusters: blocks and clusters loop over rows
-    return ops
 
 
 def kl_expected(x, t, mask, target_type, temperature, direction, gs):

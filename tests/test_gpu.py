@@ -351,3 +351,23 @@ def test_vocab_parallel_modes_match_cpu(backend, op_name, target_type, V):
         got = getattr(getattr(torch.ops, "kl_ext_triton" if backend == "triton" else "kl_ext"), op_name)(*dev)
         for g, w, what in zip(got, want, ("out", "grad input", "grad target")):
             torch.testing.assert_close(g.cpu(), w, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_linear_distillation_compiles_fullgraph(backend, reduction):
+    # The CUDA path of the LM-head loss (out-dtype GEMMs, the CUDA chunk size) under torch.compile(fullgraph=True),
+    # every loss the chunks call, an upstream gradient != 1 (tests/test_compile.py holds the CPU cases).
+    _gpu_backend(backend)
+    from test_compile import _compare
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 64, 32, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(1000, 32, device="cuda", generator=g) * 0.3).bfloat16()
+    th = torch.randn(2, 64, 24, device="cuda", generator=g).bfloat16()
+    tw = torch.randn(1000, 24, device="cuda", generator=g).bfloat16()
+    labels = torch.randint(0, 1000, (2, 64), device="cuda", generator=g)
+
+    def step(a, ww):
+        return kl_ext.linear_distillation_loss(a, ww, th, target_linear_weight=tw, labels=labels, hard_weight=0.5,
+                                               softcap=30.0, reduction=reduction, backend=backend)
+    _compare(step, (x, w), (), "inductor", tol=dict(rtol=2e-2, atol=1e-3))

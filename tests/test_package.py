@@ -159,3 +159,78 @@ def test_benchmark_summary_says_slower_and_names_the_fastest_peer(capsys):
     assert "4.00x faster than BCEWithLogitsLoss eager" in eager
     assert "2.00x slower than nn.KLDivLoss eager" in fastest
     assert "2.00x faster than BCEWithLogitsLoss compiled" in fastest and "reference KL" not in fastest
+
+
+def test_torch_range_is_one_statement_and_checked_at_import(monkeypatch):
+    from kl_ext import _torch_range as r
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = {f: open(os.path.join(root, f), encoding="utf-8").read()
+            for f in ("pyproject.toml", "requirements-dev.txt", "README.md", "scripts/sdist_check.sh")}
+    for f, body in text.items():
+        assert r.REQUIREMENT in body, f"{f} does not state {r.REQUIREMENT}"
+    # The installed package's metadata (setup.py derives it from _torch_range.py).
+    from importlib.metadata import requires
+    from packaging.requirements import Requirement
+    torch_req = [Requirement(q) for q in requires("kl_ext") if q.startswith("torch")]
+    assert [str(q.specifier) for q in torch_req] == [str(Requirement(r.REQUIREMENT).specifier)], torch_req
+    monkeypatch.delenv(r.OVERRIDE, raising=False)
+    for ok in ("2.11.0+cu130", "2.12.1", "2.14.1", f"{r.MAX[0]}.{r.MAX[1]}.9"):
+        r.check(ok)
+    for bad in ("2.10.0", "2.15.0.dev20261201", "3.0.0"):
+        with pytest.raises(ImportError, match=r"supports torch 2\.11 - 2\.14"):
+            r.check(bad)
+    monkeypatch.setenv(r.OVERRIDE, "1")
+    r.check("2.15.0")
+
+
+@pytest.mark.parametrize("bad,kind", [(float("nan"), "NaN"), (float("inf"), r"\+inf")])
+def test_validate_names_nan_and_inf_and_their_row(bad, kind):
+    x, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    idx, vals = kl_ext.topk_target(t, 2)
+    poisoned = lambda a: a.index_put((torch.tensor(1), torch.tensor(2), torch.tensor(1)), torch.tensor(bad))  # noqa
+    calls = {
+        "input": lambda a, b: kl_ext.kl_div_with_logits(a, b, validate=True),
+        "target": lambda a, b: kl_ext.jsd_with_logits(b, a, validate=True),
+        "target_values": lambda a, b: kl_ext.sparse_kl_div_with_logits(b, idx, a[..., :2], validate=True),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name} \(.*\) holds {kind} in row \(1, 2\); 1 of 6 rows"):
+            call(poisoned(x), t)
+        with pytest.raises(ValueError, match="mask="):
+            call(poisoned(x), t)
+    with pytest.raises(ValueError, match=rf"input \(the logits\) holds {kind}"):
+        kl_ext.bernoulli_kl_div_with_logits(poisoned(x), t.sigmoid(), validate=True)
+    # -inf is a class with no mass, not an error; without validate nothing is checked (no host sync).
+    kl_ext.kl_div_with_logits(x, t.index_put((torch.tensor(0), torch.tensor(0), torch.tensor(1)),
+                                             torch.tensor(float("-inf"))), validate=True)
+    assert not torch.isfinite(kl_ext.kl_div_with_logits(poisoned(x), t))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_labels_with_ignore_index_are_a_row_mask(backend):
+    if backend != "torch":
+        from kl_ext._backends import _usable
+        if not _usable(backend, torch.device("cpu"))[0]:
+            pytest.skip(f"{backend} unavailable")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 9, generator=g), torch.randn(2, 4, 9, generator=g)
+    labels = torch.randint(0, 9, (2, 4), generator=g)
+    labels[0, 1] = labels[1, 3] = -100
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 0] = False
+    idx, vals = kl_ext.topk_target(t, 3)
+    calls = [lambda **kw: kl_ext.kl_div_with_logits(x, t, backend=backend, **kw),
+             lambda **kw: kl_ext.jsd_with_logits(x, t, beta=0.3, backend=backend, **kw),
+             lambda **kw: kl_ext.sparse_kl_div_with_logits(x, idx, vals, backend=backend, **kw)]
+    for call in calls:
+        torch.testing.assert_close(call(labels=labels), call(mask=labels != -100))
+        torch.testing.assert_close(call(labels=labels, mask=mask), call(mask=mask & (labels != -100)))
+        torch.testing.assert_close(call(labels=labels.masked_fill(labels == -100, 99), ignore_index=99),
+                                   call(mask=labels != -100))
+    module = kl_ext.KLDivWithLogitsLoss(ignore_index=-1, backend=backend)
+    torch.testing.assert_close(module(x, t, labels=labels.masked_fill(labels == -100, -1)),
+                               calls[0](mask=labels != -100))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        calls[0](labels=labels.float())
+    with pytest.raises(ValueError, match=r"labels shape \(8,\) must equal the input's leading shape \(2, 4\)"):
+        calls[1](labels=labels.reshape(-1))

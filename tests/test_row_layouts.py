@@ -9,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kl_ext
 from kl_ext._fused import _rows
 from conftest import backend_params
-from test_cuda_emulated import emu  # noqa: F401  (fixture)
 
 
 def _losses(kind):

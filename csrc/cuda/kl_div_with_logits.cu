@@ -1,10 +1,8 @@
 // kl_div_with_logits: the CUDA registration. Kernels and the host entry are in kl_div_with_logits.cuh (shared
-// with the CPU emulation in tests/cuda_emu); softmax_rows_fwd also serves jsd_with_logits.cu, and
-// sparse_rows_fwd sparse_kl_div_with_logits.cu (softmax_rows.h).
-#include "launch.cuh"
-#include "kl_div_with_logits.cuh"
+// with the CPU emulation in tests/cuda_emu), compiled per dtype pair in softmax_rows_*.cu; softmax_rows_fwd also
+// serves jsd_with_logits.cu (softmax_rows.h).
+#include "softmax_rows_pairs.cuh"
 #include "softmax_rows.h"
-#include "sparse_kl_div_with_logits.cuh"
 
 #include <torch/library.h>
 
@@ -18,15 +16,6 @@ void softmax_rows_fwd(const KLCall& call, const at::Tensor& input, const at::Ten
   const int device = input.get_device();
   const KLDevice dev{sm_count(device), has_clusters(device)};
   softmax_rows_cuda(call, input, target, mask, temperature, beta, grad_scale, dev, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void sparse_rows_fwd(const SparseCall& call, const at::Tensor& input, const at::Tensor& indices,
-                     const at::Tensor& values, const c10::optional<at::Tensor>& mask, double temperature,
-                     const c10::optional<at::Tensor>& grad_scale) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const KLDevice dev{sm_count(input.get_device()), false};
-  sparse_kl_cuda(call, input, indices, values, mask, temperature, grad_scale, dev, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -787,44 +787,51 @@ void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStr
   launch_rows<scalar_t, target_t, VEC, JSD>(a, c, dim3(unsigned(std::min<int64_t>(a.N, wave))), block, stream);
 }
 
-// Both ops on device tensors, after their checks (call); beta > 0 selects the JSD. Input and target are read
-// each in its own dtype (the pairs of dispatch_pair).
+// Both ops on device tensors of one dtype pair, after their checks (call); beta > 0 selects the JSD. A template
+// of its own, so that the CUDA build compiles each pair in its own translation unit (softmax_rows_pairs.h).
+template <typename scalar_t, typename target_t>
+void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                        const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                        const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = num_rows(input), V = input.size(-1);
+  const KLArgs<scalar_t, target_t> a{input.const_data_ptr<scalar_t>(),
+                                     target.const_data_ptr<target_t>(),
+                                     row_layout(input),
+                                     row_layout(target),
+                                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+                                     call.loss.mutable_data_ptr<acc_t>(),
+                                     call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                     call.gt.numel() > 0 ? call.gt.mutable_data_ptr<target_t>() : nullptr,
+                                     grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
+                                     N,
+                                     V,
+                                     acc_t(1.0 / temperature),
+                                     call.target_type,
+                                     call.direction == Direction::Forward,
+                                     acc_t(beta),
+                                     call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+                                     call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
+  constexpr int VEC = pair_vec<scalar_t, target_t>();
+  const bool packs = V % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && packs_aligned<VEC>(a.t, a.gt) &&
+                     a.rx.steps_of(VEC) && a.rt.steps_of(VEC);
+  if (beta > 0) {
+    packs ? launch_kl<scalar_t, target_t, VEC, true>(a, dev, stream)
+          : launch_kl<scalar_t, target_t, 1, true>(a, dev, stream);
+  } else {
+    packs ? launch_kl<scalar_t, target_t, VEC, false>(a, dev, stream)
+          : launch_kl<scalar_t, target_t, 1, false>(a, dev, stream);
+  }
+}
+
+// Both ops on device tensors, input and target each read in its own dtype (the pairs of dispatch_pair).
 inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
                               const c10::optional<at::Tensor>& mask, double temperature, double beta,
                               const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
-  const int64_t N = num_rows(input), V = input.size(-1);
-  if (N == 0) return;
+  if (num_rows(input) == 0) return;
   dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto x_tag, auto t_tag) {
-    using scalar_t = decltype(x_tag);
-    using target_t = decltype(t_tag);
-    using acc_t = at::opmath_type<scalar_t>;
-    const KLArgs<scalar_t, target_t> a{input.const_data_ptr<scalar_t>(),
-                                       target.const_data_ptr<target_t>(),
-                                       row_layout(input),
-                                       row_layout(target),
-                                       mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
-                                       call.loss.mutable_data_ptr<acc_t>(),
-                                       call.gx.numel() > 0 ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-                                       call.gt.numel() > 0 ? call.gt.mutable_data_ptr<target_t>() : nullptr,
-                                       grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr,
-                                       N,
-                                       V,
-                                       acc_t(1.0 / temperature),
-                                       call.target_type,
-                                       call.direction == Direction::Forward,
-                                       acc_t(beta),
-                                       call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
-                                       call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
-    constexpr int VEC = pair_vec<scalar_t, target_t>();
-    const bool packs = V % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && packs_aligned<VEC>(a.t, a.gt) &&
-                       a.rx.steps_of(VEC) && a.rt.steps_of(VEC);
-    if (beta > 0) {
-      packs ? launch_kl<scalar_t, target_t, VEC, true>(a, dev, stream)
-            : launch_kl<scalar_t, target_t, 1, true>(a, dev, stream);
-    } else {
-      packs ? launch_kl<scalar_t, target_t, VEC, false>(a, dev, stream)
-            : launch_kl<scalar_t, target_t, 1, false>(a, dev, stream);
-    }
+    softmax_rows_typed<decltype(x_tag), decltype(t_tag)>(call, input, target, mask, temperature, beta, grad_scale,
+                                                         dev, stream);
   });
 }
 

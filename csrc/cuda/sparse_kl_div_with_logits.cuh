@@ -1,5 +1,5 @@
 // sparse_kl_div_with_logits: the CUDA kernel and its host entry (contract and formulas:
-// csrc/sparse_kl_div_with_logits.cpp). Included by kl_div_with_logits.cu and by tests/cuda_emu.
+// csrc/sparse_kl_div_with_logits.cpp). Included by sparse_kl_div_with_logits.cu and by tests/cuda_emu.
 //
 // The student row goes through the KL's row machinery (kl_div_with_logits.cuh: launch configurations, packs,
 // block reductions, held or streamed rows); only the sparse teacher's per-slot math is new. The tail sum
