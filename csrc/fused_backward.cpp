@@ -8,7 +8,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -67,17 +66,12 @@ struct FusedLossBackward : Node {
       scale_.typed<void(at::Tensor&, const at::Tensor&)>().call(grads[i], scale.to(acc));
       out[i] = grads[i].sizes() == shapes_[i] ? grads[i] : grads[i].reshape(shapes_[i]);
     }
-    if (at::GradMode::is_enabled() && grad_out.requires_grad()) {
-      // create_graph=True: as torch's @once_differentiable, an error when these gradients are differentiated.
-      for (auto& g : out) {
-        if (g.defined()) g = g.detach().requires_grad_(true);
-      }
-      torch::autograd::DelayedError err(
-          "trying to differentiate twice a function that was marked with @once_differentiable "
-          "(kl_ext's kernel backends; backend='torch' supports double backward)",
-          2);
-      out = err.apply(std::move(out));
-    }
+    // create_graph=True: the kernels give no second derivatives. Refused at once (as kl_ext._fused.kernel_backward
+    // does for the compiled path), not left to fail, or silently give nothing, when the gradient is differentiated.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "kl_ext: a backward with create_graph=True (double backward, e.g. a gradient penalty) needs second "
+                "derivatives, which the kernel backends do not give; compute this loss with backend='torch' (the "
+                "differentiable reference) for it");
     return out;
   }
 

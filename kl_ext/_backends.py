@@ -116,7 +116,13 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine for some device (GPU probed here, lazily)."""
+    """Backends usable on this machine for some device (GPU probed here, lazily): "torch" (the reference) always,
+    "cpu" with the C++ extension built, "cuda" with its kernels built and a GPU, "triton" with Triton and a GPU.
+
+    >>> import kl_ext
+    >>> "torch" in kl_ext.available_backends()
+    True
+    """
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

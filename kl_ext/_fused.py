@@ -17,8 +17,28 @@ from typing import Optional
 
 import torch
 
+from torch.autograd.function import once_differentiable
+
 from kl_ext._backends import native_loaded, op
 from kl_ext._validation import acc_dtype, dtype_pair_supported
+
+
+DOUBLE_BACKWARD = ("kl_ext: a backward with create_graph=True (double backward, e.g. a gradient penalty) needs "
+                   "second derivatives, which the kernel backends do not give; compute this loss with "
+                   "backend='torch' (the differentiable reference) for it")
+
+
+def kernel_backward(backward):
+    """@once_differentiable, and an error at once when the backward runs with create_graph=True (rather than a
+    gradient that silently cannot be differentiated again, or an error only at the second backward)."""
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return inner(ctx, *grads)
+    return checked
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

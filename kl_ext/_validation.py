@@ -294,6 +294,9 @@ def check_bernoulli(input, target, weight, target_type, temperature, reduction) 
 
 def check_bce(input, target, weight, pos_weight, reduction) -> None:
     _option("reduction", reduction, BCE_REDUCTIONS)
+    if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and target.shape != input.shape:
+        raise ValueError(f"kl_ext: Target size ({target.size()}) must be the same as input size ({input.size()}) "
+                         "(as torch's binary_cross_entropy_with_logits requires)")
     _pair(input, target, any_dtypes=True)  # as torch's: pairs the kernels do not read are cast (_fused._target)
     _factor("weight", weight, input)
     _factor("pos_weight", pos_weight, input)

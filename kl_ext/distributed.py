@@ -24,12 +24,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from kl_ext.jsd_with_logits import jsd_with_logits
 from kl_ext._backends import op, resolve
 from kl_ext._fused import (_flat_mask, _fused_backward, _grad_scale, _keep_grads, _reduce, _rows, _target, apply,
-                           divergence_op)
+                           divergence_op, kernel_backward)
 from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_jsd, needs_grad
 
 __all__ = ["vocab_parallel_kl_div_with_logits", "vocab_parallel_jsd_with_logits"]
@@ -159,7 +158,7 @@ class VocabParallelFunction(torch.autograd.Function):
         return out.reshape(input.shape[:-1]) if reduction == "none" else out
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None, None
 

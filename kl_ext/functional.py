@@ -7,11 +7,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.nn._reduction import legacy_get_string
 
 from kl_ext import reference
 from kl_ext._backends import _compile_constant, resolve
-from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target, apply
+from kl_ext._fused import (_factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target, apply,
+                           kernel_backward)
 from kl_ext._validation import (check_bce, check_bernoulli, check_kl, label_mask, needs_grad,
                                 validate_bernoulli_values, validate_kl_values)
 
@@ -29,7 +30,7 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
                                      (temperature, direction), reduction, grad_input, grad_target)
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None
 
@@ -55,7 +56,7 @@ class BernoulliKLDivWithLogitsFunction(torch.autograd.Function):
                                   True, grad_input, grad_target)
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None
 
@@ -72,7 +73,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         return out if out.dtype == dtype else out.to(dtype)
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None
 
@@ -96,15 +97,38 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
                        temperature: float = 1.0, direction: str = "forward", reduction: str = "batchmean",
                        mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                        ignore_index: int = -100, backend: str = "auto", validate: bool = False) -> torch.Tensor:
-    """KL divergence between a teacher and the student softmax(input / T), over the last dim.
+    """KL divergence between a teacher and the student q = softmax(input / T), over the last dim.
 
-    input: student logits (..., V). target: teacher logits, log-probs or probs (target_type), same shape.
-    direction: "forward" = KL(teacher || student) (distillation), "reverse" = KL(student || teacher).
-    reduction: "batchmean" (sum / rows counted: per token for (B, T, V)), "sum", "mean" (sum / (rows * V)),
-    "none" (per-row loss of the leading shape). mask: bool of the leading shape; False rows give 0 loss and
-    0 gradient and are not counted. labels (integer, the leading shape): rows whose label is ignore_index are left
-    out as a False mask would (combined with mask when both are given). Losses are float32 (float64 for float64 inputs). validate=True checks the
-    values for the classic pitfalls (it syncs). See README "Semantics" for the edge cases.
+    Args:
+        input: the student's raw logits, (..., V); rows are the leading dims, read in place when strided.
+        target: the teacher, same shape: logits, log-probabilities or probabilities (target_type).
+        target_type: "logits" (p = softmax(target / T)), "log_probs" or "probs" (taken as given: the
+            temperature applies to the teacher only when it is given as logits).
+        temperature: T > 0, dividing the student's logits (and the teacher's, for "logits"). kl_ext computes
+            the plain KL: Hinton's T**2 gradient scaling is the caller's to apply.
+        direction: "forward" = KL(teacher || student), the distillation loss; "reverse" = KL(student || teacher).
+        reduction: "batchmean" (sum / rows counted: per token for (B, T, V)), "sum", "mean" (sum / (rows * V)),
+            "none" (the per-row loss, of the leading shape).
+        mask: bool of the leading shape; False rows give 0 loss and 0 gradient and are not counted.
+        labels, ignore_index: integer labels of the leading shape; rows whose label is ignore_index are left out
+            as a False mask would (combined with mask when both are given), as TRL and Liger take them.
+        backend: "auto" (CPU tensors: the C++ kernels; CUDA tensors: Triton, else the CUDA kernels; the
+            KL_EXT_BACKEND variable overrides), "cpu", "cuda", "triton", or "torch": the pure-PyTorch reference
+            (any device, double backward).
+        validate: check values for the classic mistakes (probabilities passed as logits, NaN, ...); it syncs.
+
+    Returns float32 losses (float64 for float64 input); gradients flow to input and target. Edge cases (-inf
+    logits, zero probabilities): README "Semantics".
+
+    >>> import math, torch, kl_ext
+    >>> student = torch.tensor([[0.0, 0.0]])                  # q = [1/2, 1/2]
+    >>> teacher = torch.tensor([[0.0, math.log(3.0)]])        # p = [1/4, 3/4]
+    >>> round(float(kl_ext.kl_div_with_logits(student, teacher)), 4)   # 1/4 log(1/2) + 3/4 log(3/2)
+    0.1308
+    >>> round(float(kl_ext.kl_div_with_logits(student, teacher, direction="reverse")), 4)
+    0.1438
+    >>> kl_ext.kl_div_with_logits(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), reduction="none").shape
+    torch.Size([2, 3])
     """
     check_kl(input, target, mask, target_type, temperature, direction, reduction)
     mask = label_mask(mask, labels, ignore_index, input)
@@ -124,10 +148,24 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
                                  validate: bool = False) -> torch.Tensor:
     """Per-class KL(Bern(p) || Bern(sigmoid(input / T))) for multi-label soft targets.
 
-    target: probabilities p in [0, 1] (target_type="probs") or teacher logits (p = sigmoid(target / T)).
-    Equals BCE-with-logits minus the entropy of p: the same input gradient, but 0 when the distributions
-    match. weight broadcasts against input. reduction: "batchmean" (sum / rows: per-sample KL summed over
-    classes), "sum", "mean" (over all elements), "none" (elementwise, float32).
+    Args:
+        input: logits (..., C), one independent Bernoulli per class.
+        target: probabilities p in [0, 1] (target_type="probs"; rows need not sum to 1) or teacher logits
+            ("logits": p = sigmoid(target / T)).
+        temperature: T > 0, dividing the logits (and the teacher's, for "logits").
+        weight: broadcasts against input (no gradient w.r.t. it).
+        reduction: "batchmean" (sum / rows: the per-sample KL summed over classes), "sum", "mean" (over all
+            elements), "none" (elementwise, float32).
+        backend, validate: as kl_div_with_logits.
+
+    Equals BCE-with-logits minus the entropy of p: the same input gradient, but 0 when the distributions match.
+
+    >>> import torch, kl_ext
+    >>> logits = torch.tensor([[2.0, -1.0, 0.0]])
+    >>> float(kl_ext.bernoulli_kl_div_with_logits(logits, logits, target_type="logits"))   # a perfect fit
+    0.0
+    >>> round(float(kl_ext.bernoulli_kl_div_with_logits(logits, torch.tensor([[0.9, 0.1, 0.5]]))), 4)
+    0.09
     """
     check_bernoulli(input, target, weight, target_type, temperature, reduction)
     be = resolve(backend, input.device)
@@ -141,17 +179,28 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
 
 
 def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
-                                     weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                                     weight: Optional[torch.Tensor] = None, size_average: Optional[bool] = None,
+                                     reduce: Optional[bool] = None, reduction: str = "mean",
                                      pos_weight: Optional[torch.Tensor] = None,
                                      backend: str = "auto") -> torch.Tensor:
-    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits (same arguments and results)."""
+    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits: the same arguments in the same order
+    (size_average and reduce deprecated there and here, with torch's warning) and the same results, through
+    kl_ext's kernels; backend as for every kl_ext loss.
+
+    >>> import torch, torch.nn.functional as F, kl_ext
+    >>> x, t = torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, 0.0]])
+    >>> bool(torch.isclose(kl_ext.binary_cross_entropy_with_logits(x, t), F.binary_cross_entropy_with_logits(x, t)))
+    True
+    """
+    if size_average is not None or reduce is not None:
+        reduction = legacy_get_string(size_average, reduce)
     if isinstance(input, torch.Tensor) and input.dim() == 0 and isinstance(target, torch.Tensor) and \
             target.dim() == 0 and all(f is None or (isinstance(f, torch.Tensor) and f.dim() == 0)
                                       for f in (weight, pos_weight)):
         # One logit as a 0-d tensor, as torch accepts it: one row of one class for the kernels.
         one = [None if f is None else f.reshape(1) for f in (weight, pos_weight)]
-        out = binary_cross_entropy_with_logits(input.reshape(1), target.reshape(1), one[0], reduction, one[1],
-                                               backend)
+        out = binary_cross_entropy_with_logits(input.reshape(1), target.reshape(1), weight=one[0],
+                                               reduction=reduction, pos_weight=one[1], backend=backend)
         return out.reshape(())
     check_bce(input, target, weight, pos_weight, reduction)
     be = resolve(backend, input.device)

@@ -13,11 +13,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _fused_backward, _softmax_rows_forward, apply, divergence_op
+from kl_ext._fused import _fused_backward, _softmax_rows_forward, apply, divergence_op, kernel_backward
 from kl_ext._validation import check_jsd, label_mask, needs_grad, validate_kl_values
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
@@ -34,7 +33,7 @@ class JSDWithLogitsFunction(torch.autograd.Function):
                                      grad_input, grad_target)
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None
 
@@ -43,13 +42,23 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
                     temperature: float = 1.0, reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
                     labels: Optional[torch.Tensor] = None, ignore_index: int = -100, backend: str = "auto",
                     validate: bool = False) -> torch.Tensor:
-    """Generalized JSD between a teacher and the student softmax(input / T), over the last dim.
+    """Generalized JSD between a teacher and the student q = softmax(input / T), over the last dim.
 
-    beta in [0, 1]: 0 = KL(teacher || student), 1 = KL(student || teacher), in between the generalized JSD
-    (0.5: the symmetric one). Everything else as kl_div_with_logits: target_type "logits" / "log_probs" /
-    "probs", reduction "batchmean" (per counted row) / "sum" / "mean" / "none", bool row mask, labels with
-    ignore_index as a row mask source, float32 losses (float64 for float64 input), gradients w.r.t. input and
-    target.
+    Row loss beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (log m as a logaddexp: entries
+    where both underflow add 0). beta in [0, 1]: 0 = KL(teacher || student), 1 = KL(student || teacher), exactly
+    kl_div_with_logits' two directions (TRL's and Liger's convention); 0.5 the symmetric JSD.
+
+    Args:
+        input, target, target_type, temperature: as kl_div_with_logits (T applies to the teacher only for
+            "logits").
+        reduction, mask, labels, ignore_index, backend, validate: as kl_div_with_logits.
+
+    >>> import math, torch, kl_ext
+    >>> student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])
+    >>> round(float(kl_ext.jsd_with_logits(student, teacher, beta=0.5)), 4)
+    0.0338
+    >>> bool(kl_ext.jsd_with_logits(student, teacher, beta=0.0) == kl_ext.kl_div_with_logits(student, teacher))
+    True
     """
     check_jsd(input, target, mask, target_type, temperature, beta, reduction)
     mask = label_mask(mask, labels, ignore_index, input)
@@ -64,7 +73,13 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
 
 
 class JSDWithLogitsLoss(nn.Module):
-    """Module form of kl_ext.jsd_with_logits: forward(input, target, mask=None, labels=None)."""
+    """Module form of kl_ext.jsd_with_logits (the settings; forward(input, target, mask=None, labels=None)).
+
+    >>> import torch, kl_ext
+    >>> loss = kl_ext.JSDWithLogitsLoss(beta=0.5, temperature=2.0)
+    >>> float(loss(torch.ones(4, 10), torch.ones(4, 10)))   # identical rows: exactly 0
+    0.0
+    """
 
     def __init__(self, beta: float = 0.5, target_type: str = "logits", temperature: float = 1.0,
                  reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto",

@@ -21,11 +21,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import op, resolve
-from kl_ext._fused import divergence_op
+from kl_ext._fused import divergence_op, kernel_backward
 from kl_ext._validation import acc_dtype, check_linear_distillation, divergence_beta
 
 __all__ = ["linear_distillation_loss", "LinearDistillationFunction", "LinearDistillationLoss", "default_chunk_size"]
@@ -179,7 +178,7 @@ class LinearDistillationFunction(torch.autograd.Function):
         return loss.sum() if grad_scale is None else loss.sum() * grad_scale
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         spec = ctx.spec
         if spec.reduction == "none":
@@ -221,6 +220,18 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
     counted), "sum" or "none". Gradients w.r.t. input, linear_weight and linear_bias; the teacher is constant.
     chunk_size: rows per chunk (None: default_chunk_size). backend: the loss kernels' ("torch": the unfused
     reference with materialized logits); the GEMMs are torch's.
+
+    >>> import torch, kl_ext
+    >>> g = torch.Generator().manual_seed(0)
+    >>> hidden, head = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(100, 8, generator=g)
+    >>> t_hidden, t_head = torch.randn(4, 16, generator=g), torch.randn(100, 16, generator=g)
+    >>> loss = kl_ext.linear_distillation_loss(hidden, head, t_hidden, target_linear_weight=t_head,
+    ...                                        temperature=2.0, chunk_size=2)
+    >>> dense = kl_ext.kl_div_with_logits(hidden @ head.T, t_hidden @ t_head.T, temperature=2.0)
+    >>> bool(torch.isclose(loss, dense, rtol=1e-5))
+    True
+    >>> loss.backward(); hidden.grad.shape
+    torch.Size([4, 8])
     """
     form = "hidden" if target_linear_weight is not None else "sparse" if target_indices is not None else "dense"
     check_linear_distillation(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias,
@@ -263,7 +274,14 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
 
 
 class LinearDistillationLoss(nn.Module):
-    """Module form of kl_ext.linear_distillation_loss: settings in __init__, tensors in forward."""
+    """Module form of kl_ext.linear_distillation_loss: settings in __init__, tensors in forward.
+
+    >>> import torch, kl_ext
+    >>> loss = kl_ext.LinearDistillationLoss(divergence="jsd", beta=0.5)
+    >>> x, w = torch.randn(4, 8), torch.randn(30, 8)
+    >>> float(loss(x, w, x @ w.T))    # the teacher's logits equal the student's
+    0.0
+    """
 
     def __init__(self, *, target_type: str = "logits", divergence: str = "kl", beta: float = 0.5,
                  tail: str = "bucket", temperature: float = 1.0, logit_scale: float = 1.0,

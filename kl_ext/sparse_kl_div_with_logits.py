@@ -14,11 +14,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from kl_ext import reference
 from kl_ext._backends import resolve
-from kl_ext._fused import _contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward, apply
+from kl_ext._fused import (_contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward, apply,
+                           kernel_backward)
 from kl_ext._validation import (acc_dtype, check_sparse, label_mask, needs_grad, validate_finite,
                                 validate_sparse_indices)
 
@@ -41,7 +41,7 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
                              (input, target_values, mask, target_indices), mask, reduction, grad_input, grad_target)
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward
     def backward(ctx, grad_out):
         return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None, None
 
@@ -63,6 +63,17 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     mask, and labels with ignore_index as one more mask source; float32 losses (float64 for float64 input);
     gradients w.r.t. input and target_values (never indices).
     A class repeated within a row is undefined (validate=True raises, and checks indices are in [-1, V)).
+    backend, validate: as kl_div_with_logits.
+
+    >>> import torch, kl_ext
+    >>> teacher, student = torch.tensor([[2.0, 1.0, 0.0, -1.0]]), torch.zeros(1, 4)
+    >>> idx, logp = kl_ext.topk_target(teacher, k=4)            # every class: the dense KL
+    >>> bool(torch.isclose(kl_ext.sparse_kl_div_with_logits(student, idx, logp),
+    ...                    kl_ext.kl_div_with_logits(student, teacher)))
+    True
+    >>> idx, logp = kl_ext.topk_target(teacher, k=2)            # the rest as one tail bucket
+    >>> round(float(kl_ext.sparse_kl_div_with_logits(student, idx, logp)), 4)
+    0.4255
     """
     check_sparse(input, target_indices, target_values, mask, target_type, tail, temperature, reduction)
     mask = label_mask(mask, labels, ignore_index, input)
@@ -84,7 +95,14 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
 
 class SparseKLDivWithLogitsLoss(nn.Module):
     """Module form of kl_ext.sparse_kl_div_with_logits: forward(input, target_indices, target_values, mask=None,
-    labels=None)."""
+    labels=None).
+
+    >>> import torch, kl_ext
+    >>> idx, logp = kl_ext.topk_target(torch.randn(6, 50), k=8)
+    >>> loss = kl_ext.SparseKLDivWithLogitsLoss(tail="bucket")
+    >>> bool(loss(torch.randn(6, 50), idx, logp) > 0)
+    True
+    """
 
     def __init__(self, target_type: str = "log_probs", tail: str = "bucket", temperature: float = 1.0,
                  reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto",
@@ -109,7 +127,13 @@ class SparseKLDivWithLogitsLoss(nn.Module):
 def topk_target(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
     """The caching step of offline distillation: (indices, log_probs) of the teacher's k most likely classes per
     row, log_probs from the full-vocabulary log_softmax(teacher_logits / T) (float32; float64 for float64
-    logits). Feed them to sparse_kl_div_with_logits(..., target_type="log_probs") at the same temperature."""
+    logits). Feed them to sparse_kl_div_with_logits(..., target_type="log_probs") at the same temperature.
+
+    >>> import torch, kl_ext
+    >>> idx, logp = kl_ext.topk_target(torch.tensor([[0.0, 3.0, 1.0]]), k=2, temperature=2.0)
+    >>> idx.tolist(), [round(v, 3) for v in logp.exp()[0].tolist()]
+    ([[1, 2]], [0.629, 0.231])
+    """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= teacher_logits.shape[-1]:
         raise ValueError(f"kl_ext: k must be an int in [1, {teacher_logits.shape[-1]}] (the classes), got {k!r}")
     lp = torch.log_softmax(teacher_logits.to(acc_dtype(teacher_logits.dtype)) / temperature, dim=-1)

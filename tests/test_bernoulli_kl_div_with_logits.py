@@ -1,5 +1,6 @@
 """Sigmoid-Bernoulli KL and the BCE-with-logits drop-in (one kernel family)."""
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,24 @@ def test_bce_module_is_drop_in():
     x, t = make_case((8, 6), "probs", torch.float32)
     torch.testing.assert_close(ours(x, t), theirs(x, t))
     assert set(dict(ours.named_buffers())) == {"pos_weight"}
+    # What code that takes torch's module relies on: the type, its arguments in its order, its state dict.
+    assert isinstance(ours, torch.nn.BCEWithLogitsLoss) and isinstance(ours, torch.nn.modules.loss._Loss)
+    w = torch.rand(6)
+    for args, kw in (((w, None, None, "sum", pw), {}), ((w,), dict(size_average=False)),
+                     ((), dict(reduce=False)), ((w,), dict(size_average=True, reduce=True))):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            mine, ref = kl_ext.BCEWithLogitsLoss(*args, **kw), torch.nn.BCEWithLogitsLoss(*args, **kw)
+        assert mine.reduction == ref.reduction and (not kw or seen), (args, kw)
+        torch.testing.assert_close(mine(x, t), ref(x, t))
+        torch.testing.assert_close(kl_ext.binary_cross_entropy_with_logits(x, t, *args, **kw),
+                                   F.binary_cross_entropy_with_logits(x, t, *args, **kw))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    loaded = kl_ext.BCEWithLogitsLoss(pos_weight=torch.zeros(6))
+    loaded.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(loaded(x, t), theirs(x, t))
+    with pytest.raises(ValueError, match=r"Target size \(torch.Size\(\[8, 5\]\)\) must be the same as input size"):
+        ours(x, t[:, :5])
 
 
 # -------------------------------------------------------------------------------- autograd and tracing

@@ -293,15 +293,28 @@ def test_gradcheck_cpu(target_type, direction, reduction, require_backend):
     assert torch.autograd.gradcheck(fn, (x, t))
 
 
-def test_double_backward_is_refused_clearly(require_backend):
-    # The kernel backends are once_differentiable (documented); backend="torch" supports double backward.
-    require_backend("cpu")
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("path", ["eager", "function"])
+def test_double_backward_is_refused_at_the_first_backward(require_backend, backend, path, monkeypatch):
+    # The kernel backends give no second derivatives: a backward with create_graph=True raises at once, naming
+    # backend="torch" (which supports double backward), on the eager C++ node and on the autograd.Function path
+    # alike (the latter is what torch.compile traces; forced here by hiding the native node).
+    require_backend(backend)
+    if path == "function":
+        monkeypatch.setattr("kl_ext._fused.native_loaded", lambda: False)
     x, t, _ = make_case((2, 5), "logits", torch.float64)
     x.requires_grad_()
     w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(kl_ext.kl_div_with_logits(x, t, backend="cpu") * w, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
+    for loss in (lambda: kl_ext.kl_div_with_logits(x, t, backend=backend) * w,
+                 lambda: kl_ext.jsd_with_logits(x, t, backend=backend),
+                 lambda: kl_ext.sparse_kl_div_with_logits(x, *kl_ext.topk_target(t, 2), backend=backend),
+                 lambda: kl_ext.bernoulli_kl_div_with_logits(x, t.sigmoid(), backend=backend)):
+        with pytest.raises(RuntimeError, match="create_graph=True.*backend='torch'"):
+            torch.autograd.grad(loss(), x, create_graph=True)
+        torch.autograd.grad(loss(), x)  # without it, as always
+    (g,) = torch.autograd.grad(kl_ext.kl_div_with_logits(x, t, backend="torch") * w, x, create_graph=True)
+    g.sum().backward()  # the reference differentiates twice
+    assert w.grad is not None
 
 
 def _opcheck_samples(dtype=torch.float32):

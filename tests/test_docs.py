@@ -1,0 +1,34 @@
+"""The docstrings: every public function and Module explains its arguments and has an example, and every example
+runs and prints what it says (doctest)."""
+import doctest
+import importlib
+
+import pytest
+
+import kl_ext
+
+MODULES = ["kl_ext.functional", "kl_ext.modules", "kl_ext.jsd_with_logits", "kl_ext.sparse_kl_div_with_logits",
+           "kl_ext.linear_distillation_loss", "kl_ext._backends"]
+# The autograd Functions are the ops' plumbing (README "API"); everything else in kl_ext.__all__ is for users.
+PUBLIC = [n for n in kl_ext.__all__ if not n.endswith("Function")]
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_api_has_an_example(name):
+    doc = getattr(kl_ext, name).__doc__ or ""
+    assert ">>> " in doc, f"kl_ext.{name} has no example in its docstring"
+
+
+def test_arguments_are_explained():
+    doc = kl_ext.kl_div_with_logits.__doc__
+    for arg in ("input", "target", "target_type", "temperature", "direction", "reduction", "mask", "labels",
+                "backend", "validate"):
+        assert f"{arg}:" in doc or f"{arg}," in doc, arg
+    assert "the temperature applies to the teacher only when it is given as logits" in " ".join(doc.split())
+    assert '"torch": the pure-PyTorch reference' in doc
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
