@@ -1,6 +1,6 @@
 """The torch versions kl_ext supports, stated once: setup.py and .ci/run read MIN and MAX (CI tests both
-ends), and importing kl_ext checks them. Outside the range compiled gradients are not known to be right (torch 2.11 needed a workaround
-to give nonzero ones), so the import refuses rather than risk silently wrong training."""
+ends), and importing kl_ext checks them. Outside the range compiled gradients are not known to be right (torch
+2.11 needed a workaround to give nonzero ones), so the import refuses rather than risk silently wrong training."""
 import os
 import re
 

@@ -36,6 +36,10 @@ if has test; then
     # GPU tests first (the emulator and interpreter tests are CI's, on CPU).
     limited python -m pytest -q tests/test_gpu.py -p no:cacheprovider -rfEs --durations=15 > "$OUT/tests.log" 2>&1
     echo "tests rc=$?" >> "$OUT/tests.log"
+    # Exact-zero teachers on the real kernels (the cpu and emulator cases are CI's).
+    limited python -m pytest -q tests/test_zero_targets.py -k "cuda or triton" -p no:cacheprovider -rfEs \
+        >> "$OUT/tests.log" 2>&1
+    echo "zero-target tests rc=$?" >> "$OUT/tests.log"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
     tail -3 "$OUT/tests.log"
 fi
