@@ -109,7 +109,7 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     keywords=["pytorch", "kl-divergence", "knowledge-distillation", "cuda", "triton"],
-    packages=["kl_ext", "kl_ext.triton_kernels"],
+    packages=["kl_ext", "kl_ext.integrations", "kl_ext.triton_kernels"],
     # The Triton sources live at the top level but must never install as a bare `triton_kernels`
     # module: that import name belongs to other projects.
     package_dir={"kl_ext": "kl_ext", "kl_ext.triton_kernels": "triton_kernels"},

@@ -177,16 +177,28 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
     return float((value - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds to three significant digits (0.0123, 1.23, 123), not a fixed number of decimals."""
+    if ms != ms:
+        return "-"
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}" if ms >= 0.001 else f"{ms:.1e}"
+
+
 def print_table(rows: list[Row], copy_gbps: float) -> None:
     print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
-    hdr = f"{'op':<10}{'mode':<9}{'timing':<7}{'dtype':<10}{'shape':<15}{'provider':<26}{'ms':>10}{'GB/s':>9}" \
+    print("timing: median = median of timed runs on fresh inputs; wall = wall time per training step of a small loss "
+          "(launches and Python included); graph = CUDA-graph replay (kernels alone)")
+    print("GB/s and %copy: the loss's floor bytes (each input read once, the gradient written once) per second, and "
+          "that as a share of a plain copy measured in this run; rel.err: against the float64 reference")
+    width = max([len(r.provider) for r in rows] + [8]) + 2
+    hdr = f"{'op':<10}{'mode':<9}{'timing':<7}{'dtype':<10}{'shape':<15}{'provider':<{width}}{'ms':>9}{'GB/s':>9}" \
           f"{'%copy':>7}{'extraMB':>9}{'rel.err':>10}  note"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         # Peak memory is measured on CUDA only (allocator statistics): "-" elsewhere, not nan.
         peak = f"{r.peak_extra_mb:>9.1f}" if r.peak_extra_mb == r.peak_extra_mb else f"{'-':>9}"
-        print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<10}{r.shape:<15}{r.provider:<26}{r.ms:>10.4f}"
+        print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<10}{r.shape:<15}{r.provider:<{width}}{fmt_ms(r.ms):>9}"
               f"{r.gbps:>9.1f}{r.pct_copy:>7.1f}{peak}{r.rel_err:>10.2e}  {r.note}")
 
 
@@ -199,7 +211,8 @@ def write_csv(rows: list[Row], path: str) -> None:
 
 
 def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> list[str]:
-    """One PNG per (op, mode, dtype): GB/s against V per provider, with the copy-bandwidth line."""
+    """One PNG per (op, mode, dtype): GB/s against V per provider, with the copy-bandwidth line (a bar chart when
+    the run measured one shape)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -209,17 +222,30 @@ def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> 
     groups = sorted({(r.op, r.mode, r.dtype) for r in rows})
     for op, mode, dtype in groups:
         sel = [r for r in rows if (r.op, r.mode, r.dtype) == (op, mode, dtype) and r.gbps == r.gbps]
-        if len({r.V for r in sel}) < 2:
+        if not sel:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-        for prov in sorted({r.provider for r in sel}):
-            pts = sorted((r.V, r.gbps) for r in sel if r.provider == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-        ax.axhline(copy_gbps, color="k", linestyle="--", label="device copy")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("classes V (N*V about constant)")
-        ax.set_ylabel("effective GB/s")
-        ax.set_title(f"{op} {mode} {dtype} on {title_device}", fontsize=9)
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
+        if len({r.V for r in sel}) < 2:  # one shape (the quick run): a bar per provider, fastest first
+            sel = sorted(sel, key=lambda r: -r.gbps)
+            bars = ax.barh([r.provider for r in sel], [r.gbps for r in sel],
+                           color=["tab:blue" if r.provider.startswith("kl_ext") else "tab:gray" for r in sel])
+            ax.bar_label(bars, labels=[f"{fmt_ms(r.ms)} ms, {r.pct_copy:.0f}% of copy" for r in sel], fontsize=7,
+                         padding=2)
+            ax.axvline(copy_gbps, color="k", linestyle="--", label="device copy")
+            ax.invert_yaxis()
+            ax.set_xlim(0, copy_gbps * 1.45)
+            ax.set_xlabel("effective GB/s (floor bytes / time)")
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_title(f"{op} {mode} {dtype} {sel[0].shape} on {title_device}", fontsize=9)
+        else:
+            for prov in sorted({r.provider for r in sel}):
+                pts = sorted((r.V, r.gbps) for r in sel if r.provider == prov)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            ax.axhline(copy_gbps, color="k", linestyle="--", label="device copy")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("classes V (N*V about constant)")
+            ax.set_ylabel("effective GB/s")
+            ax.set_title(f"{op} {mode} {dtype} on {title_device}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{op}_{mode}_{dtype}.png")
@@ -266,8 +292,8 @@ def run_op(op, providers, make_inputs, reference_fn, bytes_per_elem, device, sha
     """
     rows = []
     for name, fn in providers.items():
-        if isinstance(fn, str) and timing == "median":
-            print(f"[{op}] skipping {name}: {fn}")
+        if isinstance(fn, str) and timing == "median":  # above the progress bar, not through it
+            (progress.write if progress is not None else print)(f"[{op}] not run: {name}: {fn}")
     runnable = {k: v for k, v in providers.items() if not isinstance(v, str)}
     for dtype in dtypes:
         for N, V in shapes:

@@ -154,7 +154,8 @@ def test_benchmark_summary_says_slower_and_names_the_fastest_peer(capsys):
                row("bernoulli", "BCEWithLogitsLoss eager", 4.0), row("bernoulli", "BCEWithLogitsLoss compiled", 2.0),
                row("bernoulli", "reference KL compiled", 0.5)])
     out = capsys.readouterr().out
-    eager, fastest = out.split("against the fastest torch peer of each row:")
+    first, eager, fastest = out.split("kl_ext against")
+    assert first.strip() == "" and "the eager call users write" in eager and "the fastest torch peer" in fastest
     assert "2.00x slower than nn.KLDivLoss eager" in eager and "faster than nn.KLDivLoss" not in eager
     assert "4.00x faster than BCEWithLogitsLoss eager" in eager
     assert "2.00x slower than nn.KLDivLoss eager" in fastest
@@ -247,3 +248,20 @@ def test_release_build_has_no_debug_info():
     from importlib.metadata import metadata
     summary = metadata("kl_ext")["Summary"]
     assert all(w in summary for w in ("KL", "JSD", "top-k", "LM-head", "vocab-parallel", "Bernoulli", "BCE")), summary
+
+
+def test_benchmark_table_and_plots_a_person_reads(tmp_path, capsys):
+    # Milliseconds to three significant digits, the columns explained, long provider names in their column, and a
+    # plot even when the run measured one shape (the quick run: a bar chart).
+    from benchmarks.common import Row, fmt_ms, plot, print_table
+    assert [fmt_ms(v) for v in (1234.5, 12.345, 0.12345, 0.0001234)] == ["1234", "12.3", "0.123", "1.2e-04"]
+    rows = [Row(op="kl", mode="fwd+bwd", dtype="float32", shape="4096x32000", V=32000, provider=p, ms=ms, gbps=g,
+                pct_copy=g / 0.3) for p, ms, g in (("kl_ext cpu", 50.0, 20.0),
+                                                   ("reference compiled (max-autotune-no-cudagraphs)", 90.0, 11.0))]
+    print_table(rows, 30.0)
+    out = capsys.readouterr().out
+    assert "%copy and" in out.replace("GB/s and %copy", "%copy and") and "timing: median" in out
+    lines = [line for line in out.splitlines() if line.startswith("kl ")]
+    assert len({line.index(" 50") if " 50" in line else line.index(" 90") for line in lines}) == 1, lines
+    pngs = plot(rows, 30.0, str(tmp_path), "test CPU")
+    assert [os.path.basename(p) for p in pngs] == ["kl_fwd+bwd_float32.png"] and os.path.getsize(pngs[0]) > 1000

@@ -1,0 +1,75 @@
+"""kl_ext.integrations.trl against TRL's own GKDTrainer.generalized_jsd_loss on the same inputs: loss and student
+gradient to fp32 accuracy, every beta edge, temperature, labels, reduction and num_items_in_batch (skipped when trl
+is not installed; requirements-dev.txt installs it)."""
+import os
+
+import pytest
+import torch
+
+from kl_ext.integrations import trl as kl_trl
+from conftest import backend_params
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+@pytest.fixture(scope="module")
+def trl_loss():
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    return gkd.GKDTrainer.generalized_jsd_loss
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 5, 37, generator=g, dtype=torch.float64) * 2).to(dtype)
+    t = (torch.randn(3, 5, 37, generator=g, dtype=torch.float64) * 2).to(dtype)
+    labels = torch.randint(0, 37, (3, 5), generator=g)
+    labels[0, 3:] = -100
+    labels[2, 0] = -100
+    return s, t, labels
+
+
+def _grad(fn, s, t, **kw):
+    s = s.detach().clone().requires_grad_()
+    out = fn(s, t, **kw)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype) + 2
+    (g,) = torch.autograd.grad(out, s, go)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_labels", [False, True])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none", "items"])
+def test_generalized_jsd_loss_is_trls(trl_loss, require_backend, backend, beta, temperature, with_labels,
+                                      reduction):
+    require_backend(backend)
+    s, t, labels = _inputs()
+    kw = dict(labels=labels if with_labels else None, beta=beta, temperature=temperature)
+    if reduction == "items":  # TRL's gradient-accumulation normalizer replaces the reduction
+        kw["num_items_in_batch"] = torch.tensor(23)
+    else:
+        kw["reduction"] = reduction
+    exp = _grad(trl_loss, s, t, **kw)
+    got = _grad(lambda a, b, **k: kl_trl.generalized_jsd_loss(a, b, backend=backend, **k), s, t, **kw)
+    for a, e, what in zip(got, exp, ("loss", "student gradient")):
+        assert a.shape == e.shape and a.dtype == e.dtype, what
+        # To fp32 accuracy relative to the largest entry (the triton kernels reduce float64 rows in float32).
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-6 * float(e.abs().max()), msg=lambda m: f"{what}: {m}")
+
+
+def test_float32_logits_and_the_hooks(trl_loss):
+    s, t, labels = _inputs(torch.float32)
+    for beta in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(kl_trl.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=2.0),
+                                   trl_loss(s, t, labels=labels, beta=beta, temperature=2.0), rtol=2e-5, atol=1e-7)
+    from trl.experimental.gkd import GKDTrainer
+
+    class Fused(kl_trl.FusedGeneralizedJSD, GKDTrainer):
+        pass
+    assert Fused.generalized_jsd_loss is kl_trl.generalized_jsd_loss
+
+    class Patched(GKDTrainer):
+        pass
+    assert kl_trl.patch(Patched).generalized_jsd_loss is kl_trl.generalized_jsd_loss
+    assert GKDTrainer.generalized_jsd_loss is trl_loss  # the base class is left alone
