@@ -119,6 +119,7 @@ setup(
     install_requires=[_torch_requirement()],
     extras_require={
         "triton": ["triton>=3.3"],
+        "cache": ["safetensors", "tqdm"],  # kl_ext.teacher_cache
         "bench": ["matplotlib", "tqdm", "numpy"],
         "dev": ["pytest", "ninja", "numpy", "build", "matplotlib", "tqdm"],
     },

@@ -8,7 +8,8 @@ import pytest
 import kl_ext
 
 MODULES = ["kl_ext.functional", "kl_ext.modules", "kl_ext.jsd_with_logits", "kl_ext.sparse_kl_div_with_logits",
-           "kl_ext.linear_distillation_loss", "kl_ext._backends", "kl_ext.integrations.trl"]
+           "kl_ext.linear_distillation_loss", "kl_ext._backends", "kl_ext.integrations.trl",
+           "kl_ext.teacher_cache"]
 # The autograd Functions are the ops' plumbing (README "API"); everything else in kl_ext.__all__ is for users.
 PUBLIC = [n for n in kl_ext.__all__ if not n.endswith("Function")]
 
