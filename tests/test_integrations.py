@@ -73,3 +73,24 @@ def test_float32_logits_and_the_hooks(trl_loss):
         pass
     assert kl_trl.patch(Patched).generalized_jsd_loss is kl_trl.generalized_jsd_loss
     assert GKDTrainer.generalized_jsd_loss is trl_loss  # the base class is left alone
+
+
+def test_hf_trainer_example_distils(tmp_path):
+    # examples/hf_trainer_distill.py: a Trainer subclass with linear_distillation_loss, then the offline path
+    # through a teacher-cache shard; both students end closer to the data than they started.
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    import importlib.util
+    import time
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "hf_trainer_distill.py")
+    spec = importlib.util.spec_from_file_location("hf_trainer_distill", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    start = time.perf_counter()
+    res = example.main(steps=20, out=str(tmp_path))
+    print(f"examples/hf_trainer_distill.py: {time.perf_counter() - start:.1f} s")
+    assert (tmp_path / "teacher_top8.safetensors").exists()
+    before = res["student before"]
+    assert res["online (linear_distillation_loss)"] < before - 0.5
+    assert res["offline (top-8 cache, sparse KL)"] < before - 0.5
