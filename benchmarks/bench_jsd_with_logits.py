@@ -1,6 +1,6 @@
-"""Generalized JSD from logits (beta = 0.5, teacher logits, 'batchmean'): kl_ext backends vs the generalized
-JSD as TRL writes it (log-softmax both, logsumexp mixture, two kl_div calls) in eager torch and compiled, and
-Liger-Kernel's LigerJSD on log-probs (GPU). Student gradient only.
+"""Generalized JSD from logits (beta = 0.5, teacher logits, 'batchmean'): kl_ext backends and its TRL drop-in
+(kl_ext.integrations.trl) vs the generalized JSD as TRL writes it (log-softmax both, logsumexp mixture, two kl_div
+calls) in eager torch and compiled, and Liger-Kernel's LigerJSD on log-probs (GPU). Student gradient only.
 
 Floor (elements moved per input element): forward = read student + teacher (2); forward+backward = those
 reads + write the gradient (3); backward alone: time only.
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import kl_ext
 from kl_ext import reference
 from kl_ext._backends import _usable
+from kl_ext.integrations import trl as kl_trl
 from benchmarks.bench_kl_div_with_logits import make_inputs  # noqa: F401  (the same student / teacher logits)
 
 OP = "jsd"
@@ -40,6 +41,8 @@ def providers(device: torch.device) -> dict:
     for b in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
         ok, why = _usable(b, device)
         out[f"kl_ext {b}"] = (lambda s, t, b=b: kl_ext.jsd_with_logits(s, t, beta=BETA, backend=b)) if ok else why
+    # The drop-in for TRL's trainers (kl_ext.integrations.trl): TRL's signature and reduction over the fused op.
+    out["kl_ext TRL drop-in"] = lambda s, t: kl_trl.generalized_jsd_loss(s, t, beta=BETA)
     out["TRL formula eager"] = trl_formula
     out["TRL formula compiled"] = torch.compile(trl_formula, dynamic=False)
     if device.type == "cuda":
