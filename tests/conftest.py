@@ -45,9 +45,14 @@ def emu():
     if not is_ninja_available():  # requirements-dev.txt has it; a bare GPU box may not
         pytest.skip("building the emulated kernels needs ninja (pip install ninja)")
     here = os.path.dirname(os.path.abspath(__file__))
+    # Built in the checkout, per torch version: the shared ~/.cache/torch_extensions would hand one torch's build to
+    # another (the same name and flags; CI tests two torches on one machine), and a run killed mid-build there
+    # leaves a lock every later run waits on forever.
+    where = os.path.join(os.path.dirname(here), "build", f"cuda_emu-torch{torch.__version__}")
+    os.makedirs(where, exist_ok=True)
     # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
     load(name="kl_ext_cuda_emu", sources=[os.path.join(here, "cuda_emu", "emu_ops.cpp")],
-         extra_cflags=["-O2", "-std=c++20"], is_python_module=False)
+         extra_cflags=["-O2", "-std=c++20"], is_python_module=False, build_directory=where)
     ops = torch.ops.kl_ext_cuda_emu
     ops.set_device(1, True)
     return ops
