@@ -16,7 +16,6 @@ import math
 from typing import Optional
 
 import torch
-
 from torch.autograd.function import once_differentiable
 
 from kl_ext._backends import native_loaded, op
