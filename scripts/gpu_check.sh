@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU box (torch preinstalled, no network): build, GPU tests, sanitizer, benchmark; logs under $OUT.
 # Run from the repo root:  OUT=/tmp/out bash scripts/gpu_check.sh [stage ...]
-# Stages: build test sanitize bench (the full sweep) bench-quick bench-lm bench-cpu ncu; default: build test
-# sanitize bench. bench-cpu: the CPU rows (issue 15's bar: ahead of the fastest torch peer) on the box's CPU.
+# Stages: build test sanitize bench (the full sweep) bench-quick bench-lm bench-cpu sweep ncu; default: build test
+# sanitize bench. sweep: the CUDA row engine's limits (benchmarks/cuda_paths.py) against Triton. bench-cpu: the CPU rows (issue 15's bar: ahead of the fastest torch peer) on the box's CPU.
 # DEADLINE=s (seconds from the start): each stage is cut off there (SIGINT: pytest still prints its summary), so
 # a device call returns its logs before its own limit. A later call on the same warm box can skip the build.
 set -uo pipefail
@@ -45,16 +45,17 @@ if has test; then
 fi
 
 if has sanitize; then
-    # Every launch path on a small grid: resident rows (16-byte and 1-element packs), streamed rows (with
-    # and without gradients), held long rows (8 packs per thread, split over a cluster on sm_90), Bernoulli /
+    # Every launch path on a small grid: held rows (one block, 1 - 8 packs per thread; clusters of 2 - 16 blocks),
+    # streamed rows (16-byte and 1-element packs, with and without gradients), Bernoulli /
     # BCE with weights, scale_grad with grad_output != 1, the sparse teacher, the LM-head loss's chunk views;
     # both GPU backends.
     cat > "$OUT/sanitize.py" <<'PY'
 import os, torch, kl_ext
-for be, long_rows in [("cuda", "stream"), ("cuda", "hold"), ("triton", "stream")]:
+# cuda: the row engine's defaults, clusters of up to 16 blocks (opted into), streamed rows only.
+for be, tune in [("cuda", ""), ("cuda", "cluster=16,threads=128"), ("cuda", "cluster=1,items=1"), ("triton", "")]:
     if be not in kl_ext.available_backends():
         continue
-    os.environ["KL_EXT_CUDA_LONG_ROWS"] = long_rows  # cuda: held 8-pack and cluster-split rows too
+    os.environ["KL_EXT_CUDA_ROWS"] = tune
     for N, V, dtype in [(37, 4099, torch.float32), (8, 4096, torch.bfloat16), (4, 40000, torch.bfloat16),
                         (2, 70000, torch.float32), (2, 140000, torch.float32)]:
         x = torch.randn(N, V, device="cuda", dtype=dtype, requires_grad=True)
@@ -100,6 +101,12 @@ if has bench; then
         grep -E "faster than|slower than" "$OUT/bench_$op.log" | head -40
     done
 fi
+if has sweep; then
+    # SWEEP_ARGS: e.g. "--quick"
+    limited python -m benchmarks.cuda_paths --out "$OUT/sweep.jsonl" ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
+    echo "sweep rc=$?"
+    tail -40 "$OUT/sweep.log"
+fi
 if has bench-lm; then
     # LM_ARGS: e.g. "--chunk 4096"
     limited python -m benchmarks.bench_linear_distillation_loss ${LM_ARGS:-} >> "$OUT/bench_lm.log" 2>&1
@@ -117,7 +124,7 @@ fi
 if has ncu; then
     # Throughput, occupancy and stall reasons of the CUDA kernels' second (warm) launches.
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        -k regex:"kl_rows_kernel|bernoulli_rows_kernel" -s 3 -c 3 python scripts/ncu_workload.py > "$OUT/ncu.txt" 2>&1
+        -k regex:"kl_held_kernel|kl_stream_kernel|bernoulli_rows_kernel" -s 3 -c 3 python scripts/ncu_workload.py > "$OUT/ncu.txt" 2>&1
     echo "ncu rc=$?"
     grep -E "^  [a-z_:]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Compute \(SM\)" "$OUT/ncu.txt" | head -40
 fi

@@ -34,12 +34,15 @@ def check_grads(got, exp, dtype, what):
     assert_close_rel(got, exp, TOL[dtype][1] + 2 * float(floor), what)
 
 
-# (rows, V): V=1 and odd V take 1-element packs; the rest 16-byte packs, resident with 1..4 packs per thread
-# depending on the dtype; from 9000 on, rows stream (the default), and with KL_EXT_CUDA_LONG_ROWS=hold are held
-# with 8 packs per thread or (33000, 70000) split over clusters of 2, 4 or 8 blocks (float64 70000: streamed),
-# or, on a device without clusters, streamed. With 70 rows of 20 and 24 of 1000, blocks of one and of several
-# warps loop over rows.
-KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 9000), (2, 33000), (2, 70000)]
+# (rows, V): V=1 and odd V stream in 1-element packs; the rest (16-byte packs) are held with the most packs per
+# thread that leave a block of >= 128 threads (fp32 / bf16: 20, 64, 1000 one pack per thread; 4000 four / two;
+# 2100 four (fp32); 9000 eight, fp32 over a cluster of 2; 33000 eight over a cluster of 8 / 4; 70000 a cluster of
+# 8, fp32 in blocks of 288 threads); float64 streams. 70 rows: blocks loop over rows (the emulated grid limit is 4).
+KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 4000), (3, 9000), (2, 33000),
+             (2, 70000)]
+# Engine limits (KL_EXT_CUDA_ROWS) and whether the device has clusters: the defaults; no clusters (one block of up
+# to 512 threads, else streamed); blocks of 32 threads and 2 packs, which take clusters of 2 - 16 (16 opted into).
+ENGINE_TUNES = [(None, True), (None, False), ("threads=32,items=2,cluster=16", True)]
 
 
 @pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
@@ -50,24 +53,28 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
         mask = torch.arange(N) % 3 != 1
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
-        # Held long rows (an opt-in path, measured slower) for the fp32 and bf16 kernels only: CI time.
-        held = V >= 9000 and dtype in (torch.float32, torch.bfloat16)
-        for long_rows, clusters in (("stream", True), ("hold", True), ("hold", False)) if held else (("stream", True),):
-            monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
+        # Every engine configuration for the fp32 and bf16 kernels; the others take the defaults: CI time.
+        tunes = ENGINE_TUNES if dtype in (torch.float32, torch.bfloat16) and V % 8 == 0 else ENGINE_TUNES[:1]
+        for tune, clusters in tunes:
+            if tune:
+                monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
+            else:
+                monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
             emu.set_device(1, clusters)
             try:
                 loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
             finally:
                 emu.set_device(1, True)
-            what = f"{N}x{V} {long_rows=} {clusters=}"
+            what = f"{N}x{V} {tune=} {clusters=}"
             assert loss.dtype == gs.dtype and gx.dtype == dtype and gt.dtype == dtype
             assert_close_rel(loss, rloss, TOL[dtype][0], "loss " + what)
             check_grads(gx, rgx, dtype, "grad input " + what)
             check_grads(gt, rgt, dtype, "grad target " + what)
 
 
-# The JSD runs the KL's row kernels with one more pass: resident (1, 2, 4 packs; 1-element packs) and streamed.
-JSD_SHAPES = [(3, 1), (5, 37), (70, 20), (4, 1000), (3, 2101), (2, 9000)]
+# The JSD runs the KL's row engine with one more reduction: held (1, 2, 4, 8 packs; fp32 9000 and 33000 over
+# clusters of 2 and 8) and streamed (1-element packs; float64).
+JSD_SHAPES = [(3, 1), (5, 37), (70, 20), (4, 1000), (3, 2101), (2, 9000), (2, 33000)]
 
 
 @pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
@@ -237,9 +244,8 @@ def test_bernoulli_kernels_exactly_zero_when_matched(emu):
     assert torch.equal(loss, torch.zeros(7))
 
 
-def test_kl_kernels_widest_cluster(emu, monkeypatch):
-    # V = 262144 in bfloat16, held: a row over a cluster of 8 blocks of 512 threads (the widest split).
-    monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", "hold")
+def test_kl_kernels_widest_cluster(emu):
+    # V = 262144 in bfloat16, held: a row over a cluster of 8 blocks of 512 threads (the widest default split).
     x, t, _ = make_case((2, 262144), "logits", torch.bfloat16)
     loss, gx, _ = emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "reverse", True, False, None)
     rloss, rgx, _ = kl_expected(x, t, None, "logits", 1.0, "reverse", 1.0)
@@ -247,19 +253,20 @@ def test_kl_kernels_widest_cluster(emu, monkeypatch):
     check_grads(gx, rgx, torch.bfloat16, "grad input")
 
 
-@pytest.mark.parametrize("V,dtype,grads,long_rows,tol", [(4096, torch.float32, True, "stream", 0.03),
-                                                          (100000, torch.bfloat16, True, "hold", 0.03),
-                                                          (100000, torch.bfloat16, True, "stream", 0.1)],
-                         ids=["resident", "cluster", "streamed"])
-def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, long_rows, tol, monkeypatch):
-    # A ~5e-7 KL at V = 32000 and more (a student near convergence). Rows held in registers take their
-    # maxima first and sum in double (measured within 1.5%); streamed rows move each thread's online
-    # statistics to the row maxima once and sum them in double (4%). With fp32 merges both were off by ~20%.
-    monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
+@pytest.mark.parametrize("V,dtype,grads,clusters,tol", [(4096, torch.float32, True, True, 0.03),
+                                                         (100000, torch.bfloat16, True, True, 0.03),
+                                                         (100000, torch.bfloat16, True, False, 0.1)],
+                         ids=["held", "cluster", "streamed"])
+def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, clusters, tol):
+    # A ~5e-7 KL at V = 4096 and more (a student near convergence). Held rows take their maxima first and sum
+    # in fp32, d_s - d_t as a sum of differences; streamed rows move each thread's online statistics to the row
+    # maxima once and sum them in double. Plain fp32 sums of d_s and d_t were off by ~20%.
+    emu.set_device(1, clusters)
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(4, V, generator=g) * 0.01).to(dtype)
     t = (s.float() + torch.randn(4, V, generator=g) * 0.001).to(dtype)
     loss, _, _ = emu.kl_div_with_logits_fwd(s, t, None, "logits", 1.0, "forward", grads, False, None)
+    emu.set_device(1, True)
     exp = reference.kl_div_with_logits(s.double(), t.double(), reduction="none")
     assert exp.max() < 1e-6
     assert ((loss.double() - exp).abs() / exp).max() < tol
@@ -325,3 +332,13 @@ def test_vocab_parallel_modes_match_cpu(emu, require_backend, op_name, target_ty
         got = getattr(emu, op_name)(*args)
         for g, w, what in zip(got, want, ("out", "grad input", "grad target")):
             torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("tune", ["threads=33", "items=3", "cluster=32", "threads", "blocks=4", "threads=-32"])
+def test_engine_limits_are_checked(emu, tune, monkeypatch):
+    # KL_EXT_CUDA_ROWS (the row engine's limits, for sweeps) is read at each launch: a bad value is an error that
+    # says what is allowed, never a launch the GPU rejects.
+    monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
+    x, t, _ = make_case((2, 64), "logits", torch.float32)
+    with pytest.raises(RuntimeError, match="KL_EXT_CUDA_ROWS"):
+        emu.kl_div_with_logits_fwd(x, t, None, "logits", 1.0, "forward", True, False, None)

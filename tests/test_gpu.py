@@ -146,13 +146,20 @@ def test_no_host_sync_deterministic_and_graph_capture(backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("V,dtype,long_rows", [(4096, torch.float32, "stream"), (32000, torch.bfloat16, "hold"),
-                                               (100000, torch.bfloat16, "hold"), (140000, torch.float32, "stream")],
-                         ids=["resident", "resident8", "cluster", "streamed"])
-def test_bitwise_deterministic(backend, V, dtype, long_rows, monkeypatch):
+# The CUDA row engine's paths (KL_EXT_CUDA_ROWS: its limits; csrc/cuda/kl_div_with_logits.cuh): held in one block,
+# over a cluster of 2, 8 and (opted into) 16 blocks, streamed.
+ENGINE_PATHS = [(4096, torch.float32, None), (32000, torch.bfloat16, None), (100000, torch.bfloat16, None),
+                (262144, torch.float32, "cluster=16"), (140000, torch.float32, None)]
+ENGINE_IDS = ["held", "cluster2", "cluster8", "cluster16", "streamed"]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("V,dtype,tune", ENGINE_PATHS, ids=ENGINE_IDS)
+def test_bitwise_deterministic(backend, V, dtype, tune, monkeypatch):
     # Fixed-order reductions, no atomics: every launch path gives identical bits run to run.
     _gpu_backend(backend)
-    monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
+    if tune:
+        monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
     x, t = _case(16, V, dtype)
     p = t.float().sigmoid().to(dtype)
     runs = []
@@ -220,14 +227,15 @@ def test_more_than_2_pow_31_elements(backend):
     assert_close_rel(loss[-2:], tail, 1e-4)
 
 
-@pytest.mark.parametrize("V,dtype,grads,long_rows,tol", [(4096, torch.float32, True, "stream", 0.03),
-                                                          (100000, torch.bfloat16, True, "hold", 0.03),
-                                                          (100000, torch.bfloat16, True, "stream", 0.1)],
-                         ids=["resident", "cluster", "streamed"])
-def test_cuda_tiny_kl_precision(V, dtype, grads, long_rows, tol, monkeypatch):
+@pytest.mark.parametrize("V,dtype,grads,tune,tol", [(4096, torch.float32, True, None, 0.03),
+                                                     (100000, torch.bfloat16, True, None, 0.03),
+                                                     (100000, torch.bfloat16, True, "cluster=1", 0.1)],
+                         ids=["held", "cluster", "streamed"])
+def test_cuda_tiny_kl_precision(V, dtype, grads, tune, tol, monkeypatch):
     # As tests/test_cuda_emulated.py measures on the CPU, now with the GPU's own exp2 / log2 and sum orders.
     _gpu_backend("cuda")
-    monkeypatch.setenv("KL_EXT_CUDA_LONG_ROWS", long_rows)
+    if tune:
+        monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
     g = torch.Generator(device="cuda").manual_seed(0)
     s = (torch.randn(4, V, device="cuda", generator=g) * 0.01).to(dtype)
     t = (s.float() + torch.randn(4, V, device="cuda", generator=g) * 0.001).to(dtype)

@@ -1,16 +1,19 @@
 // kl_div_with_logits and jsd_with_logits: the CUDA kernels and their host entries (contracts:
 // csrc/kl_div_with_logits.cpp, csrc/jsd_with_logits.cpp). Included by csrc/cuda/kl_div_with_logits.cu, and by
-// tests/cuda_emu, which runs the same code on the CPU. Both losses share the row machinery (statistics,
-// reductions, launch paths); the JSD adds one pass over the row for its loss and gradient sums.
+// tests/cuda_emu, which runs the same code on the CPU. Each loss is a policy (KLLoss, JSDLoss: its per-element
+// terms and gradients) over one row machinery (statistics, reductions, launch paths): a new loss over two
+// softmax rows is a policy and a registration, not a kernel.
 //
-// When gradients are wanted, every row is kept in registers so that it is read once, and the loss and both
-// gradients come from that read (fwd+bwd = read student + read teacher + write gradient: the floor):
-//  * one thread block per row (grid-stride over rows) for rows of up to 4096 16-byte packs (32768 16-bit or
-//    16384 fp32 values);
-//  * on sm_90, longer rows of up to 8 x 4096 packs are split over a thread-block cluster of 2, 4 or 8
-//    blocks, which merge their statistics through distributed shared memory;
-//  * otherwise (longer rows, older GPUs) rows are streamed: one pass with online statistics, and a second
-//    pass for the gradients. A forward without gradients always streams: one pass reads each input once.
+// One row engine (kl_held_kernel): every row of a 16/32-bit dtype pair in 16-byte packs is held in registers,
+// so it is read once and the loss and both gradients come from that read (fwd+bwd = read student + read
+// teacher + write gradient: the floor; a forward reads each input once):
+//  * one block per row, 1, 2, 4 or 8 packs per thread, up to 256 threads (8 x 256 packs: 16384 16-bit or
+//    8192 fp32 values per row);
+//  * on sm_90, longer rows split over a thread-block cluster of 2 - 8 blocks of up to 256 threads, at 8 blocks
+//    of up to 512 (262144 16-bit values), which merge their statistics through distributed shared memory;
+//  * the rest (float64, rows not in 16-byte packs, longer rows, GPUs without clusters beyond 512 x 8 packs) is
+//    streamed (kl_stream_kernel): one pass with online statistics, a second for the gradients.
+// The limits are KL_EXT_CUDA_ROWS (RowTune), so one build can sweep them on a GPU.
 //
 // Statistics are online per thread, then merged across the block in a fixed order (deterministic, no atomics).
 // Everything is in base 2 (logits pre-scaled by log2(e) / T, so every exponential is one exp2): per row,
@@ -120,12 +123,22 @@ struct MaxOp {
     for (int i = 0; i < N; ++i) a.v[i] = kmax(a.v[i], b.v[i]);
     return a;
   }
+  template <typename T, int N>
+  __host__ __device__ __forceinline__ Vals<T, N> identity(const Vals<T, N>&) const {
+    Vals<T, N> r;
+    for (int i = 0; i < N; ++i) r.v[i] = -kinf<T>();
+    return r;
+  }
 };
 struct SumOp {
   template <typename T, int N>
   __host__ __device__ __forceinline__ Vals<T, N> operator()(Vals<T, N> a, const Vals<T, N>& b) const {
     for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
     return a;
+  }
+  template <typename T, int N>
+  __host__ __device__ __forceinline__ Vals<T, N> identity(const Vals<T, N>&) const {
+    return Vals<T, N>{};
   }
 };
 // op over the whole block, in every thread, in a fixed order (deterministic). red: 32 values of shared memory.
@@ -167,7 +180,7 @@ __host__ __device__ __forceinline__ T teacher_log2(T t, TargetType tt, T scale2,
 // Pack by pack keeps few converted values live (a whole-chunk max first made the compiler keep all of them).
 template <int K, typename scalar_t, int VEC, typename target_t, typename T>
 __device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
-                                     int64_t j0, int64_t stride, int64_t npacks,
+                                     int j0, int stride, int npacks,
                                      const KLArgs<scalar_t, target_t>& a, T scale2) {
   const bool logits = a.target == TargetType::Logits, fwd = a.forward;
 #pragma unroll
@@ -291,13 +304,13 @@ __device__ __forceinline__ ElemProbs<T> elem_probs(T xv, T tv, const RowResult<T
 // Gradient packs j0 + k * stride below npacks of the rows at gx + off and gt + off (nullptr: not wanted):
 // elem(k, e, gx, gt) sets element e of pack k of each.
 template <int K, typename scalar_t, int VEC, typename target_t, typename F>
-__device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t npacks, int64_t off, scalar_t* gx,
+__device__ __forceinline__ void store_grads(int j0, int stride, int npacks, int64_t off, scalar_t* gx,
                                             target_t* gt, const F& elem) {
   using P = Pack<scalar_t, VEC>;
   using PT = Pack<target_t, VEC>;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int64_t j = j0 + k * stride;
+    const int j = j0 + k * stride;
     if (j >= npacks) continue;
     P ox;
     PT ot;
@@ -308,45 +321,13 @@ __device__ __forceinline__ void store_grads(int64_t j0, int64_t stride, int64_t 
   }
 }
 
-// Gradients of the row's KL for packs j0 + k * stride, times grad_scale.
-template <int K, typename scalar_t, int VEC, typename target_t, typename T>
-__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
-                                            int64_t j0, int64_t stride, int64_t npacks, int64_t off,
-                                            const RowResult<T>& r, const KLArgs<scalar_t, target_t>& a, T scale2,
-                                            T gs) {
-  const TargetType tt = a.target;
-  const bool fwd = a.forward;
-  const T gx_f = a.inv_t * gs;
-  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, target_t& ot) {
-    const ElemProbs<T> v = elem_probs(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2);
-    const T ls = v.ls, q = v.q, lt = v.lt, p = v.p;
-    if (a.gx != nullptr) {
-      const T g = fwd ? q * r.mass_t - p : (q > T(0) ? q * ((ls - lt) - r.kl) : T(0));
-      ox = static_cast<scalar_t>(g * gx_f);
-    }
-    if (a.gt != nullptr) {
-      T g;
-      if (fwd) {
-        if (tt == TargetType::Logits) g = (p > T(0) ? p * ((lt - ls) - r.kl) : T(0)) * a.inv_t;
-        else if (tt == TargetType::LogProbs) g = p > T(0) ? p * (lt - ls + T(1)) : T(0);
-        else g = lt - ls + T(1);  // -inf at p = 0, as the math says
-      } else {
-        if (tt == TargetType::Logits) g = (p * r.mass_s - q) * a.inv_t;
-        else if (tt == TargetType::LogProbs) g = -q;
-        else g = q > T(0) ? -q / p : T(0);
-      }
-      ot = static_cast<target_t>(g * gs);
-    }
-  });
-}
-
 template <int K, typename scalar_t, int VEC, typename target_t>
 __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<target_t, VEC>* pt,
-                                           const Pack<scalar_t, VEC>* xr, const Pack<target_t, VEC>* tr, int64_t j0,
-                                           int64_t stride, int64_t npacks) {
+                                           const Pack<scalar_t, VEC>* xr, const Pack<target_t, VEC>* tr, int j0,
+                                           int stride, int npacks) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int64_t j = j0 + k * stride;
+    const int j = j0 + k * stride;
     if (j < npacks) {
       px[k] = xr[j];
       pt[k] = tr[j];
@@ -356,78 +337,135 @@ __device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, Pack<target_
 
 // The same for a row of one operand.
 template <int K, typename scalar_t, int VEC>
-__device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* xr, int64_t j0,
-                                           int64_t stride, int64_t npacks) {
+__device__ __forceinline__ void load_packs(Pack<scalar_t, VEC>* px, const Pack<scalar_t, VEC>* xr, int j0,
+                                           int stride, int npacks) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int64_t j = j0 + k * stride;
+    const int j = j0 + k * stride;
     if (j < npacks) px[k] = xr[j];
   }
 }
 
-// The JSD per element (natural log) from the row's statistics: q, p, g = (1 - beta)(ls - lm), h = beta (lt - lm).
-// log m from the larger of ls, lt (as csrc/jsd_with_logits.cpp): exactly ls for identical rows, never the log
-// of an underflowing sum; NaN only where p = q = 0, where every use is masked.
-template <typename T>
-struct JSDElem {
-  T q, p, g, h;
+// The row engine's losses, as policies: what a loss over two softmax rows adds to the row statistics
+// (RowResult: maxima, log-sum-exps, masses, and the KL, which every loss's statistics pass computes anyway).
+//   kSums        how many per-row sums of per-element terms the loss needs beyond the statistics (0: none; else
+//                one more reduction over the row, which a held row does from registers)
+//   terms(e, a)  an element's contributions to those sums; v[0] is the loss's
+//   loss(r, s)   the row's loss from its statistics and sums
+//   grad(e, r, s, a, gx, gt)  an element's gradients with respect to the scaled logits x / T (and t / T for
+//                teacher logits; the teacher as given otherwise), before grad_scale and 1 / T; gt only where
+//                a.gt is wanted
+// e: the element's student and teacher log-probs and probs (elem_probs). Terms of zero weight are 0, never
+// 0 * inf (0 log 0 = 0).
+struct KLLoss {
+  static constexpr int kSums = 0;
+  template <typename T, typename A>
+  __device__ static Vals<T, 3> terms(const ElemProbs<T>&, const A&) {
+    return {};
+  }
+  template <typename T>
+  __device__ static T loss(const RowResult<T>& r, const Vals<T, 3>&) {
+    return r.kl;
+  }
+  template <typename T, typename A>
+  __device__ static void grad(const ElemProbs<T>& v, const RowResult<T>& r, const Vals<T, 3>&, const A& a, T& gx,
+                              T& gt) {
+    const T ls = v.ls, q = v.q, lt = v.lt, p = v.p;
+    if (a.forward) {
+      gx = q * r.mass_t - p;
+      if (a.gt == nullptr) return;
+      if (a.target == TargetType::Logits) gt = p > T(0) ? p * ((lt - ls) - r.kl) : T(0);
+      else if (a.target == TargetType::LogProbs) gt = p > T(0) ? p * (lt - ls + T(1)) : T(0);
+      else gt = lt - ls + T(1);  // -inf at p = 0, as the math says
+    } else {
+      gx = q > T(0) ? q * ((ls - lt) - r.kl) : T(0);
+      if (a.gt == nullptr) return;
+      if (a.target == TargetType::Logits) gt = p * r.mass_s - q;
+      else if (a.target == TargetType::LogProbs) gt = -q;
+      else gt = q > T(0) ? -q / p : T(0);
+    }
+  }
 };
 
-template <typename T>
-__device__ __forceinline__ JSDElem<T> jsd_elem(T xv, T tv, const RowResult<T>& r, TargetType tt, T scale2, T beta) {
-  const ElemProbs<T> v = elem_probs(xv, tv, r, tt, scale2);
-  const T d = v.lt - v.ls, c = d > T(0) ? T(1) - beta : beta;
-  const T lm = kmax(v.ls, v.lt) + klog1p(c * kexpm1(-(d < T(0) ? -d : d)));
-  return {v.q, v.p, (T(1) - beta) * (v.ls - lm), beta * (v.lt - lm)};
-}
+// The generalized JSD(beta): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q. Per element
+// g = (1 - beta)(ls - lm), h = beta (lt - lm); log m from the larger of ls, lt (as csrc/jsd_with_logits.cpp):
+// exactly ls for identical rows, never the log of an underflowing sum; NaN only where p = q = 0, where every use
+// is masked. Sums: the loss, sum q g, sum p h.
+struct JSDLoss {
+  static constexpr int kSums = 3;
+  template <typename T>
+  struct Elem {
+    T g, h;
+  };
+  template <typename T>
+  __device__ static Elem<T> elem(const ElemProbs<T>& v, T beta) {
+    const T d = v.lt - v.ls, c = d > T(0) ? T(1) - beta : beta;
+    const T lm = kmax(v.ls, v.lt) + klog1p(c * kexpm1(-(d < T(0) ? -d : d)));
+    return {(T(1) - beta) * (v.ls - lm), beta * (v.lt - lm)};
+  }
+  template <typename T, typename A>
+  __device__ static Vals<T, 3> terms(const ElemProbs<T>& v, const A& a) {
+    const Elem<T> j = elem(v, T(a.beta));
+    const T sq = v.q > T(0) ? v.q * j.g : T(0), sp = v.p > T(0) ? v.p * j.h : T(0);
+    return {{sq + sp, sq, sp}};
+  }
+  template <typename T>
+  __device__ static T loss(const RowResult<T>&, const Vals<T, 3>& s) {
+    return s.v[0];
+  }
+  template <typename T, typename A>
+  __device__ static void grad(const ElemProbs<T>& v, const RowResult<T>&, const Vals<T, 3>& s, const A& a, T& gx,
+                              T& gt) {
+    const Elem<T> j = elem(v, T(a.beta));
+    gx = v.q > T(0) ? v.q * (j.g - s.v[1]) : T(0);
+    if (a.gt == nullptr) return;
+    if (a.target == TargetType::Logits) gt = v.p > T(0) ? v.p * (j.h - s.v[2]) : T(0);
+    else if (a.target == TargetType::LogProbs) gt = v.p > T(0) ? v.p * j.h : T(0);
+    else gt = v.p + v.q > T(0) ? j.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
+  }
+};
 
-// This thread's share of the row's JSD sums (loss, sum q g, sum p h) over packs j0 + k * stride.
-template <int K, typename scalar_t, int VEC, typename target_t, typename T>
-__device__ __forceinline__ Vals<double, 4> jsd_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
-                                                    int64_t j0, int64_t stride, int64_t npacks, const RowResult<T>& r,
-                                                    const KLArgs<scalar_t, target_t>& a, T scale2) {
-  T sq = T(0), sp = T(0);
+// This thread's share of the loss's row sums over packs j0 + k * stride.
+template <typename Loss, int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ Vals<T, 3> loss_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
+                                                int j0, int stride, int npacks, const RowResult<T>& r,
+                                                const KLArgs<scalar_t, target_t>& a, T scale2) {
+  Vals<T, 3> s{};
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     if (j0 + k * stride >= npacks) continue;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const JSDElem<T> j = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, a.target, scale2, a.beta);
-      sq += j.q > T(0) ? j.q * j.g : T(0);
-      sp += j.p > T(0) ? j.p * j.h : T(0);
+      s = SumOp()(s, Loss::terms(elem_probs(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, a.target, scale2), a));
     }
   }
-  return {{double(sq) + double(sp), double(sq), double(sp), 0.0}};
+  return s;
 }
 
-// The JSD's gradients for packs j0 + k * stride, times grad_scale; sq, sp: the row's sums.
-template <int K, typename scalar_t, int VEC, typename target_t, typename T>
-__device__ __forceinline__ void jsd_write_grads(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
-                                                int64_t j0, int64_t stride, int64_t npacks, int64_t off,
-                                                const RowResult<T>& r, const KLArgs<scalar_t, target_t>& a, T scale2,
-                                                T gs, T sq, T sp) {
-  const TargetType tt = a.target;
-  const T gx_f = a.inv_t * gs, gt_f = tt == TargetType::Logits ? a.inv_t * gs : gs;
+// The loss's gradients for packs j0 + k * stride, times grad_scale (and 1 / T where they are of logits).
+template <typename Loss, int K, typename scalar_t, int VEC, typename target_t, typename T>
+__device__ __forceinline__ void write_grads(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
+                                            int j0, int stride, int npacks, int64_t off,
+                                            const RowResult<T>& r, const Vals<T, 3>& sums,
+                                            const KLArgs<scalar_t, target_t>& a, T scale2, T gs) {
+  const T gx_f = a.inv_t * gs, gt_f = a.target == TargetType::Logits ? a.inv_t * gs : gs;
   store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, a.gx, a.gt, [&](int k, int e, scalar_t& ox, target_t& ot) {
-    const JSDElem<T> v = jsd_elem(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, tt, scale2, a.beta);
-    ox = static_cast<scalar_t>((v.q > T(0) ? v.q * (v.g - sq) : T(0)) * gx_f);
-    T g;
-    if (tt == TargetType::Logits) g = v.p > T(0) ? v.p * (v.h - sp) : T(0);
-    else if (tt == TargetType::LogProbs) g = v.p > T(0) ? v.p * v.h : T(0);
-    else g = v.p + v.q > T(0) ? v.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
-    ot = static_cast<target_t>(g * gt_f);
+    T gx = T(0), gt = T(0);
+    Loss::grad(elem_probs(to_acc(px[k].v[e]), to_acc(pt[k].v[e]), r, a.target, scale2), r, sums, a, gx, gt);
+    if (a.gx != nullptr) ox = static_cast<scalar_t>(gx * gx_f);
+    if (a.gt != nullptr) ot = static_cast<target_t>(gt * gt_f);
   });
 }
 
-// Rows held in registers take their maxima first and every sum relative to them: nothing is rescaled, and
-// the partial sums are merged in double. The sums of V exponentials then carry ~1e-9 relative error instead
-// of the ~1e-7 that online rescaling of fp32 sums leaves, which is all of a tiny KL between near-identical
-// rows (a student near convergence). Streamed rows keep the online statistics (one read).
+// Held rows (registers) take their maxima first and every sum relative to them: nothing is rescaled. The sums
+// are fp32; d_s - d_t, which is all of log2(d_s / d_t) for near-identical rows (a student near convergence),
+// comes from sum (e_s - e_t), whose terms are small and exact-ish, not from the difference of two sums that
+// agree to their last bits (that left ~20% error in a 5e-7 KL; double sums cost registers).
 
 // The maxima (base 2) of the held packs j0 + k * stride below npacks: raw compares, scaled once (scale2 > 0).
 template <int K, typename scalar_t, int VEC, typename target_t, typename T>
 __device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
-                                               int64_t j0, int64_t stride, int64_t npacks, bool logits, T scale2) {
+                                               int j0, int stride, int npacks, bool logits, T scale2) {
   Vals<T, 2> m{{-kinf<T>(), -kinf<T>()}};
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -443,183 +481,46 @@ __device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, co
   return m;
 }
 
-// This thread's share of the row's sums (d_s, d_t, acc, s_p) relative to the row maxima m, to be summed in
-// double. fold() never rescales here: its state starts at the row maxima.
+// This thread's share of the row's sums (d_s, d_t, d_s - d_t as a sum of differences, acc, s_p) relative to the
+// row maxima m (base 2): fold()'s terms without its rescaling, which the maxima make unnecessary.
 template <int K, typename scalar_t, int VEC, typename target_t, typename T>
-__device__ __forceinline__ Vals<double, 4> held_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
-                                                     int64_t j0, int64_t stride, int64_t npacks,
-                                                     const KLArgs<scalar_t, target_t>& a, T scale2,
-                                                     const Vals<T, 2>& m) {
-  RowState<T> st{m.v[0], T(0), m.v[1], T(0), T(0), T(0)};
-  fold<K>(st, px, pt, j0, stride, npacks, a, scale2);
-  return {{st.d_s, st.d_t, st.acc, st.s_p}};
-}
-
-// The row's result from its maxima and its sums (in double). Only (d_s - d_t) / d_t needs the double sums: for
-// near-identical rows d_s and d_t agree to their last fp32 bits, and that ratio is all of log2(d_s / d_t). The
-// rest is fp32 math (double transcendentals are long serial chains on the GPU, paid once per row).
-template <typename T>
-__host__ __device__ __forceinline__ RowResult<T> finish_held(const Vals<T, 2>& m, const Vals<double, 4>& sums,
-                                                             bool logits, bool fwd) {
-  const RowState<T> st{m.v[0], T(sums.v[0]), m.v[1], T(sums.v[1]), T(sums.v[2]), T(sums.v[3])};
-  const T rel = sums.v[1] > 0.0 ? T(sums.v[0] - sums.v[1]) / st.d_t : T(0);
-  return finish(st, rel, logits, fwd);
-}
-
-// The row's sums reduced over the block (fixed order, in double) and finished once, by thread 0, into the
-// RowResult every thread reads from shared memory. `out` and `red` are next written after the next row's maxima reduction, whose
-// barriers (or, in a one-warp block, shuffles) every thread reaches only after reading `out`.
-template <typename T>
-__device__ __forceinline__ RowResult<T> block_finish(const Vals<T, 2>& m, Vals<double, 4> sums, Vals<double, 4>* red,
-                                                     RowResult<T>* out, bool logits, bool fwd) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+__device__ __forceinline__ Vals<T, 5> held_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
+                                                int j0, int stride, int npacks, const KLArgs<scalar_t, target_t>& a,
+                                                T scale2, const Vals<T, 2>& m) {
+  const bool logits = a.target == TargetType::Logits, fwd = a.forward;
+  const T sh_s = safe_shift(m.v[0]), sh_t = safe_shift(m.v[1]);
+  Vals<T, 5> s{};
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sums = SumOp()(sums, shfl_xor(sums, o));
-  if (nwarps > 1) {
-    if (lane == 0) red[warp] = sums;
-    __syncthreads();
-    if (warp == 0) {
-      sums = lane < nwarps ? red[lane] : Vals<double, 4>{};
+  for (int k = 0; k < K; ++k) {
+    if (j0 + k * stride >= npacks) continue;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sums = SumOp()(sums, shfl_xor(sums, o));
-    }
-  }
-  if (threadIdx.x == 0) *out = finish_held(m, sums, logits, fwd);
-  __syncthreads();
-  return *out;
-}
-
-constexpr int kResidentThreads = 256;  // resident rows with up to 4 packs per thread
-constexpr int kWideThreads = 512;      // resident rows with 8 packs per thread, split rows, streamed rows
-constexpr int kWidePacks = 8;          // packs per thread, split rows
-constexpr int kStreamPacks = 4;        // packs in flight per thread when streaming
-constexpr int kMaxCluster = 8;         // the portable cluster size limit
-
-// A masked row's gradients (nullptr: not wanted): 0.
-template <typename scalar_t, int VEC, typename target_t>
-__device__ __forceinline__ void zero_grads(scalar_t* gx, target_t* gt, int64_t off, int64_t npacks) {
-  using P = Pack<scalar_t, VEC>;
-  using PT = Pack<target_t, VEC>;
-  P zero;
-  PT zero_t;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) {
-    zero.v[e] = scalar_t(0);
-    zero_t.v[e] = target_t(0);
-  }
-  for (int64_t j = threadIdx.x; j < npacks; j += blockDim.x) {
-    if (gx != nullptr) reinterpret_cast<P*>(gx + off)[j] = zero;
-    if (gt != nullptr) reinterpret_cast<PT*>(gt + off)[j] = zero_t;
-  }
-}
-
-// RESIDENT: the row (ITEMS packs per thread) stays in registers. Otherwise it is streamed ITEMS packs at a time.
-// JSD: the row's statistics as for the KL, then one more pass for the JSD's loss and gradient sums (a template
-// parameter, so the KL kernels carry none of its code or registers).
-template <typename scalar_t, typename target_t, int VEC, int ITEMS, bool RESIDENT, bool JSD>
-__global__ void __launch_bounds__(RESIDENT && ITEMS < 8 ? kResidentThreads : kWideThreads)
-    kl_rows_kernel(const KLArgs<scalar_t, target_t> a) {
-  using T = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, VEC>;
-  using PT = Pack<target_t, VEC>;
-  __shared__ Vals<T, 2> red_max[32];
-  __shared__ Vals<double, 4> red_sum[32];
-  __shared__ RowResult<T> res;
-  const bool logits = a.target == TargetType::Logits;
-  const bool grads = a.gx != nullptr || a.gt != nullptr;
-  const T scale2 = a.inv_t * T(kLog2e);
-  const T gs = a.gs != nullptr ? *a.gs : T(1);
-  const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
-  const Vals<T, 2> no_max{{-kinf<T>(), -kinf<T>()}};
-  // Rows held with 8 packs per thread (KL_EXT_CUDA_LONG_ROWS=hold) have no vocab-parallel modes (launch_kl):
-  // without their branches those kernels keep the row in registers (with them, 208 bytes spilled on sm_90).
-  constexpr bool kVocabParallel = !(RESIDENT && ITEMS == kWidePacks);
-  const auto live = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
-  P px[ITEMS];
-  PT pt[ITEMS];
-  // Packs j0 + k * stride of row `row` of both inputs into px, pt.
-  const auto load = [&](int64_t row, int64_t j0) {
-    load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
-  };
-  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const int64_t off = row * a.V;
-    if (!live(row)) {
-      if (tid == 0) a.loss[row] = T(0);
-      zero_grads<scalar_t, VEC>(a.gx, a.gt, off, npacks);
-    } else {
-      RowResult<T> r;
-      if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
-        if constexpr (RESIDENT) {
-          load(row, tid);
-        }
-        r = given_result(a.given + 4 * row, logits);
-      } else if constexpr (RESIDENT) {
-        load(row, tid);
-        const Vals<T, 2> m =
-            block_allreduce(held_max<ITEMS>(px, pt, tid, stride, npacks, logits, scale2), red_max, no_max, MaxOp());
-        r = block_finish(m, held_sums<ITEMS>(px, pt, tid, stride, npacks, a, scale2, m), red_sum, &res, logits,
-                         a.forward);
+    for (int e = 0; e < VEC; ++e) {
+      const T zs = kmul(to_acc(px[k].v[e]), scale2) - sh_s, es = kexp2(zs);
+      T p = T(0);
+      T lt = teacher_log2(to_acc(pt[k].v[e]), a.target, scale2, p);
+      if (logits) {
+        lt -= sh_t;
+        p = kexp2(lt);
+        s.v[1] += p;
+        s.v[2] += es - p;
       } else {
-        RowState<T> st = empty_state<T>();
-        for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-          load(row, j0);
-          fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
-        }
-        // Each thread's online statistics moved once to the row maxima, in double, then summed in double: fp32
-        // rescaling at every level of a merge tree would leave ~1e-7 relative error in the sums.
-        const Vals<T, 2> m = block_allreduce(Vals<T, 2>{{st.m_s, st.m_t}}, red_max, no_max, MaxOp());
-        const RowState<double> w = rebase(RowState<double>{st.m_s, st.d_s, st.m_t, st.d_t, st.acc, st.s_p},
-                                          double(m.v[0]), double(m.v[1]), logits, a.forward);
-        r = block_finish(m, Vals<double, 4>{{w.d_s, w.d_t, w.acc, w.s_p}}, red_sum, &res, logits, a.forward);
+        s.v[4] += p;
       }
-      if (kVocabParallel && a.shard != nullptr && a.given == nullptr) {  // vocab-parallel statistics pass
-        if (tid == 0) put_shard_stats(a.shard + 3 * row, r, logits, JSD);
-        continue;
-      }
-      T sq = T(0), sp = T(0);
-      if constexpr (JSD) {
-        Vals<double, 4> js{};
-        if constexpr (RESIDENT) {
-          js = jsd_sums<ITEMS>(px, pt, tid, stride, npacks, r, a, scale2);
-        } else {
-          for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load(row, j0);
-            js = SumOp()(js, jsd_sums<ITEMS>(px, pt, j0, stride, npacks, r, a, scale2));
-          }
-        }
-        js = block_allreduce(js, red_sum, Vals<double, 4>{}, SumOp());
-        r.kl = T(js.v[0]);
-        sq = T(js.v[1]);
-        sp = T(js.v[2]);
-        if (kVocabParallel && a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's
-          if (tid == 0) {
-            a.shard[2 * row] = sq;
-            a.shard[2 * row + 1] = sp;
-          }
-          sq = a.given[4 * row + 2];
-          sp = a.given[4 * row + 3];
-        }
-      }
-      if (tid == 0) a.loss[row] = r.kl;
-      if (grads) {
-        const auto grads_of = [&](int64_t j0) {
-          if constexpr (JSD) {
-            jsd_write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs, sq, sp);
-          } else {
-            write_grads<ITEMS>(px, pt, j0, stride, npacks, off, r, a, scale2, gs);
-          }
-        };
-        if constexpr (RESIDENT) {
-          grads_of(tid);
-        } else {
-          for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-            load(row, j0);
-            grads_of(j0);
-          }
-        }
-      }
+      s.v[0] += es;
+      s.v[3] += fwd ? (p > T(0) ? p * (lt - zs) : T(0)) : (es > T(0) ? es * (zs - lt) : T(0));
     }
   }
+  return s;
+}
+
+// The row's result from its maxima and its sums (d_s, d_t, d_s - d_t, acc, s_p) in S: float for held rows,
+// double for streamed ones.
+template <typename T, typename S>
+__host__ __device__ __forceinline__ RowResult<T> finish_sums(const Vals<T, 2>& m, const Vals<S, 5>& sums, bool logits,
+                                                             bool fwd) {
+  const RowState<T> st{m.v[0], T(sums.v[0]), m.v[1], T(sums.v[1]), T(sums.v[3]), T(sums.v[4])};
+  const T rel = sums.v[1] > S(0) ? T(sums.v[2] / sums.v[1]) : T(0);
+  return finish(st, rel, logits, fwd);
 }
 
 // op over the cluster (every block passes its block-wide value): each block publishes its value in shared
@@ -634,159 +535,311 @@ __device__ __forceinline__ V cluster_allreduce(V v, V* mine, unsigned size, Op o
   return v;
 }
 
-// A row split over the blocks of a cluster: block `rank` holds packs [rank * slice, (rank + 1) * slice) in
-// registers. Maxima, then sums, are reduced over each block and then over the cluster through distributed
-// shared memory, in rank order (the same result in every block, deterministic). Launched only with clusters.
-template <typename scalar_t, typename target_t, int VEC>
-__global__ void __launch_bounds__(kWideThreads)
-    kl_split_rows_kernel(const KLArgs<scalar_t, target_t> a, int64_t slice) {
-  using T = at::opmath_type<scalar_t>;
+constexpr int kResidentThreads = 256;  // the sparse kernel's held rows (one pack per thread)
+constexpr int kWideThreads = 512;      // the widest held block; streamed rows
+constexpr int kHeldPacks = 8;          // packs per thread of a held row, at most
+constexpr int kStreamPacks = 4;        // packs in flight per thread when streaming
+
+// A masked row's gradients (nullptr: not wanted): 0.
+template <typename scalar_t, int VEC, typename target_t>
+__device__ __forceinline__ void zero_grads(scalar_t* gx, target_t* gt, int64_t off, int npacks) {
   using P = Pack<scalar_t, VEC>;
   using PT = Pack<target_t, VEC>;
-  constexpr int ITEMS = kWidePacks;
+  P zero;
+  PT zero_t;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    zero.v[e] = scalar_t(0);
+    zero_t.v[e] = target_t(0);
+  }
+  for (int j = threadIdx.x; j < npacks; j += blockDim.x) {
+    if (gx != nullptr) reinterpret_cast<P*>(gx + off)[j] = zero;
+    if (gt != nullptr) reinterpret_cast<PT*>(gt + off)[j] = zero_t;
+  }
+}
+
+// The row engine: a row held in registers, ITEMS packs per thread, by one block or (sm_90) split over a cluster
+// of `cluster` blocks, block `rank` holding packs [rank * slice, (rank + 1) * slice). Each input is read once
+// and each gradient written once: the floor. Not persistent: a grid of one block (cluster) per row lets every
+// SM keep as many rows in flight as its registers allow, and the scheduler overlaps one row's loads with
+// another's reductions and stores (a grid-stride loop kept one row per block in flight); blocks loop over rows
+// only beyond the grid limit (KLDevice::max_blocks). Maxima, then sums, are reduced over the block, then over
+// the cluster through distributed shared memory, in a fixed order: the same result in every block, and
+// deterministic. A loss with row sums of its own (Loss::kSums, the JSD) takes one more reduction over the held row.
+// Registers per thread (launch bounds): 1 pack per thread, 64 (4 blocks of 256 threads per SM); more, up to 128
+// (2 blocks of 256, or one of 512). Per held pack that is 64, ~50, ~30 and 16 registers at 1, 2, 4 and 8 packs
+// per thread (ptxas, sm_90): many packs per thread keep the most rows in flight per SM (kl_config).
+template <int ITEMS>
+constexpr int kHeldMaxThreads = ITEMS < kHeldPacks ? 256 : kWideThreads;
+template <int ITEMS>
+constexpr int kHeldMinBlocks = ITEMS == 1 ? 4 : ITEMS < kHeldPacks ? 2 : 1;
+
+template <typename scalar_t, typename target_t, int VEC, int ITEMS, typename Loss>
+__global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
+    kl_held_kernel(const KLArgs<scalar_t, target_t> a, int cluster, int slice) {
+  using T = at::opmath_type<scalar_t>;
   using Max2 = Vals<T, 2>;
-  using Sums = Vals<double, 4>;
+  using Sums = Vals<T, 5>;
   KL_EXT_SHARED(Max2, red_max, 32);
   KL_EXT_SHARED(Sums, red_sum, 32);
   KL_EXT_SHARED(Max2, mine_max, 1);  // this block's maxima, read by the cluster
   KL_EXT_SHARED(Sums, mine_sum, 1);  // this block's sums, read by the cluster
+  // The vocab-parallel modes (launched with one block per row and up to 4 packs per thread): their branches
+  // cost the 8-pack kernels registers.
+  constexpr bool kVocabParallel = ITEMS < kHeldPacks;
   const bool logits = a.target == TargetType::Logits;
+  const bool grads = a.gx != nullptr || a.gt != nullptr;
   const T scale2 = a.inv_t * T(kLog2e);
   const T gs = a.gs != nullptr ? *a.gs : T(1);
-  const unsigned rank = cluster_rank(), size = cluster_size();
-  const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
-  const int64_t lo = std::min<int64_t>(int64_t(rank) * slice, npacks);
-  const int64_t count = std::min<int64_t>(slice, npacks - lo);
-  for (int64_t row = blockIdx.x / size; row < a.N; row += gridDim.x / size) {
+  const unsigned rank = cluster > 1 ? cluster_rank() : 0u;
+  // Within a row, pack indices are 32-bit (V < 2^31, softmax_rows_typed); row offsets 64-bit.
+  const int npacks = int(a.V / VEC), stride = blockDim.x, tid = threadIdx.x;
+  const int lo = std::min(int(rank) * slice, npacks);
+  const int count = std::min(slice, npacks - lo);
+  const bool lead = rank == 0 && tid == 0;  // writes the row's loss
+  // op over the row: the block's threads, then the cluster's blocks.
+  const auto row_reduce = [&](auto v, auto* red, auto* mine, auto op) {
+    v = block_allreduce(v, red, op.identity(v), op);
+    return cluster > 1 ? cluster_allreduce(v, mine, unsigned(cluster), op) : v;
+  };
+  for (int64_t row = blockIdx.x / cluster; row < a.N; row += gridDim.x / cluster) {
     const int64_t off = row * a.V + lo * VEC;  // this block's slice of the gradients
-    if (a.mask != nullptr && !a.mask[row]) {   // the same for every block of the cluster
-      if (rank == 0 && tid == 0) a.loss[row] = T(0);
+    if (a.mask != nullptr && !a.mask[row]) {   // the same in every block of the cluster
+      if (lead) a.loss[row] = T(0);
       zero_grads<scalar_t, VEC>(a.gx, a.gt, off, count);
       continue;
     }
-    const P* xr = row_packs<VEC>(a.x, a.rx, row) + lo;
-    const PT* tr = row_packs<VEC>(a.t, a.rt, row) + lo;
-    P px[ITEMS];
-    PT pt[ITEMS];
-    load_packs<ITEMS>(px, pt, xr, tr, tid, stride, count);
-    Max2 m = block_allreduce(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2), red_max,
-                             Max2{{-kinf<T>(), -kinf<T>()}}, MaxOp());
-    m = cluster_allreduce(m, mine_max, size, MaxOp());
-    Sums sums = block_allreduce(held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m), red_sum, Sums{}, SumOp());
-    sums = cluster_allreduce(sums, mine_sum, size, SumOp());
-    const RowResult<T> r = finish_held(m, sums, logits, a.forward);
-    if (rank == 0 && tid == 0) a.loss[row] = r.kl;
-    write_grads<ITEMS>(px, pt, tid, stride, count, off, r, a, scale2, gs);
+    Pack<scalar_t, VEC> px[ITEMS];
+    Pack<target_t, VEC> pt[ITEMS];
+    load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row) + lo, row_packs<VEC>(a.t, a.rt, row) + lo, tid, stride,
+                      count);
+    RowResult<T> r;
+    if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
+      r = given_result(a.given + 4 * row, logits);
+    } else {
+      const Max2 m = row_reduce(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2), red_max, mine_max,
+                                MaxOp());
+      r = finish_sums(m, row_reduce(held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m), red_sum, mine_sum,
+                                    SumOp()),
+                      logits, a.forward);
+      if (kVocabParallel && a.shard != nullptr) {  // vocab-parallel statistics pass
+        if (tid == 0) put_shard_stats(a.shard + 3 * row, r, logits, Loss::kSums > 0);
+        continue;
+      }
+    }
+    Vals<T, 3> sums{};
+    if constexpr (Loss::kSums > 0) {
+      const Vals<T, 3> mine = loss_sums<Loss, ITEMS>(px, pt, tid, stride, count, r, a, scale2);
+      const Sums all = row_reduce(Sums{{mine.v[0], mine.v[1], mine.v[2], T(0), T(0)}}, red_sum, mine_sum, SumOp());
+      sums = {{all.v[0], all.v[1], all.v[2]}};
+      r.kl = Loss::loss(r, sums);
+      if (kVocabParallel && a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's
+        if (tid == 0) {
+          a.shard[2 * row] = sums.v[1];
+          a.shard[2 * row + 1] = sums.v[2];
+        }
+        sums.v[1] = a.given[4 * row + 2];
+        sums.v[2] = a.given[4 * row + 3];
+      }
+    }
+    if (lead) a.loss[row] = r.kl;
+    if (grads) write_grads<Loss, ITEMS>(px, pt, tid, stride, count, off, r, sums, a, scale2, gs);
+  }
+}
+
+// Rows that are not held (float64, rows not in 16-byte packs, rows longer than a block without clusters or than
+// the widest cluster): streamed by one block, kStreamPacks packs per thread at a time, a wave of blocks looping
+// over rows. One read with online statistics per thread (moved to the row maxima once, in double, and summed in
+// double: fp32 rescaling at every level of a merge tree would leave ~1e-7 relative error in the sums); with
+// gradients a second read (a loss with row sums of its own: a third), mostly from L2 while few rows are in flight.
+template <typename scalar_t, typename target_t, int VEC, typename Loss>
+__global__ void __launch_bounds__(kWideThreads) kl_stream_kernel(const KLArgs<scalar_t, target_t> a) {
+  using T = at::opmath_type<scalar_t>;
+  using Max2 = Vals<T, 2>;
+  using Sums = Vals<double, 5>;
+  constexpr int ITEMS = kStreamPacks;
+  __shared__ Max2 red_max[32];
+  __shared__ Sums red_sum[32];
+  const bool logits = a.target == TargetType::Logits;
+  const bool grads = a.gx != nullptr || a.gt != nullptr;
+  const T scale2 = a.inv_t * T(kLog2e);
+  const T gs = a.gs != nullptr ? *a.gs : T(1);
+  const int npacks = int(a.V / VEC), stride = blockDim.x, tid = threadIdx.x;
+  Pack<scalar_t, VEC> px[ITEMS];
+  Pack<target_t, VEC> pt[ITEMS];
+  // Packs j0 + k * stride of row `row` of both inputs into px, pt.
+  const auto load = [&](int64_t row, int j0) {
+    load_packs<ITEMS>(px, pt, row_packs<VEC>(a.x, a.rx, row), row_packs<VEC>(a.t, a.rt, row), j0, stride, npacks);
+  };
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const int64_t off = row * a.V;
+    if (a.mask != nullptr && !a.mask[row]) {
+      if (tid == 0) a.loss[row] = T(0);
+      zero_grads<scalar_t, VEC>(a.gx, a.gt, off, npacks);
+      continue;
+    }
+    RowResult<T> r;
+    if (a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
+      r = given_result(a.given + 4 * row, logits);
+    } else {
+      RowState<T> st = empty_state<T>();
+      for (int j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load(row, j0);
+        fold<ITEMS>(st, px, pt, j0, stride, npacks, a, scale2);
+      }
+      const Max2 m = block_allreduce(Max2{{st.m_s, st.m_t}}, red_max, MaxOp().identity(Max2{}), MaxOp());
+      const RowState<double> w =
+          rebase(RowState<double>{st.m_s, st.d_s, st.m_t, st.d_t, st.acc, st.s_p}, double(m.v[0]), double(m.v[1]),
+                 logits, a.forward);
+      r = finish_sums(m, block_allreduce(Sums{{w.d_s, w.d_t, w.d_s - w.d_t, w.acc, w.s_p}}, red_sum, Sums{}, SumOp()),
+                      logits, a.forward);
+      if (a.shard != nullptr) {  // vocab-parallel statistics pass
+        if (tid == 0) put_shard_stats(a.shard + 3 * row, r, logits, Loss::kSums > 0);
+        continue;
+      }
+    }
+    Vals<T, 3> sums{};
+    if constexpr (Loss::kSums > 0) {
+      Sums all{};
+      for (int j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load(row, j0);
+        const Vals<T, 3> mine = loss_sums<Loss, ITEMS>(px, pt, j0, stride, npacks, r, a, scale2);
+        for (int i = 0; i < 3; ++i) all.v[i] += double(mine.v[i]);
+      }
+      all = block_allreduce(all, red_sum, Sums{}, SumOp());
+      sums = {{T(all.v[0]), T(all.v[1]), T(all.v[2])}};
+      r.kl = Loss::loss(r, sums);
+      if (a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's
+        if (tid == 0) {
+          a.shard[2 * row] = sums.v[1];
+          a.shard[2 * row + 1] = sums.v[2];
+        }
+        sums.v[1] = a.given[4 * row + 2];
+        sums.v[2] = a.given[4 * row + 3];
+      }
+    }
+    if (tid == 0) a.loss[row] = r.kl;
+    if (grads) {
+      for (int j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load(row, j0);
+        write_grads<Loss, ITEMS>(px, pt, j0, stride, npacks, off, r, sums, a, scale2, gs);
+      }
+    }
   }
 }
 
 // What the launcher needs to know of the device.
 struct KLDevice {
-  int sms;        // sizes grids: one wave of resident blocks, which then loop over rows
-  bool clusters;  // thread-block clusters (sm_90+): long rows split over a cluster
+  int sms;                         // sizes the streamed rows' grid: waves of blocks, which loop over rows
+  bool clusters;                   // thread-block clusters (sm_90+): long rows split over a cluster
+  int64_t max_blocks = INT32_MAX;  // the grid's limit: beyond it, held blocks loop over rows
 };
+
+// The engine's shape limits, from KL_EXT_CUDA_ROWS="min_threads=128,threads=256,items=8,cluster=8,stream_waves=1"
+// (any subset; read at each launch, so that one build sweeps them: benchmarks/cuda_paths.py). Unset: these.
+struct RowTune {
+  int min_threads = 128;   // fewer packs per thread rather than a block of fewer threads (the reductions' width)
+  int threads = 256;       // threads of a held block (8 packs per thread: up to kWideThreads at the largest cluster)
+  int items = kHeldPacks;  // packs per thread of a held row, at most
+  int cluster = 8;         // blocks per cluster, at most (8 is portable; 16 is opted into, sm_90)
+  int stream_waves = 1;    // streamed rows: blocks per SM
+};
+
+inline RowTune row_tune() {
+  RowTune t;
+  const char* env = std::getenv("KL_EXT_CUDA_ROWS");
+  if (env == nullptr) return t;
+  const std::string s(env);
+  for (size_t pos = 0; pos < s.size();) {
+    const size_t end = std::min(s.find(',', pos), s.size());
+    const std::string kv = s.substr(pos, end - pos);
+    const size_t eq = kv.find('=');
+    char* rest = nullptr;
+    const long n = eq == std::string::npos ? 0 : std::strtol(kv.c_str() + eq + 1, &rest, 10);
+    TORCH_CHECK(eq != std::string::npos && rest != nullptr && *rest == '\0' && n > 0,
+                "KL_EXT_CUDA_ROWS: expected key=value pairs of positive integers, like "
+                "min_threads=128,threads=256,items=8,cluster=8,stream_waves=1; got '", s, "'");
+    const std::string k = kv.substr(0, eq);
+    int* field = k == "min_threads" ? &t.min_threads : k == "threads" ? &t.threads : k == "items" ? &t.items
+               : k == "cluster" ? &t.cluster : k == "stream_waves" ? &t.stream_waves : nullptr;
+    TORCH_CHECK(field != nullptr, "KL_EXT_CUDA_ROWS: unknown key '", k,
+                "' (min_threads, threads, items, cluster, stream_waves)");
+    *field = int(n);
+    pos = end + 1;
+  }
+  const auto pow2 = [](int v, int hi) { return v <= hi && (v & (v - 1)) == 0; };
+  TORCH_CHECK(t.threads % 32 == 0 && t.threads <= kHeldMaxThreads<1> && pow2(t.items, kHeldPacks) &&
+                  pow2(t.cluster, 16) && t.stream_waves <= 32,
+              "KL_EXT_CUDA_ROWS: threads a multiple of 32 up to ", kHeldMaxThreads<1>, ", items 1, 2, 4 or 8, cluster ",
+              "1, 2, 4, 8 or 16, stream_waves up to 32; got '", s, "'");
+  return t;
+}
 
 struct KLConfig {
-  int items, threads, cluster;  // cluster > 0: split rows over `cluster` blocks
-  bool resident;
+  int items, threads, cluster;  // cluster: blocks per row
+  bool held;
 };
-constexpr KLConfig kStreamConfig{kStreamPacks, kWideThreads, 0, false};
 
-// Resident when the row fits a block of <= 256 threads with up to 4 packs each (several blocks per SM).
-// Longer rows stream with 512 threads, 4 packs in flight each: one read for the forward, a second for the
-// gradients. KL_EXT_CUDA_LONG_ROWS=hold instead holds them in registers when gradients are wanted: 8 packs per
-// thread in one 512-thread block (one per SM), or, with clusters (sm_90), split over 2 - 8 blocks. That reads
-// once, but on an H100 (2026-11-23, benchmarks/cuda_paths.py) it ran 1.1 - 3.9x slower than streaming: one
-// row per SM leaves its loads, reductions and stores unoverlapped. Read at each launch, so a benchmark can
-// compare the two.
-inline KLConfig kl_config(int64_t npacks, bool grads, bool clusters, bool hold_long) {
-  for (int items : {1, 2, 4}) {
-    const int64_t threads = round_up(std::max<int64_t>(ceil_div(npacks, items), 1), 32);
-    if (threads <= kResidentThreads) return {items, int(threads), 0, true};
+// The most packs per thread (up to t.items) that leave the row at least t.min_threads threads; in one block of
+// <= t.threads if it fits, else the smallest cluster of t.items-pack blocks of <= t.threads, and (8 packs per
+// thread) at the largest cluster blocks of up to kWideThreads; else streamed.
+inline KLConfig kl_config(int64_t npacks, bool clusters, const RowTune& t) {
+  int items = t.items;
+  while (items > 1 && ceil_div(npacks, items) < t.min_threads) items /= 2;
+  const int64_t threads = round_up(std::max<int64_t>(ceil_div(npacks, items), 1), 32);
+  if (threads <= t.threads) return {items, int(threads), 1, true};
+  const int top = clusters ? t.cluster : 1;
+  for (int size = 2; size <= top; size *= 2) {
+    const int64_t per_block = round_up(ceil_div(ceil_div(npacks, size), t.items), 32);
+    if (per_block <= t.threads) return {t.items, int(per_block), size, true};
   }
-  if (grads && hold_long) {
-    if (npacks <= int64_t(kWidePacks) * kWideThreads) {
-      return {kWidePacks, round_up(ceil_div(npacks, kWidePacks), 32), 0, true};
-    }
-    if (clusters) {
-      for (int size = 2; size <= kMaxCluster; size *= 2) {
-        const int64_t threads = round_up(ceil_div(ceil_div(npacks, size), kWidePacks), 32);
-        if (threads <= kWideThreads) return {kWidePacks, int(threads), size, true};
-      }
-    }
+  const int64_t wide = round_up(ceil_div(ceil_div(npacks, top), t.items), 32);
+  if (t.items == kHeldPacks && wide <= kWideThreads) return {t.items, int(wide), top, true};
+  return {kStreamPacks, kWideThreads, 1, false};
+}
+
+// launch(items) with the packs per thread (1, 2, 4, 8) as a compile-time constant.
+template <typename F>
+void with_items(int items, const F& launch) {
+  switch (items) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    default: launch(std::integral_constant<int, kHeldPacks>{}); break;
   }
-  return kStreamConfig;
 }
 
-inline bool hold_long_rows() {
-  const char* v = std::getenv("KL_EXT_CUDA_LONG_ROWS");
-  return v != nullptr && std::string(v) == "hold";
-}
-
-// Which kernels are built for a dtype pair (each one multiplies the build): float64 (tests and gradcheck:
-// correctness, not speed) streams every row; the opt-in held long rows (8 packs per thread, clusters) are built
-// for the KL of one 32/16-bit dtype only. Mixed pairs get the default paths: resident and streamed rows.
-template <typename scalar_t>
-constexpr bool kHeldRows = !std::is_same_v<scalar_t, double>;
-template <typename scalar_t, typename target_t, bool JSD>
-constexpr bool kHeldLongRows = !JSD && kHeldRows<scalar_t> && std::is_same_v<scalar_t, target_t>;
-
-// launch(items, resident) with the configuration's packs per thread and residency as compile-time constants
-// (std::integral_constant / std::bool_constant): the row kernels' template arguments. HELD: whether held rows
-// can occur; HELD8: whether held rows of 8 packs per thread can (kl_config with hold_long).
-template <bool HELD, bool HELD8, typename F>
-void with_row_kernel(const KLConfig& c, const F& launch) {
-  if constexpr (HELD) {
-    if (c.resident) {
-      if (c.items == 1) {
-        launch(std::integral_constant<int, 1>{}, std::true_type{});
-      } else if (c.items == 2) {
-        launch(std::integral_constant<int, 2>{}, std::true_type{});
-      } else if (c.items == 4) {
-        launch(std::integral_constant<int, 4>{}, std::true_type{});
-      } else if constexpr (HELD8) {
-        launch(std::integral_constant<int, kWidePacks>{}, std::true_type{});
-      }
-      return;
-    }
-  }
-  launch(std::integral_constant<int, kStreamPacks>{}, std::false_type{});
-}
-
-template <typename scalar_t, typename target_t, int VEC, bool JSD>
-void launch_rows(const KLArgs<scalar_t, target_t>& a, const KLConfig& c, dim3 grid, dim3 block,
-                 cudaStream_t stream) {
-  with_row_kernel<kHeldRows<scalar_t>, kHeldLongRows<scalar_t, target_t, JSD>>(c, [&](auto items,
-                                                                                                auto resident) {
-    auto kernel = kl_rows_kernel<scalar_t, target_t, VEC, decltype(items)::value, decltype(resident)::value, JSD>;
-    KL_EXT_LAUNCH(kernel, grid, block, stream, a);
-  });
-}
-
-template <typename scalar_t, typename target_t, int VEC, bool JSD>
+// Held rows for the 16/32-bit dtypes in 16-byte packs; float64 (tests and gradcheck: correctness, not speed)
+// and rows not in packs stream, which keeps the build to one held kernel per dtype pair and packs per thread.
+template <typename scalar_t, typename target_t, int VEC, typename Loss>
 void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStream_t stream) {
-  const int64_t npacks = a.V / VEC;
-  constexpr bool held_long = kHeldLongRows<scalar_t, target_t, JSD>;
-  // Split rows (clusters) have no vocab-parallel modes: those stream.
-  const KLConfig c = kHeldRows<scalar_t>
-                         ? kl_config(npacks, a.gx != nullptr || a.gt != nullptr, dev.clusters,
-                                     held_long && a.shard == nullptr && hold_long_rows())
-                         : kStreamConfig;
-  const int64_t wave = int64_t(dev.sms) * (c.resident && c.items < 8 ? 4 : 1);
-  const dim3 block(c.threads);
-  if constexpr (held_long) {
-    if (c.cluster > 0) {
-      // One row per cluster and wave; a cluster's blocks need a whole SM each (<= 128 registers x 512 threads).
-      const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.sms / c.cluster));
-      auto kernel = kl_split_rows_kernel<scalar_t, target_t, VEC>;
-      KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(clusters * c.cluster)), block, c.cluster, stream, a,
-                            ceil_div(npacks, c.cluster));
+  const RowTune tune = row_tune();
+  if constexpr (!std::is_same_v<scalar_t, double> && VEC > 1) {
+    RowTune t = tune;
+    if (a.shard != nullptr) {  // the vocab-parallel modes: one block per row, up to 4 packs per thread
+      t.items = std::min(t.items, kHeldPacks / 2);
+      t.cluster = 1;
+    }
+    const KLConfig c = kl_config(a.V / VEC, dev.clusters, t);
+    if (c.held) {
+      const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.max_blocks / c.cluster));
+      const int slice = int(ceil_div(a.V / VEC, c.cluster));
+      with_items(c.items, [&](auto items) {
+        auto kernel = kl_held_kernel<scalar_t, target_t, VEC, decltype(items)::value, Loss>;
+        if (c.cluster > 1) {
+          KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(rows * c.cluster)), dim3(c.threads), c.cluster, stream, a,
+                                c.cluster, slice);
+        } else {
+          KL_EXT_LAUNCH(kernel, dim3(unsigned(rows)), dim3(c.threads), stream, a, 1, slice);
+        }
+      });
       return;
     }
   }
-  launch_rows<scalar_t, target_t, VEC, JSD>(a, c, dim3(unsigned(std::min<int64_t>(a.N, wave))), block, stream);
+  auto kernel = kl_stream_kernel<scalar_t, target_t, VEC, Loss>;
+  const int64_t blocks = std::min<int64_t>(a.N, int64_t(dev.sms) * tune.stream_waves);
+  KL_EXT_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(kWideThreads), stream, a);
 }
-
 // Both ops on device tensors of one dtype pair, after their checks (call); beta > 0 selects the JSD. A template
 // of its own, so that the CUDA build compiles each pair in its own translation unit (softmax_rows_pairs.h).
 template <typename scalar_t, typename target_t>
@@ -795,6 +848,8 @@ void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::T
                         const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = num_rows(input), V = input.size(-1);
+  TORCH_CHECK(V <= INT32_MAX, "kl_ext: the CUDA kernels take rows of up to 2^31 - 1 classes, got ", V,
+              "; use backend='triton'");
   const KLArgs<scalar_t, target_t> a{input.const_data_ptr<scalar_t>(),
                                      target.const_data_ptr<target_t>(),
                                      row_layout(input),
@@ -816,11 +871,11 @@ void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::T
   const bool packs = V % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && packs_aligned<VEC>(a.t, a.gt) &&
                      a.rx.steps_of(VEC) && a.rt.steps_of(VEC);
   if (beta > 0) {
-    packs ? launch_kl<scalar_t, target_t, VEC, true>(a, dev, stream)
-          : launch_kl<scalar_t, target_t, 1, true>(a, dev, stream);
+    packs ? launch_kl<scalar_t, target_t, VEC, JSDLoss>(a, dev, stream)
+          : launch_kl<scalar_t, target_t, 1, JSDLoss>(a, dev, stream);
   } else {
-    packs ? launch_kl<scalar_t, target_t, VEC, false>(a, dev, stream)
-          : launch_kl<scalar_t, target_t, 1, false>(a, dev, stream);
+    packs ? launch_kl<scalar_t, target_t, VEC, KLLoss>(a, dev, stream)
+          : launch_kl<scalar_t, target_t, 1, KLLoss>(a, dev, stream);
   }
 }
 

@@ -20,9 +20,12 @@
     kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__);                                    \
   } while (0)
 
-// A launch in clusters of `cluster` consecutive blocks (sm_90+).
+// A launch in clusters of `cluster` consecutive blocks (sm_90+); above 8 (the portable limit) opted into.
 #define KL_EXT_LAUNCH_CLUSTER(kernel, grid, block, cluster, stream, ...)          \
   do {                                                                           \
+    if ((cluster) > 8) {                                                         \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)); \
+    }                                                                            \
     cudaLaunchAttribute attr_[1];                                                \
     attr_[0].id = cudaLaunchAttributeClusterDimension;                           \
     attr_[0].val.clusterDim.x = unsigned(cluster);                               \

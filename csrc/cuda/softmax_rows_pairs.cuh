@@ -1,8 +1,7 @@
 // The row kernels of kl_div_with_logits / jsd_with_logits (softmax_rows_typed, kl_div_with_logits.cuh) are compiled
 // per dtype pair in translation units of their own, softmax_rows_<pairs>.cu, so a parallel build runs them side by
 // side (one unit took most of a 16-job build). Such a unit defines KL_EXT_PAIRS(X) as its pairs and includes this
-// header, which instantiates them; without KL_EXT_PAIRS it declares every pair of dispatch_pair as instantiated
-// elsewhere, for the unit that dispatches (kl_div_with_logits.cu).
+// header, which instantiates them and only them.
 #pragma once
 #include "launch.cuh"
 #include "kl_div_with_logits.cuh"
@@ -20,10 +19,11 @@
 
 namespace kl_ext {
 namespace cuda {
+// Every pair is declared instantiated elsewhere, so that softmax_rows_cuda's dispatch (an inline function, compiled
+// in every unit that includes kl_div_with_logits.cuh) instantiates none; a pair unit then defines its own.
+KL_EXT_ALL_PAIRS(KL_EXT_EXTERN_PAIR)
 #ifdef KL_EXT_PAIRS
 KL_EXT_PAIRS(KL_EXT_DEFINE_PAIR)
-#else
-KL_EXT_ALL_PAIRS(KL_EXT_EXTERN_PAIR)
 #endif
 }  // namespace cuda
 }  // namespace kl_ext

@@ -145,7 +145,7 @@ __device__ __forceinline__ SlotTerms<T> slot_terms(const SparseArgs<scalar_t>& a
 }
 
 // RESIDENT: the row (ITEMS packs per thread) stays in registers; otherwise it is streamed ITEMS packs at a time
-// (kl_config, as for the KL). One block per row at a time, looping over rows.
+// (launch_sparse). One block per row at a time, looping over rows.
 template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
 __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
     sparse_kl_rows_kernel(const SparseArgs<scalar_t> a) {
@@ -259,16 +259,16 @@ __global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
   }
 }
 
-// Rows of up to 256 packs are held, one pack per thread; longer rows stream (the KL's configurations otherwise).
+// Rows of up to 256 packs are held, one pack per thread; longer rows stream.
 // The KL's 2- and 4-pack held rows would double this file's build for little: the GPU targets (V >= 32000)
 // stream either way, and a streamed row's second read of up to 32 KB comes from L2.
 template <typename scalar_t, int VEC>
 void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
-  KLConfig c = kl_config(a.V / VEC, a.gx != nullptr, false, false);
-  if (c.resident && c.items > 1) c = kStreamConfig;
-  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * (c.resident ? 4 : 1)))), block(c.threads);
+  const bool held = a.V / VEC <= kResidentThreads;
+  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * (held ? 4 : 1))));
+  const dim3 block(held ? round_up(std::max<int64_t>(a.V / VEC, 1), 32) : kWideThreads);
   const size_t smem = size_t(ceil_div(a.V, 32)) * sizeof(uint32_t);
-  if (c.resident) {
+  if (held) {
     auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, 1, true>;
     KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, a);
   } else {

@@ -11,7 +11,8 @@
 
 namespace {
 
-kl_ext::cuda::KLDevice device{2, true};
+// A grid limit of 4 blocks: held rows loop over rows as past a GPU's (2^31 - 1 blocks).
+kl_ext::cuda::KLDevice device{2, true, 4};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, const at::Tensor& target,
                                                       const c10::optional<at::Tensor>& mask,
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_fwd(
                                                              grad_target, grad_scale, device.sms, nullptr);
 }
 
-void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters}; }
+void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters, 4}; }
 
 }  // namespace
 
