@@ -25,8 +25,10 @@ run: setup
 	$(PYTHON) examples/distill_demo.py --out demo_out
 	$(PYTHON) -m benchmarks.run --quick --out bench_out
 
+# The suite on every core (pytest-xdist); TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= auto
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) tests
 
 bench: setup
 	$(PYTHON) -m benchmarks.run --out bench_out

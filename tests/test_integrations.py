@@ -94,3 +94,65 @@ def test_hf_trainer_example_distils(tmp_path):
     before = res["student before"]
     assert res["online (linear_distillation_loss)"] < before - 0.5
     assert res["offline (top-8 cache, sparse KL)"] < before - 0.5
+
+
+def test_gkd_trainer_step_with_the_drop_in(tmp_path, monkeypatch):
+    # A TRL GKDTrainer step (tiny Llama models from configs, a word-level tokenizer built here: nothing downloaded)
+    # with the mixin installed: the step runs kl_ext's fused op and moves the student, and the trainer's loss on a
+    # batch is TRL's own formula's on the same logits.
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    datasets = pytest.importorskip("datasets")
+    V, L = 48, 12
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, V)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
+                                                     unk_token="[UNK]")
+
+    def llama(seed, hidden):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=2 * L, pad_token_id=0, eos_token_id=2))
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(4):
+        ids = torch.randint(3, V, (L,), generator=g)
+        labels = ids.clone()
+        labels[:4] = -100  # the prompt
+        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * L, "labels": labels.tolist()})
+
+    def collate(batch):
+        return {k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "attention_mask", "labels")}
+
+    class Fused(kl_trl.FusedGeneralizedJSD, gkd.GKDTrainer):
+        pass
+
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[0].shape)
+        return jsd_with_logits(*a, **k)
+    jsd_with_logits = kl_trl.jsd_with_logits
+    monkeypatch.setattr(kl_trl, "jsd_with_logits", counted)
+    student, teacher = llama(0, 16), llama(1, 32)
+    args = gkd.GKDConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, lmbda=0.0, beta=0.5,
+                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+                         max_length=L)
+    trainer = Fused(model=student, teacher_model=teacher, args=args, data_collator=collate,
+                    train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    batch = collate(rows)
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, dict(batch))
+        s = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        want = gkd.GKDTrainer.generalized_jsd_loss(s, t, labels=batch["labels"][:, 1:], beta=0.5)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-7)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert calls == [(4, L - 1, V)] * 2  # the loss above, then the training step's

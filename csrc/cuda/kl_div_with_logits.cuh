@@ -175,6 +175,28 @@ __host__ __device__ __forceinline__ T teacher_log2(T t, TargetType tt, T scale2,
   return klog2(t);
 }
 
+// One element's terms of its row's sums s, relative to the shifts sh_s, sh_t (base 2): s[0] += e_s; teacher logits:
+// s[1] += e_t and s[2] += e_s - e_t (d_s - d_t as a sum of small, exact-ish differences), other targets s[4] += p;
+// s[3], the KL accumulator, += p (lt - zs) (forward) or e_s (zs - lt) (reverse). Terms of zero weight are 0
+// (0 log 0 = 0), never 0 * inf.
+template <typename T>
+__device__ __forceinline__ void add_terms(Vals<T, 5>& s, T xv, T tv, T sh_s, T sh_t, TargetType tt, bool fwd,
+                                          T scale2) {
+  const T zs = kmul(xv, scale2) - sh_s, es = kexp2(zs);
+  T p = T(0);
+  T lt = teacher_log2(tv, tt, scale2, p);
+  if (tt == TargetType::Logits) {
+    lt -= sh_t;
+    p = kexp2(lt);
+    s.v[1] += p;
+    s.v[2] += es - p;
+  } else {
+    s.v[4] += p;
+  }
+  s.v[0] += es;
+  s.v[3] += fwd ? (p > T(0) ? p * (lt - zs) : T(0)) : (es > T(0) ? es * (zs - lt) : T(0));
+}
+
 // Fold packs j0 + k * stride (k < K, below npacks) into this thread's statistics, one pack at a time: the
 // pack's maxima, a rebase when they moved (rare after the first packs), then one exp2 per element and side.
 // Pack by pack keeps few converted values live (a whole-chunk max first made the compiler keep all of them).
@@ -199,22 +221,15 @@ __device__ __forceinline__ void fold(RowState<T>& st, const Pack<scalar_t, VEC>*
       st = rebase(st, kmax(st.m_s, pm_s), logits ? kmax(st.m_t, pm_t) : st.m_t, logits, fwd);
     }
     const T sh_s = safe_shift(st.m_s), sh_t = safe_shift(st.m_t);
+    Vals<T, 5> sums{{st.d_s, st.d_t, T(0), st.acc, st.s_p}};  // [2] (held rows' d_s - d_t) unused: dead code
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const T zs = kmul(to_acc(px[k].v[e]), scale2) - sh_s, es = kexp2(zs);
-      T p = T(0);
-      T lt = teacher_log2(to_acc(pt[k].v[e]), a.target, scale2, p);
-      if (logits) {
-        lt -= sh_t;
-        p = kexp2(lt);
-        st.d_t += p;
-      } else {
-        st.s_p += p;
-      }
-      st.d_s += es;
-      // Terms of zero weight are 0 (0 log 0 = 0), never 0 * inf. (Unused by the JSD.)
-      st.acc += fwd ? (p > T(0) ? p * (lt - zs) : T(0)) : (es > T(0) ? es * (zs - lt) : T(0));
+      add_terms(sums, to_acc(px[k].v[e]), to_acc(pt[k].v[e]), sh_s, sh_t, a.target, fwd, scale2);
     }
+    st.d_s = sums.v[0];
+    st.d_t = sums.v[1];
+    st.acc = sums.v[3];
+    st.s_p = sums.v[4];
   }
 }
 
@@ -481,13 +496,12 @@ __device__ __forceinline__ Vals<T, 2> held_max(const Pack<scalar_t, VEC>* px, co
   return m;
 }
 
-// This thread's share of the row's sums (d_s, d_t, d_s - d_t as a sum of differences, acc, s_p) relative to the
-// row maxima m (base 2): fold()'s terms without its rescaling, which the maxima make unnecessary.
+// This thread's share of the row's sums (add_terms) relative to the row maxima m (base 2): fold()'s terms without
+// its rescaling, which the maxima make unnecessary.
 template <int K, typename scalar_t, int VEC, typename target_t, typename T>
 __device__ __forceinline__ Vals<T, 5> held_sums(const Pack<scalar_t, VEC>* px, const Pack<target_t, VEC>* pt,
                                                 int j0, int stride, int npacks, const KLArgs<scalar_t, target_t>& a,
                                                 T scale2, const Vals<T, 2>& m) {
-  const bool logits = a.target == TargetType::Logits, fwd = a.forward;
   const T sh_s = safe_shift(m.v[0]), sh_t = safe_shift(m.v[1]);
   Vals<T, 5> s{};
 #pragma unroll
@@ -495,19 +509,7 @@ __device__ __forceinline__ Vals<T, 5> held_sums(const Pack<scalar_t, VEC>* px, c
     if (j0 + k * stride >= npacks) continue;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const T zs = kmul(to_acc(px[k].v[e]), scale2) - sh_s, es = kexp2(zs);
-      T p = T(0);
-      T lt = teacher_log2(to_acc(pt[k].v[e]), a.target, scale2, p);
-      if (logits) {
-        lt -= sh_t;
-        p = kexp2(lt);
-        s.v[1] += p;
-        s.v[2] += es - p;
-      } else {
-        s.v[4] += p;
-      }
-      s.v[0] += es;
-      s.v[3] += fwd ? (p > T(0) ? p * (lt - zs) : T(0)) : (es > T(0) ? es * (zs - lt) : T(0));
+      add_terms(s, to_acc(px[k].v[e]), to_acc(pt[k].v[e]), sh_s, sh_t, a.target, a.forward, scale2);
     }
   }
   return s;
@@ -879,10 +881,14 @@ void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::T
   }
 }
 
-// Both ops on device tensors, input and target each read in its own dtype (the pairs of dispatch_pair).
-inline void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
-                              const c10::optional<at::Tensor>& mask, double temperature, double beta,
-                              const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
+// Both ops on device tensors, input and target each read in its own dtype (the pairs of dispatch_pair). A template
+// (Device is always KLDevice) so that it is compiled only where it is called (kl_div_with_logits.cu, the emulator),
+// not in every unit that includes this header for its helpers (the sparse kernel's), which would compile every
+// pair's kernels there again.
+template <typename Device = KLDevice>
+void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                       const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                       const c10::optional<at::Tensor>& grad_scale, const Device& dev, cudaStream_t stream) {
   if (num_rows(input) == 0) return;
   dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto x_tag, auto t_tag) {
     softmax_rows_typed<decltype(x_tag), decltype(t_tag)>(call, input, target, mask, temperature, beta, grad_scale,
