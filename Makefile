@@ -4,9 +4,6 @@ PYTHON ?= $(VENV)/bin/python
 
 .PHONY: setup run test bench demo gpu-wheels
 
-# The dev install is for this machine: AVX2 CPU kernels when its CPU has them (setup.py's default is portable).
-AVX2 := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
-
 # TORCH=2.11.0 pins a torch version inside the supported range (CI tests both ends); empty: the newest in range.
 TORCH ?=
 
@@ -14,7 +11,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(if $(TORCH),$(PYTHON) -m pip install -q "torch==$(TORCH)")
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	KL_EXT_AVX2=$(AVX2) $(PYTHON) -m pip install -q --no-build-isolation -e .
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed

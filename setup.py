@@ -65,30 +65,64 @@ if platform.system() == "Linux":
     if os.environ.get("KL_EXT_DEBUG") != "1":
         link_flags.append("-Wl,--strip-debug")
 # ATen's Vectorized<float> is only SIMD (and exp/log only Sleef-backed) when a CPU_CAPABILITY is defined;
-# extensions get the scalar fallback otherwise. The default build is portable (any x86-64 or other CPU runs
-# it, so a wheel can be shared); KL_EXT_AVX2=1 builds the vectorized AVX2+FMA kernels, for CPUs that have
-# them (`make setup` does, for the machine it runs on). kl_ext._C.cpu_capability says which was built.
-if os.environ.get("KL_EXT_AVX2") == "1":
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise SystemExit(f"kl_ext: KL_EXT_AVX2=1 needs an x86-64 build, not {platform.machine()}")
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-print(f"kl_ext: CPU kernels for {'AVX2' if os.environ.get('KL_EXT_AVX2') == '1' else 'any CPU (portable)'}")
+# extensions get the scalar fallback otherwise. So the CPU kernels (csrc/*.cpp but the two of kl_ext._C) are
+# compiled once per capability, with ATen's flags for it, into their own modules kl_ext._cpu_<capability>;
+# kl_ext/_cpu.py loads the best one this CPU runs (kl_ext._C.cpu_capability says which). Hidden visibility: each
+# module's inline functions, compiled with its flags, bind inside it.
+CPU_CAPABILITY_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+x86 = platform.machine() in ("x86_64", "AMD64")
+# KL_EXT_CPU_CAPABILITIES=default,avx2 builds a subset (CI's second torch; the sdist check); "default" is always built.
+wanted = os.environ.get("KL_EXT_CPU_CAPABILITIES", "default,avx2,avx512" if x86 else "default").split(",")
+buildable = list(CPU_CAPABILITY_FLAGS) if x86 else ["default"]
+if set(wanted) - set(buildable):
+    raise SystemExit(f"kl_ext: KL_EXT_CPU_CAPABILITIES={','.join(wanted)}: {platform.machine()} builds "
+                     f"{', '.join(buildable)}")
+capabilities = [c for c in CPU_CAPABILITY_FLAGS if c in wanted or c == "default"]
+print(f"kl_ext: CPU kernels for {', '.join(capabilities)} (the best one the CPU runs is loaded)")
 
-sources = sorted(glob.glob("csrc/*.cpp"))
+core_sources = ["csrc/module.cpp", "csrc/fused_backward.cpp"]
+cpu_sources = sorted(set(glob.glob("csrc/*.cpp")) - set(core_sources))
+extensions = [
+    CppExtension(f"kl_ext._cpu_{cap}", cpu_sources,
+                 extra_compile_args={"cxx": cxx_flags + CPU_CAPABILITY_FLAGS[cap]
+                                     + ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]},
+                 extra_link_args=link_flags)
+    for cap in capabilities
+]
 with_cuda, why_not = _want_cuda()
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
     print(f"kl_ext: building CPU + CUDA ops (CUDA {torch.version.cuda}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
-    ext = CUDAExtension(
+    extensions.append(CUDAExtension(
         "kl_ext._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        core_sources + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx_flags + ["-DKL_EXT_WITH_CUDA"],
                             "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=link_flags,
-    )
+    ))
 else:
     print(f"kl_ext: building the CPU ops only ({why_not})")
-    ext = CppExtension("kl_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    extensions.append(CppExtension("kl_ext._C", core_sources, extra_compile_args={"cxx": cxx_flags},
+                                   extra_link_args=link_flags))
+
+
+class BuildPerExtension(BuildExtension):
+    """Each extension in its own temporary directory: the capability modules compile the same sources with other
+    flags, and one shared directory (one build.ninja, one object per source) would rebuild or mix them."""
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
 
 setup(
     name="kl_ext",
@@ -113,8 +147,8 @@ setup(
     # The Triton sources live at the top level but must never install as a bare `triton_kernels`
     # module: that import name belongs to other projects.
     package_dir={"kl_ext": "kl_ext", "kl_ext.triton_kernels": "triton_kernels"},
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=extensions,
+    cmdclass={"build_ext": BuildPerExtension},
     python_requires=">=3.10",
     install_requires=[_torch_requirement()],
     extras_require={

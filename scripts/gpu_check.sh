@@ -19,10 +19,8 @@ limited() {
 if has build; then
     { nvidia-smi; which python; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
         > "$OUT/env.txt" 2>&1
-    # The box's own GPU only (sm_90): a third of the default build's compile time. AVX2 CPU kernels where the
-    # box's CPU has them (bench-cpu compares them with compiled torch).
-    avx2=$(grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo && echo 1 || echo 0)
-    KL_EXT_AVX2="${KL_EXT_AVX2:-$avx2}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    # The box's own GPU only (sm_90): a third of the default build's compile time.
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         python -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
         || { tail -50 "$OUT/build.log"; exit 1; }
     # Benchmark baselines fetched beforehand (`make gpu-wheels`, then carry wheels/): the box has no network.

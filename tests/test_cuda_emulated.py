@@ -1,7 +1,8 @@
 """The CUDA backend's kernels, executed on the CPU: csrc/cuda/<op>.cuh built against tests/cuda_emu/cuda_emu.h
 (each CUDA thread a CPU thread, real barriers and warp shuffles) and registered as torch.ops.kl_ext_cuda_emu.*
-with the real ops' schemas. Shapes are chosen to reach every launch configuration (row-resident with 1, 2, 4
-and 8 packs per thread, streamed rows, 16-byte packs and unaligned rows, blocks looping over rows).
+with the real ops' schemas. Shapes and engine limits (KL_EXT_CUDA_ROWS) are chosen to reach every launch
+configuration (rows held with 1, 2, 4 and 8 packs per thread, in one block or a cluster of 2 - 16, streamed rows,
+16-byte packs and unaligned rows, blocks looping over rows).
 Compared with the float64 reference (kl_ext.reference). tests/test_gpu.py runs the same kernels on a GPU."""
 
 import pytest

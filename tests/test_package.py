@@ -1,5 +1,6 @@
 """Packaging, backend choice and input validation (shared by every backend)."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -39,6 +40,92 @@ def test_cpu_kernels_run_rows_on_threads():
     # on one thread (setup.py).
     import kl_ext._C
     assert kl_ext._C.openmp
+
+
+def _native_modules():
+    import glob
+    import kl_ext._C
+    here = os.path.dirname(kl_ext._C.__file__)
+    return sorted(glob.glob(os.path.join(here, "_C.*.so")) + glob.glob(os.path.join(here, "_cpu_*.so")))
+
+
+def _built_capabilities():
+    import glob
+    here = os.path.dirname(kl_ext.__file__)
+    return {os.path.basename(f).split(".")[0][len("_cpu_"):] for f in glob.glob(os.path.join(here, "_cpu_*.so"))}
+
+
+def test_cpu_kernels_for_this_cpu_are_loaded():
+    # setup.py builds the CPU kernels per capability (x86-64: default, avx2, avx512) and kl_ext/_cpu.py loads the
+    # best one the CPU runs, so a plain `pip install` is both portable and fast.
+    import kl_ext._C
+    from kl_ext import _cpu
+    built = _built_capabilities()
+    assert "default" in built
+    if os.environ.get("KL_EXT_CPU_CAPABILITIES") is None and platform.machine() in ("x86_64", "AMD64"):
+        # What setup.py builds unless told a subset (CI's second torch: KL_EXT_CPU_CAPABILITIES=default).
+        assert built == {"default", "avx2", "avx512"}, built
+    expected = next(c for c in _cpu.CAPABILITIES[_cpu.CAPABILITIES.index(_cpu.supported()):] if c in built)
+    if os.environ.get(_cpu.ENV_VAR) is None:
+        assert kl_ext._C.cpu_capability == expected
+    assert kl_ext._C.cpu_kernels.__name__ == f"kl_ext._cpu_{kl_ext._C.cpu_capability}"
+    assert kl_ext._C.cpu_capability in built
+
+
+def test_a_cpu_capability_can_be_lowered_not_raised():
+    r = _python("import kl_ext._C; print(kl_ext._C.cpu_capability)", KL_EXT_CPU_CAPABILITY="default")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "default"
+    # Asking for more than the CPU has (ATEN_CPU_CAPABILITY lowers it for torch and kl_ext alike) gives what runs.
+    r = _python("import kl_ext._C; print(kl_ext._C.cpu_capability)", ATEN_CPU_CAPABILITY="default",
+                KL_EXT_CPU_CAPABILITY="avx512")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "default"
+    r = _python("import kl_ext._C", KL_EXT_CPU_CAPABILITY="sse9")
+    assert r.returncode != 0 and "KL_EXT_CPU_CAPABILITY='sse9'; expected one of avx512, avx2, default" in r.stderr
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 capabilities")
+def test_each_cpu_build_has_its_instructions():
+    # The flags reached each module: no AVX register in the portable one, ymm in the AVX2 one, zmm in AVX-512's.
+    import shutil
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump not found")
+    here = os.path.dirname(kl_ext.__file__)
+    for cap in _built_capabilities():
+        so = next(f for f in os.listdir(here) if f.startswith(f"_cpu_{cap}.") and f.endswith(".so"))
+        dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", os.path.join(here, so)], capture_output=True,
+                             text=True, check=True).stdout
+        assert ("%ymm" in dis, "%zmm" in dis) == {"default": (False, False), "avx2": (True, False),
+                                                  "avx512": (True, True)}[cap], cap
+
+
+def test_portable_cpu_kernels_agree_with_the_best():
+    # The same losses and gradients from the portable build as from the one this CPU runs (other instructions,
+    # other roundings: close, not bitwise).
+    code = """
+import torch, kl_ext
+g = torch.Generator().manual_seed(0)
+x = torch.randn(6, 3001, generator=g, dtype=torch.float32, requires_grad=True)
+t = torch.randn(6, 3001, generator=g, dtype=torch.bfloat16)
+out = []
+for loss in (kl_ext.kl_div_with_logits(x, t, backend="cpu"), kl_ext.jsd_with_logits(x, t, beta=0.3, backend="cpu"),
+             kl_ext.sparse_kl_div_with_logits(x, *kl_ext.topk_target(t, 7), backend="cpu"),
+             kl_ext.bernoulli_kl_div_with_logits(x, t.float().sigmoid(), backend="cpu")):
+    out += [loss.detach(), torch.autograd.grad(loss, x)[0]]
+torch.save(out, "{path}")
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        results = []
+        for cap in ("default", None):
+            path = os.path.join(d, f"{cap}.pt")
+            env = {"KL_EXT_CPU_CAPABILITY": cap} if cap else {}
+            r = _python(code.format(path=path), **env)
+            assert r.returncode == 0, r.stderr
+            results.append(torch.load(path))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
 
 
 def test_available_backends():
@@ -243,8 +330,9 @@ def test_release_build_has_no_debug_info():
     import kl_ext._C
     if os.environ.get("KL_EXT_DEBUG") == "1":
         pytest.skip("a debug build (KL_EXT_DEBUG=1)")
-    with open(kl_ext._C.__file__, "rb") as f:
-        assert b".debug_info" not in f.read(), "the extension carries DWARF debug sections"
+    for so in _native_modules():
+        with open(so, "rb") as f:
+            assert b".debug_info" not in f.read(), f"{so} carries DWARF debug sections"
     from importlib.metadata import metadata
     summary = metadata("kl_ext")["Summary"]
     assert all(w in summary for w in ("KL", "JSD", "top-k", "LM-head", "vocab-parallel", "Bernoulli", "BCE")), summary
