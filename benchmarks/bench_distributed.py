@@ -3,11 +3,15 @@
 1. world: WORLD gloo processes, each with its (rows, V / WORLD) shard and 1 / WORLD of the threads, against one
    process with all the threads on the gathered (rows, V); median wall time per step, and the bytes each rank
    sends into all-reduces per step (counted) against the bytes a gather of the logits would move.
+   The LM-head-fused loss the same way: vocab_parallel_linear_distillation_loss with each rank's (V / WORLD, H)
+   shard of the student's and the teacher's heads, against linear_distillation_loss on the whole heads (the
+   logits never made whole in either; here they are not even gathered).
 2. passes: on this device, one process, the per-rank kernel work of the vocab-parallel protocol (statistics pass
    + finishing pass, as kl_ext.distributed runs them, without communication) against the fused single-process op
    on the same rows: what splitting the vocabulary costs a rank besides the all-reduces.
 
-    python -m benchmarks.bench_distributed [--rows 4096] [--vocab 32000] [--world 2] [--reps 5] [--device cpu]
+    python -m benchmarks.bench_distributed [--rows 4096] [--vocab 32000] [--hidden 256] [--world 2] [--reps 5]
+                                           [--device cpu]
 """
 from __future__ import annotations
 
@@ -41,9 +45,17 @@ def _inputs(rows, V, seed=0):
     return torch.randn(rows, V, generator=g) * 2, torch.randn(rows, V, generator=g) * 2
 
 
-def _rank_main(rank, world, store, out, rows, V, reps, threads):
+def _heads(rows, V, H, seed=1):
+    """Student hidden states and head, teacher hidden states (2H) and head, as an LM-head loss takes them."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, H, generator=g), torch.randn(V, H, generator=g) * H ** -0.5,
+            torch.randn(rows, 2 * H, generator=g), torch.randn(V, 2 * H, generator=g) * (2 * H) ** -0.5)
+
+
+def _rank_main(rank, world, store, out, rows, V, H, reps, threads):
     import torch.distributed as dist
-    from kl_ext.distributed import vocab_parallel_jsd_with_logits, vocab_parallel_kl_div_with_logits
+    from kl_ext.distributed import (vocab_parallel_jsd_with_logits, vocab_parallel_kl_div_with_logits,
+                                    vocab_parallel_linear_distillation_loss)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x, t = _inputs(rows, V)
@@ -68,12 +80,27 @@ def _rank_main(rank, world, store, out, rows, V, reps, threads):
         step()
         dist.all_reduce = real
         result[name] = {"ms": ms, "allreduce_bytes": sum(sent), "allreduces": len(sent)}
+    hx, hw, tx, tw = _heads(rows, V, H)
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    hx.requires_grad_()
+    hw = hw[lo:hi].contiguous().requires_grad_()
+    tw = tw[lo:hi].contiguous()
+
+    def step():
+        hx.grad = hw.grad = None
+        vocab_parallel_linear_distillation_loss(hx, hw, tx, target_linear_weight=tw, check_ranks=False).backward()
+    ms = _median_ms(step, reps, dist.barrier)
+    sent.clear()
+    dist.all_reduce = counting
+    step()
+    dist.all_reduce = real
+    result["linear"] = {"ms": ms, "allreduce_bytes": sum(sent), "allreduces": len(sent)}
     dist.destroy_process_group()
     with open(out, "w") as f:
         json.dump(result, f)
 
 
-def world_rows(rows, V, world, reps):
+def world_rows(rows, V, H, world, reps):
     import kl_ext
     cores = torch.get_num_threads()
     x, t = _inputs(rows, V)
@@ -84,20 +111,29 @@ def world_rows(rows, V, world, reps):
             x.grad = None
             fn(x, t).backward()
         single[name] = _median_ms(step, reps)
+    hx, hw, tx, tw = _heads(rows, V, H)
+    hx.requires_grad_()
+    hw.requires_grad_()
+
+    def step():
+        hx.grad = hw.grad = None
+        kl_ext.linear_distillation_loss(hx, hw, tx, target_linear_weight=tw).backward()
+    single["linear"] = _median_ms(step, reps)
     d = tempfile.mkdtemp()
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_distributed", "--rank", str(r), "--world",
                                str(world), "--store", os.path.join(d, "store"), "--out", os.path.join(d, f"{r}.json"),
-                               "--rows", str(rows), "--vocab", str(V), "--reps", str(reps),
+                               "--rows", str(rows), "--vocab", str(V), "--hidden", str(H), "--reps", str(reps),
                                "--threads", str(max(1, cores // world))]) for r in range(world)]
     for p in procs:
         assert p.wait() == 0, "a rank failed"
     ranks = [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(world)]
     print(f"\n{world} gloo ranks x {max(1, cores // world)} threads vs 1 process x {cores} threads; "
-          f"({rows}, {V}) fp32, fwd+bwd, median of {reps}")
+          f"({rows}, {V}) fp32, fwd+bwd, median of {reps}; linear: the LM-head loss from ({rows}, {H}) hidden "
+          f"states and ({V}, {H}) heads (teacher: {2 * H}), KL")
     print("| loss | 1 process ms | slowest rank ms | ratio | all-reduces | bytes per rank | gather of the logits |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     gather = 2 * rows * V * 4 * (world - 1) // world  # student + teacher shards a rank would receive
-    for name in ("kl", "jsd"):
+    for name in ("kl", "jsd", "linear"):
         ms = max(r[name]["ms"] for r in ranks)
         print(f"| {name} | {single[name]:.1f} | {ms:.1f} | {ms / single[name]:.2f}x | {ranks[0][name]['allreduces']} | "
               f"{ranks[0][name]['allreduce_bytes']:,} | {gather:,} |")
@@ -134,6 +170,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,10 +180,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.rank is not None:
-        return _rank_main(a.rank, a.world, a.store, a.out, a.rows, a.vocab, a.reps, a.threads)
+        return _rank_main(a.rank, a.world, a.store, a.out, a.rows, a.vocab, a.hidden, a.reps, a.threads)
     device = torch.device(a.device)
     if device.type == "cpu":
-        world_rows(a.rows, a.vocab, a.world, a.reps)
+        world_rows(a.rows, a.vocab, a.hidden, a.world, a.reps)
     passes_rows(a.rows, a.vocab, a.world, a.reps, device)
 
 

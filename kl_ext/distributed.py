@@ -29,9 +29,10 @@ from kl_ext.jsd_with_logits import jsd_with_logits
 from kl_ext._backends import op, resolve
 from kl_ext._fused import (_flat_mask, _fused_backward, _grad_scale, _keep_grads, _reduce, _rows, _target, apply,
                            divergence_op, kernel_backward)
-from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_jsd, needs_grad
+from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_jsd, check_linear_distillation, needs_grad
 
-__all__ = ["vocab_parallel_kl_div_with_logits", "vocab_parallel_jsd_with_logits"]
+__all__ = ["vocab_parallel_kl_div_with_logits", "vocab_parallel_jsd_with_logits",
+           "vocab_parallel_linear_distillation_loss", "VocabParallelLinearDistillationLoss"]
 
 def _unwrap(input, target, mask, group):
     """DTensor input and target placed Shard(-1) on a 1-D mesh -> their local shards and the mesh's group."""
@@ -106,6 +107,78 @@ def _shard_terms(kl_r, ls_r, lt_r, shift, logits, forward):
     return torch.where(w > 0, w * (kl_r + d), zero)
 
 
+def _whole_rows(run, rows, V_r, beta, target_type, group, acc, device):
+    """The whole rows' loss (float64, per row; masked rows included) from this rank's shard, and the statistics
+    the finishing pass takes (`given`, acc dtype), and V (the summed shard widths, a device scalar). run(row_stats)
+    runs the fused op on the shard in a vocab-parallel mode (steps 1 - 3 of the module docstring)."""
+    jsd, forward, logits = 0 < beta < 1, beta == 0, target_type == "logits"
+    local = run(torch.empty((rows, 0), dtype=acc, device=device))[0].double()  # (rows, 3): shard loss, log-masses
+    kl_r, ls_r, lt_r = local.unbind(1)
+    shift, rel = _log_sum_exp(local[:, 1:], group)                                  # all-reduce 1
+    cols = [rel] if jsd else [rel, _shard_terms(kl_r, ls_r, lt_r, shift, logits, forward)[:, None]]
+    summed = torch.cat([torch.cat(cols, 1).reshape(-1), local.new_full((1,), V_r)])
+    dist.all_reduce(summed, group=group)                                            # all-reduce 2
+    total = summed[:-1].reshape(rows, -1)
+    LS = shift[:, 0] + torch.log(total[:, 0])
+    LT = shift[:, 1] + torch.log(total[:, 1])
+    given = torch.stack([LS, LT, torch.zeros_like(LS), torch.zeros_like(LS)], 1)
+    if jsd:
+        sums = run(given.to(acc))[0].double()                                       # this shard's sum q g, sum p h
+        dist.all_reduce(sums, group=group)                                          # all-reduce 3
+        given[:, 2:] = sums
+        loss = sums.sum(1)
+    else:
+        loss = _kl_from_shards(total, LS, LT, logits, forward)
+        given[:, 2] = loss
+    return loss, given.to(acc), summed[-1]
+
+
+def shard_rows_loss(fn, x, t, mask, target_type, options, beta, group, grad, grad_scale):
+    """(loss per row in acc dtype, gradient w.r.t. x times grad_scale or None) of the whole rows whose shards
+    are x, t on this rank: fn is the fused op (kl_div_with_logits_fwd / jsd_with_logits_fwd of a kernel backend)
+    with its `options`. For linear_distillation_loss's vocab-parallel form, per chunk of rows."""
+    acc = acc_dtype(x.dtype)
+
+    def run(row_stats, gi=False):
+        return fn(x, t, mask, target_type, *options, gi, False, grad_scale if gi else None, row_stats)
+
+    loss, given, _ = _whole_rows(run, x.shape[0], x.shape[-1], beta, target_type, group, acc, x.device)
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss.to(acc), (run(given, True)[1] if grad else None)
+
+
+def shard_cross_entropy(z, local_labels, live, group, grad, grad_scale):
+    """Cross-entropy of the whole rows whose shards are z (rows, V_r) on this rank, each label held by one rank
+    (local_labels: the label minus this rank's first class; outside [0, V_r): another rank's): (loss per row in
+    acc dtype, 0 where not live; gradient w.r.t. z times grad_scale, in z's dtype, or None). Two all-reduces of
+    O(rows) values: the rows' maxima, then their exponential sums and label logits."""
+    acc = acc_dtype(z.dtype)
+    rows, V_r = z.shape
+    zf = z.to(acc)
+    owned = (local_labels >= 0) & (local_labels < V_r)
+    m = zf.amax(-1) if V_r else zf.new_full((rows,), -math.inf)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(zf - shift[:, None])
+    idx = local_labels.clamp(0, max(V_r - 1, 0))[:, None]
+    picked = zf.gather(1, idx)[:, 0] if V_r else torch.zeros_like(m)
+    sums = torch.stack([e.sum(-1), torch.where(owned, picked, torch.zeros_like(picked))], 1)
+    dist.all_reduce(sums, group=group)
+    loss = shift + torch.log(sums[:, 0]) - sums[:, 1]
+    if live is not None:
+        loss = torch.where(live, loss, torch.zeros_like(loss))
+    if not grad:
+        return loss, None
+    g = e / sums[:, :1]
+    if V_r:
+        g.scatter_add_(1, idx, -owned.to(acc)[:, None])  # softmax - one-hot
+    g = g * grad_scale
+    if live is not None:
+        g = torch.where(live[:, None], g, torch.zeros_like(g))
+    return loss, g.to(z.dtype)
+
+
 class VocabParallelFunction(torch.autograd.Function):
     """A row-softmax loss (KL or generalized JSD) over vocabulary shards; see the module docstring."""
 
@@ -113,8 +186,6 @@ class VocabParallelFunction(torch.autograd.Function):
     def forward(ctx, input, target, mask, beta, target_type, temperature, reduction, group, backend, grad_input,
                 grad_target):
         name, options = divergence_op(beta, temperature)
-        jsd, forward = 0 < beta < 1, beta == 0
-        logits = target_type == "logits"
         acc = acc_dtype(input.dtype)
         rows, V_r = math.prod(input.shape[:-1]), input.shape[-1]
         x, t, m = _rows(input), _rows(_target(target, input)), _flat_mask(mask)
@@ -122,32 +193,13 @@ class VocabParallelFunction(torch.autograd.Function):
         def run(row_stats, gi=False, gt=False, grad_scale=None):
             return op(backend, name)(x, t, m, target_type, *options, gi, gt, grad_scale, row_stats)
 
-        local = run(x.new_empty((rows, 0), dtype=acc))[0].double()  # (rows, 3): shard loss, log-masses
-        kl_r, ls_r, lt_r = local.unbind(1)
-        shift, rel = _log_sum_exp(local[:, 1:], group)                              # all-reduce 1
-        cols = [rel] if jsd else [rel, _shard_terms(kl_r, ls_r, lt_r, shift, logits, forward)[:, None]]
-        summed = torch.cat([torch.cat(cols, 1).reshape(-1), local.new_full((1,), V_r)])
-        dist.all_reduce(summed, group=group)                                        # all-reduce 2
-        V = summed[-1]
-        total = summed[:-1].reshape(rows, -1)
-        LS = shift[:, 0] + torch.log(total[:, 0])
-        LT = shift[:, 1] + torch.log(total[:, 1])
-        given = torch.stack([LS, LT, torch.zeros_like(LS), torch.zeros_like(LS)], 1)
-        if jsd:
-            sums = run(given.to(acc))[0].double()                                   # this shard's sum q g, sum p h
-            dist.all_reduce(sums, group=group)                                      # all-reduce 3
-            given[:, 2:] = sums
-            loss = sums.sum(1)
-        else:
-            loss = _kl_from_shards(total, LS, LT, logits, forward)
-            given[:, 2] = loss
+        loss, given, V = _whole_rows(run, rows, V_r, beta, target_type, group, acc, input.device)
         if mask is not None:
             loss = torch.where(m, loss, torch.zeros_like(loss))
         counted = m.sum() if mask is not None else rows
         if reduction == "mean":
             counted = counted * V
         grad_scale = _grad_scale(reduction, counted, acc, input.device)
-        given = given.to(acc)
         if grad_input or grad_target:
             _, gx, gt = run(given, grad_input, grad_target, grad_scale)             # finishing pass
         else:
@@ -210,3 +262,139 @@ def vocab_parallel_jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *,
     the forward and reverse KL)."""
     return _vocab_parallel(input, target, beta, group, target_type, temperature, reduction, mask, backend,
                            check_ranks)
+
+
+def _local(x, name, dim):
+    """A DTensor argument -> (its local tensor, its mesh's group); a plain tensor or None -> (itself, None). dim:
+    the dim it must be sharded on (None: replicated)."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch without DTensor
+        return x, None
+    if not isinstance(x, DTensor):
+        return x, None
+    want = Replicate() if dim is None else Shard(dim % x.dim())
+    placements = [Shard(p.dim % x.dim()) if isinstance(p, Shard) else p for p in x.placements]
+    if x.device_mesh.ndim != 1 or placements != [want]:
+        raise ValueError(f"kl_ext: {name} must be a DTensor on a 1-D device mesh placed {want}, got "
+                         f"{x.placements} on a {x.device_mesh.ndim}-D mesh; redistribute it, e.g. "
+                         f"{name}.redistribute(mesh, [{want}])")
+    return x.to_local(), x.device_mesh.get_group()
+
+
+def vocab_parallel_linear_distillation_loss(
+        input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *, group=None,
+        linear_bias: Optional[torch.Tensor] = None, target_linear_weight: Optional[torch.Tensor] = None,
+        target_linear_bias: Optional[torch.Tensor] = None, target_indices: Optional[torch.Tensor] = None,
+        target_type: str = "logits", divergence: str = "kl", beta: float = 0.5, tail: str = "bucket",
+        temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
+        labels: Optional[torch.Tensor] = None, ignore_index: int = -100, hard_weight: float = 0.0,
+        soft_weight: float = 1.0, mask: Optional[torch.Tensor] = None, reduction: str = "batchmean",
+        chunk_size: Optional[int] = None, backend: str = "auto", check_ranks: bool = True) -> torch.Tensor:
+    """linear_distillation_loss with the LM head split by vocabulary over `group`'s ranks (the Megatron /
+    torchtitan layout): no rank holds more than a chunk of its own shard's logits, and none is gathered.
+
+    linear_weight (V_r, H), linear_bias (V_r,), target_linear_weight (V_r, H_t), target_linear_bias and a dense
+    target (..., V_r) are this rank's shard of the classes (the ranks' shards, in rank order, make the V classes;
+    V_r may differ), or DTensors placed Shard(0) (a dense target: Shard(-1)) on a 1-D mesh. input (..., H), the
+    teacher's hidden states, labels and mask are the same on every rank. Returns, on every rank, what
+    linear_distillation_loss gives with the gathered weights; input's gradient is the whole one on every rank,
+    each weight's gradient is this rank's shard of the whole one. Divergences "kl", "reverse_kl", "jsd"; hard
+    labels (each held by the rank whose shard has it); reductions "batchmean", "sum", "none". A top-k teacher
+    (target_indices) is not supported here.
+
+    Per chunk of rows: this rank's GEMM; the row statistics combined with all-reduces of O(chunk) values (2 for
+    the KL, 3 for the JSD, 2 for the hard loss); the fused kernels' vocab-parallel modes; the gradient GEMMs, the
+    input gradient summed with one all-reduce of chunk x H. Before the chunks, one all-gather of the shard widths
+    (and, with chunk_size=None, a host sync to agree on the chunk size from the whole V: pass chunk_size to avoid
+    it). check_ranks as in vocab_parallel_kl_div_with_logits.
+
+    Example, in each of 2 processes (torchrun --nproc-per-node 2; examples/tp_distill.py trains with it):
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        shard = slice(rank * V // world, (rank + 1) * V // world)
+        loss = vocab_parallel_linear_distillation_loss(hidden, head.weight[shard], teacher_hidden,
+                                                       target_linear_weight=teacher_head[shard], chunk_size=1024)
+    """
+    from kl_ext.linear_distillation_loss import _fused, default_chunk_size, linear_distillation_loss
+    groups = []
+    local = {}
+    for name, x, dim in (("input", input, None), ("linear_weight", linear_weight, 0), ("linear_bias", linear_bias, 0),
+                         ("target_linear_weight", target_linear_weight, 0),
+                         ("target_linear_bias", target_linear_bias, 0),
+                         ("target", target, None if target_linear_weight is not None else -1),
+                         ("labels", labels, None), ("mask", mask, None)):
+        local[name], g = _local(x, name, dim)
+        groups.append(g)
+    if group is None:  # a DTensor's mesh, else the world
+        group = next((g for g in groups if g is not None), None) or dist.group.WORLD
+    input, linear_weight, target, labels, mask = (local[k] for k in ("input", "linear_weight", "target", "labels",
+                                                                     "mask"))
+    linear_bias, target_linear_weight, target_linear_bias = (local[k] for k in ("linear_bias", "target_linear_weight",
+                                                                                "target_linear_bias"))
+    if target_indices is not None:
+        raise ValueError("kl_ext: a top-k teacher (target_indices) over vocabulary shards is not supported; give the "
+                         "teacher as hidden states + its head's shard, or as this rank's shard of dense rows")
+    kw = dict(linear_bias=linear_bias, target_linear_weight=target_linear_weight,
+              target_linear_bias=target_linear_bias, target_type=target_type, divergence=divergence, beta=beta,
+              tail=tail, temperature=temperature, logit_scale=logit_scale, softcap=softcap, labels=labels,
+              ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight, mask=mask,
+              reduction=reduction, chunk_size=chunk_size)
+    form = "hidden" if target_linear_weight is not None else "dense"
+    check_linear_distillation(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias,
+                              None, form, target_type, divergence, beta, tail, temperature, logit_scale, softcap,
+                              labels, hard_weight, soft_weight, mask, reduction, chunk_size)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("kl_ext: the vocab-parallel losses need torch.distributed initialized "
+                           "(torch.distributed.init_process_group); on one process use linear_distillation_loss")
+    if dist.get_world_size(group) == 1:  # exactly the single-process loss
+        return linear_distillation_loss(input, linear_weight, target, backend=backend, **kw)
+    be = resolve(backend, input.device)
+    if be == "torch":
+        raise RuntimeError("kl_ext: the vocab-parallel losses run on the kernel backends ('cpu', 'cuda', "
+                           "'triton'); the C++ extension is not built here (see README 'Install')")
+    if check_ranks:
+        signature = (tuple(input.shape), str(input.dtype), str(target.dtype), form,
+                     tuple(target.shape[:-1]) if form == "dense" else tuple(target.shape), target_type, divergence,
+                     float(beta), float(temperature), float(logit_scale), softcap, labels is not None,
+                     float(hard_weight), float(soft_weight), mask is not None, reduction, chunk_size,
+                     linear_bias is not None, target_linear_bias is not None)
+        _check_ranks(group, signature, input.device)
+    width = torch.tensor([linear_weight.shape[0]], dtype=torch.int64, device=input.device)
+    widths = [torch.empty_like(width) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(widths, width, group=group)
+    widths = torch.cat(widths)
+    offset = widths[:dist.get_rank(group)].sum()
+    rows = math.prod(input.shape[:-1])
+    if chunk_size is None:  # every rank must run the same chunks (their collectives pair up): from the whole V
+        kw["chunk_size"] = default_chunk_size(rows, input.shape[-1], int(widths.sum()), cuda=input.is_cuda)
+    return _fused(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, None, form,
+                  target_type, divergence, beta, tail, temperature, logit_scale, softcap, labels, ignore_index,
+                  hard_weight, soft_weight, mask, reduction, kw["chunk_size"], be, group=group, label_offset=offset)
+
+
+class VocabParallelLinearDistillationLoss(torch.nn.Module):
+    """Module form of vocab_parallel_linear_distillation_loss: settings (and the group) in __init__, tensors in
+    forward, as kl_ext.LinearDistillationLoss."""
+
+    def __init__(self, *, group=None, target_type: str = "logits", divergence: str = "kl", beta: float = 0.5,
+                 temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                 ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                 reduction: str = "batchmean", chunk_size: Optional[int] = None, backend: str = "auto",
+                 check_ranks: bool = True):
+        super().__init__()
+        self.group = group
+        self.settings = dict(target_type=target_type, divergence=divergence, beta=beta, temperature=temperature,
+                             logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+                             hard_weight=hard_weight, soft_weight=soft_weight, reduction=reduction,
+                             chunk_size=chunk_size, backend=backend, check_ranks=check_ranks)
+
+    def forward(self, input, linear_weight, target, linear_bias=None, target_linear_weight=None,
+                target_linear_bias=None, labels=None, mask=None):
+        return vocab_parallel_linear_distillation_loss(
+            input, linear_weight, target, group=self.group, linear_bias=linear_bias,
+            target_linear_weight=target_linear_weight, target_linear_bias=target_linear_bias, labels=labels,
+            mask=mask, **self.settings)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.items())

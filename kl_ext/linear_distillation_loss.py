@@ -20,6 +20,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kl_ext import reference
@@ -77,6 +78,7 @@ class _Spec:
     has_labels: bool
     reduction: str
     chunk: int
+    group: object = None  # vocab-parallel (kl_ext.distributed): the weight, teacher and labels are this rank's shard
 
 
 def _logits(x, w, b, spec):
@@ -96,7 +98,22 @@ def _soft_op(spec, z, teacher, idx, live, grad, gs):
                                                         spec.temperature, grad, False, gs)[:2]
     name, options = divergence_op(spec.beta, spec.temperature)
     tt = "logits" if spec.form == "hidden" else spec.target_type
+    if spec.group is not None:  # the whole rows' loss from this rank's shard (O(chunk) all-reduces)
+        from kl_ext.distributed import shard_rows_loss
+        return shard_rows_loss(op(be, name), z, teacher, live, tt, options, spec.beta, spec.group, grad, gs)
     return op(be, name)(z, teacher, live, tt, *options, grad, False, gs)[:2]
+
+
+def _hard_op(spec, z, labels, live, grad, gs):
+    """The chunk's cross-entropy per row and its gradient w.r.t. z (times gs): the sparse-teacher op with a
+    one-hot teacher (labels -1: none), or over vocabulary shards (labels relative to this rank's first class)."""
+    if spec.group is not None:
+        from kl_ext.distributed import shard_cross_entropy
+        return shard_cross_entropy(z, labels, live, spec.group, grad, gs)
+    one_hot = labels.unsqueeze(-1)
+    return op(spec.backend, "sparse_kl_div_with_logits_fwd")(
+        z, one_hot, torch.zeros(one_hot.shape, dtype=gs.dtype, device=z.device), live, "log_probs", "bucket", 1.0,
+        grad, False, gs)[:2]
 
 
 def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale, row_scale, want_grads):
@@ -130,10 +147,7 @@ def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale,
             ls, dz = _soft_op(spec, z, t, idx[s:e] if idx is not None else None, lc, want_grads, scales["soft"])
             loss[s:e] += spec.soft_weight * ls
         if spec.has_labels and spec.hard_weight != 0:
-            one_hot = labels[s:e].unsqueeze(-1)
-            lh, dh = op(spec.backend, "sparse_kl_div_with_logits_fwd")(
-                z, one_hot, torch.zeros(one_hot.shape, dtype=acc, device=x.device), lc, "log_probs", "bucket", 1.0,
-                want_grads, False, scales["hard"])[:2]
+            lh, dh = _hard_op(spec, z, labels[s:e], lc, want_grads, scales["hard"])
             loss[s:e] += spec.hard_weight * lh
             dz = dh if dz is None else dz + dh
         if not want_grads:
@@ -148,7 +162,14 @@ def _run_chunks(spec, x, w, b, teacher, t_w, t_b, idx, labels, live, grad_scale,
         elif spec.logit_scale != 1.0:
             g = g * spec.logit_scale
         g = g.to(x.dtype)
-        torch.mm(g, w, out=gx[s:e])
+        if spec.group is None:
+            torch.mm(g, w, out=gx[s:e])
+        elif gx.dtype == acc:  # each rank's shard of the vocabulary gives a part of the input gradient
+            dist.all_reduce(torch.mm(g, w, out=gx[s:e]), group=spec.group)
+        else:  # 16-bit: the parts summed in fp32, rounded once
+            part = _accumulate_mm(None, g, w, acc)
+            dist.all_reduce(part, group=spec.group)
+            gx[s:e] = part
         gw = _accumulate_mm(gw, g.t(), xc, gw_dtype)
         if gb is not None:
             gb += g.sum(0, dtype=acc)
@@ -245,6 +266,16 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
             divergence=divergence, beta=beta, tail=tail, temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
             soft_weight=soft_weight, mask=mask, reduction=reduction)
+    return _fused(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, target_indices,
+                  form, target_type, divergence, beta, tail, temperature, logit_scale, softcap, labels, ignore_index,
+                  hard_weight, soft_weight, mask, reduction, chunk_size, be)
+
+
+def _fused(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, target_indices, form,
+           target_type, divergence, beta, tail, temperature, logit_scale, softcap, labels, ignore_index, hard_weight,
+           soft_weight, mask, reduction, chunk_size, be, group=None, label_offset=None):
+    """The kernel backends' loss, on validated arguments. group: vocab-parallel (kl_ext.distributed), the weights
+    and a dense teacher this rank's shard, its classes starting at label_offset (a device scalar)."""
     lead = input.shape[:-1]
     rows = math.prod(lead)
     V = linear_weight.shape[0]
@@ -256,9 +287,11 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
         keep = lab != ignore_index
         live = keep if live is None else live & keep
         lab = torch.where(keep, lab, torch.full_like(lab, -1))
+        if label_offset is not None:
+            lab = lab - label_offset  # this rank's classes: [0, V_r); ignored rows stay negative
     spec = _Spec(be, form, target_type, divergence_beta(divergence, beta), tail,
                  float(temperature), float(logit_scale), None if softcap is None else float(softcap),
-                 float(hard_weight), float(soft_weight), labels is not None, reduction, int(chunk))
+                 float(hard_weight), float(soft_weight), labels is not None, reduction, int(chunk), group)
     x = input.reshape(rows, input.shape[-1])
     t = target.reshape(rows, target.shape[-1])
     idx = target_indices.reshape(rows, target_indices.shape[-1]) if target_indices is not None else None

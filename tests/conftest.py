@@ -155,3 +155,31 @@ def cuda_kernel_resources():
             name = None
     return kernels
 
+
+
+def gloo_worlds(tmp_path_factory, worker):
+    """world size -> per-rank {case: error or None} of tests/<worker> (RANK WORLD STORE OUT), run in `world`
+    processes of a gloo group; each world is spawned once, on first use."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = {}
+
+    def get(world):
+        if world not in done:
+            if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+                pytest.skip("torch.distributed with gloo is not available")
+            if not _usable("cpu", CPU)[0]:
+                pytest.skip("the C++ extension is not built")
+            d = tmp_path_factory.mktemp(f"world{world}")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                                               os.environ.get("PYTHONPATH", "")]),
+                       OMP_NUM_THREADS="1")
+            procs = [subprocess.Popen([sys.executable, os.path.join(here, worker), str(r), str(world),
+                                       str(d / "store"), str(d / f"rank{r}.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for r in range(world)]
+            logs = [p.communicate(timeout=900)[0] for p in procs]
+            for r, (p, log) in enumerate(zip(procs, logs)):
+                assert p.returncode == 0, f"rank {r} of {world} failed:\n{log[-4000:]}"
+            done[world] = [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]
+        return done[world]
+    return get
