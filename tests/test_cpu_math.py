@@ -43,6 +43,11 @@ def _floats(first, last, step=1, negative=False):
         "log1p-small", "log1p-binades", "log1p_unit-top", "log1p_unit-binades"])
 def test_within_ulps(require_backend, fn, floats, ulps):
     require_backend("cpu")
+    from kl_ext._fused import _native
+    if fn == "expm1_nonpos" and _native().cpu_capability == "default":
+        # The portable build has no FMA: its products round apart (worst 1.498 ulp over every float of
+        # [-1.06, -0.94], 2026-12-05; the FMA builds 1.4).
+        ulps = 1.5
     err = _ulp_error(fn, _floats(*floats))
     assert err.max().item() <= ulps, f"worst {err.max().item():.3f} ulp"
 
