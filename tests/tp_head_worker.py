@@ -2,15 +2,12 @@
 vocab_parallel_linear_distillation_loss on its shard of the LM head, compares with linear_distillation_loss on the
 gathered head in float64, and writes {case: error message or None} as JSON.
 Usage: python tp_head_worker.py RANK WORLD STORE_FILE OUT_FILE"""
-import json
-import os
-import sys
-import traceback
 import zlib
 
 import torch
 import torch.distributed as dist
 
+import gloo_rank
 import kl_ext
 from kl_ext.distributed import VocabParallelLinearDistillationLoss, vocab_parallel_linear_distillation_loss
 
@@ -125,15 +122,7 @@ def run_case(c, rank, world):
 def special_cases(rank, world, group1):
     """DTensor weights, the collectives counted, peak memory per chunk, a group of one, the Module, bad input."""
     out = {}
-
-    def case(name):
-        def wrap(fn):
-            try:
-                fn()
-                out[name] = None
-            except Exception:  # noqa: BLE001  (reported to the test, which fails with it)
-                out[name] = traceback.format_exc()
-        return wrap
+    case = gloo_rank.recorder(out)
 
     V = 37 if world == 2 else 100
     gen = torch.Generator().manual_seed(11)
@@ -258,26 +247,5 @@ def special_cases(rank, world, group1):
     return out
 
 
-def main():
-    rank, world, store, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    results = {}
-    for name, c in cases(world).items():
-        try:
-            run_case(c, rank, world)
-            results[name] = None
-        except Exception:  # noqa: BLE001  (reported to the test, which fails with it)
-            results[name] = traceback.format_exc()
-    group1 = dist.new_group([0])  # every rank takes part in creating it
-    results.update(special_cases(rank, world, group1 if rank == 0 else None))
-    with open(out_file, "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo's threads can abort the interpreter's teardown (see tests/vocab_parallel_worker.py)
-
-
 if __name__ == "__main__":
-    main()
+    gloo_rank.main(cases, run_case, special_cases)

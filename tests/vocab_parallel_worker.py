@@ -1,15 +1,12 @@
 """One rank of tests/test_distributed.py's gloo group: runs every case on its shard of the vocabulary, compares
 with the single-process float64 reference on the gathered rows, and writes {case: error message or None} as
 JSON.  Usage: python vocab_parallel_worker.py RANK WORLD STORE_FILE OUT_FILE"""
-import json
-import os
-import sys
-import traceback
 import zlib
 
 import torch
 import torch.distributed as dist
 
+import gloo_rank
 from kl_ext import reference
 from kl_ext.distributed import vocab_parallel_jsd_with_logits, vocab_parallel_kl_div_with_logits
 
@@ -103,15 +100,7 @@ def run_case(c, rank, world):
 def special_cases(rank, world, group1):
     """Cases beyond the grid: DTensor, collectives counted, group of one, disagreeing ranks, identical rows."""
     out = {}
-
-    def case(name):
-        def wrap(fn):
-            try:
-                fn()
-                out[name] = None
-            except Exception:  # noqa: BLE001  (reported to the test, which fails with it)
-                out[name] = traceback.format_exc()
-        return wrap
+    case = gloo_rank.recorder(out)
 
     V = 37 if world == 2 else 1000
     gen = torch.Generator().manual_seed(7)
@@ -201,28 +190,5 @@ def special_cases(rank, world, group1):
     return out
 
 
-def main():
-    rank, world, store, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    results = {}
-    for name, c in cases(world).items():
-        try:
-            run_case(c, rank, world)
-            results[name] = None
-        except Exception:  # noqa: BLE001  (reported to the test, which fails with it)
-            results[name] = traceback.format_exc()
-    group1 = dist.new_group([0])  # every rank takes part in creating it
-    results.update(special_cases(rank, world, group1 if rank == 0 else None))
-    with open(out_file, "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    # Gloo's worker threads can abort the interpreter's own teardown ("terminate called without an active
-    # exception": CI, 2026-11-24; pytorch/pytorch#179291): every result is written and the group destroyed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    main()
+    gloo_rank.main(cases, run_case, special_cases)
