@@ -19,7 +19,10 @@ limited() {
 if has build; then
     { nvidia-smi; which python; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
         > "$OUT/env.txt" 2>&1
-    # The box's own GPU only (sm_90): a third of the default build's compile time.
+    # The box's own GPU only (sm_90): a third of the default build's compile time. CPU kernels: the portable
+    # module and the one this CPU runs (setup.py builds them one after another; exported, so the tests know).
+    cpu_cap=$(python -c "import torch; c = torch.backends.cpu.get_cpu_capability().lower(); print(c if c in ('avx2', 'avx512') else 'default')")
+    export KL_EXT_CPU_CAPABILITIES="${KL_EXT_CPU_CAPABILITIES:-default,$cpu_cap}"
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
         python -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
         || { tail -50 "$OUT/build.log"; exit 1; }
