@@ -152,14 +152,15 @@ def passes_rows(rows, V, world, reps, device):
           f"median ms of {reps}")
     print("| loss | fused op (fwd+grad) | statistics pass | finishing pass(es) | vocab-parallel total | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, opt in (("kl_div_with_logits_fwd", "forward"), ("jsd_with_logits_fwd", 0.5)):
+    for name, opts in (("kl_div_with_logits_fwd", ("forward",)), ("divergence_with_logits_fwd", ("jsd", 0.5))):
         f = op(be, name)
-        fused = time_ms(lambda: f(x, t, None, "logits", 1.0, opt, True, False, gs), device, reps)
-        stats = time_ms(lambda: f(x, t, None, "logits", 1.0, opt, False, False, None, x.new_empty((rows, 0))),
+        fused = time_ms(lambda: f(x, t, None, "logits", 1.0, *opts, True, False, gs), device, reps)
+        stats = time_ms(lambda: f(x, t, None, "logits", 1.0, *opts, False, False, None, x.new_empty((rows, 0))),
                         device, reps)
-        finish = time_ms(lambda: f(x, t, None, "logits", 1.0, opt, True, False, gs, given), device, reps)
-        if name.startswith("jsd"):  # the JSD's loss pass (its sums) before the gradient pass
-            finish += time_ms(lambda: f(x, t, None, "logits", 1.0, opt, False, False, None, given), device, reps)
+        finish = time_ms(lambda: f(x, t, None, "logits", 1.0, *opts, True, False, gs, given), device, reps)
+        if name.startswith("divergence"):  # the JSD's loss pass (its sums) before the gradient pass
+            finish += time_ms(lambda: f(x, t, None, "logits", 1.0, *opts, False, False, None, given), device,
+                              reps)
         sync(device)
         total = stats + finish
         print(f"| {name.split('_')[0]} | {fused:.2f} | {stats:.2f} | {finish:.2f} | {total:.2f} | "

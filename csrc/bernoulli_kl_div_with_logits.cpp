@@ -1,4 +1,4 @@
-// bernoulli_kl_div_with_logits: op schema + CPU kernel. One elementwise kernel family serves both the
+// bernoulli_kl_div_with_logits: CPU kernel (schema: kl_ext/_ops.py). One elementwise kernel family serves both the
 // sigmoid-Bernoulli KL (subtract_entropy=true) and binary_cross_entropy_with_logits (subtract_entropy=false,
 // optional pos_weight): they share the cross-entropy term and the gradient w.r.t. the input.
 //
@@ -201,17 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bernoulli_kl_div_with_logits_fwd_
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
-  // Elementwise (rows, C) loss (accumulation dtype) when `elementwise`, else per-row sums (rows,); gradients of
-  // the summed loss w.r.t. input / target times grad_scale (0-dim, accumulation dtype) when asked (empty
-  // otherwise). weight / pos_weight: accumulation dtype, per class or per element. subtract_entropy=false is
-  // binary cross-entropy with logits.
-  m.def(
-      "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-      "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
-      "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) {
   m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_kl_div_with_logits_fwd_cpu);

@@ -11,6 +11,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "divergences.h"
+
 namespace kl_ext {
 
 enum class TargetType { Logits, LogProbs, Probs };
@@ -145,29 +147,33 @@ inline void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& 
               "kl_ext: mask must be a contiguous bool tensor with one value per row, on the input's device");
 }
 
-// A kl_div_with_logits_fwd / jsd_with_logits_fwd call after its checks: parsed options and the outputs every
-// backend fills (direction: forward for the JSD).
+// A kl_div_with_logits_fwd / divergence_with_logits_fwd call after its checks: parsed options and the outputs
+// every backend fills (direction: forward for the divergences; divergence and param: theirs, unused by the KL).
 //
 // Vocabulary-parallel modes (row_stats given; kl_ext/distributed.py): the rows are one shard of the vocabulary.
 //  * row_stats (rows, 0), the statistics pass (no gradients): `shard` (rows, 3) gets the row's loss on this shard
-//    alone (the KL; 0 for the JSD) and the log-masses of student and teacher on the shard: the log-sum-exp of
+//    alone (the KL; 0 for the divergences) and the log-masses of student and teacher on the shard: the log-sum-exp of
 //    input / T and of target / T (log of their sum for probs / log-probs targets), -inf where there is none.
 //  * row_stats (rows, 4) of the full rows, the finishing pass (`given`): the log-masses of student and teacher
-//    and the row sums the gradients take (the KL: the row's KL; the JSD: sum q g, sum p h). The kernels use them
-//    instead of the shard's own statistics; `shard` (rows, 2) gets the JSD's sums over this shard (zeros for the
-//    KL, whose loss the statistics pass gives).
+//    and the row sums the gradients take (the KL: the row's KL; a divergence: sum q dL/dq, sum p dL/dp). The
+//    kernels use them instead of the shard's own statistics; `shard` (rows, 2) gets a divergence's sums over this
+//    shard (zeros for the KL, whose loss the statistics pass gives). A divergence's row loss is their sum: each
+//    is 1-homogeneous in (p, q), so L = sum q dL/dq + sum p dL/dp (Euler).
 // `loss` is then scratch; masked rows give zeros in `shard`.
 struct KLCall {
   TargetType target_type;
   Direction direction;
   at::Tensor loss, gx, gt;
   at::Tensor shard, given;  // undefined unless row_stats was given
+  bool is_divergence = false;  // divergence_with_logits_fwd's call
+  Divergence divergence = Divergence::JSD;
+  double param = 0;
 
   // What the op returns as its loss.
   const at::Tensor& out() const { return shard.defined() ? shard : loss; }
 };
 
-// The checks and outputs of the row-softmax losses' ops (kl_div_with_logits_fwd, jsd_with_logits_fwd).
+// The checks and outputs of the row-softmax losses' ops (kl_div_with_logits_fwd, divergence_with_logits_fwd).
 inline KLCall prepare_softmax_rows(const at::Tensor& input, const at::Tensor& target,
                                    const c10::optional<at::Tensor>& mask, c10::string_view target_type,
                                    double temperature, bool grad_input, bool grad_target,
@@ -206,14 +212,22 @@ inline KLCall prepare_kl(const at::Tensor& input, const at::Tensor& target, cons
   return call;
 }
 
-inline KLCall prepare_jsd(const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
-                          c10::string_view target_type, double temperature, double beta, bool grad_input,
-                          bool grad_target, const c10::optional<at::Tensor>& grad_scale,
-                          const c10::optional<at::Tensor>& row_stats) {
-  TORCH_CHECK(beta > 0 && beta < 1,
-              "kl_ext: jsd_with_logits_fwd takes 0 < beta < 1 (beta 0 and 1 are kl_div_with_logits_fwd's directions)");
-  return prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target, grad_scale,
-                              row_stats);
+// param: JSD beta, skew alpha, both in (0, 1) (0 and 1 are the KL op's directions); unused by the TVD.
+inline KLCall prepare_divergence(const at::Tensor& input, const at::Tensor& target,
+                                 const c10::optional<at::Tensor>& mask, c10::string_view target_type,
+                                 double temperature, c10::string_view divergence, double param, bool grad_input,
+                                 bool grad_target, const c10::optional<at::Tensor>& grad_scale,
+                                 const c10::optional<at::Tensor>& row_stats) {
+  const Divergence d = parse_divergence(std::string(divergence));
+  TORCH_CHECK(!divergence_has_param(d) || (param > 0 && param < 1),
+              "kl_ext: divergence_with_logits_fwd takes 0 < param < 1 (0 and 1 are kl_div_with_logits_fwd's "
+              "directions)");
+  KLCall call = prepare_softmax_rows(input, target, mask, target_type, temperature, grad_input, grad_target,
+                                     grad_scale, row_stats);
+  call.is_divergence = true;
+  call.divergence = d;
+  call.param = param;
+  return call;
 }
 
 // sparse_kl_div_with_logits_fwd after its checks: parsed options and the outputs every backend fills (gv: the

@@ -1,6 +1,6 @@
 // The Python module kl_ext._cpu_<capability> (TORCH_EXTENSION_NAME): one build of the CPU kernels, compiled by
-// setup.py once per capability with that capability's flags. Importing it runs the ops' TORCH_LIBRARY schemas and
-// CPU registrations; kl_ext/_cpu.py imports exactly one.
+// setup.py once per capability with that capability's flags. Importing it runs the ops' CPU registrations
+// (schemas: kl_ext/_ops.py); kl_ext/_cpu.py imports exactly one.
 #include <torch/csrc/utils/pybind.h>
 
 #include <string>

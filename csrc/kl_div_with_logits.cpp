@@ -1,4 +1,4 @@
-// kl_div_with_logits: op schema + CPU kernel.
+// kl_div_with_logits: CPU kernel (schema: kl_ext/_ops.py).
 //
 // Per row: student and teacher are staged in per-thread buffers (accumulation type) that stay in L2, so the
 // input is read from memory once; softmax statistics, the row's KL and, when asked, the gradients of that
@@ -164,17 +164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
-  // Per-row KL (accumulation dtype, 0 for masked rows) and, when asked, the gradients of each row's KL w.r.t. input
-  // and target times grad_scale (a 0-dim accumulation-dtype tensor, e.g. 1 / rows for 'batchmean'; empty tensors
-  // when not asked). input/target: rows (csrc/common.h, RowLayout), a supported dtype pair (dtype_pair_supported). row_stats: the vocab-parallel modes
-  // (csrc/common.h, KLCall), which return (rows, 3) or (rows, 2) instead of the per-row KL.
-  m.def(
-      "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None, Tensor? row_stats=None) "
-      "-> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("kl_div_with_logits_fwd", &kl_div_with_logits_fwd_cpu); }
 

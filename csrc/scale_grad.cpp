@@ -1,4 +1,4 @@
-// scale_grad / scale_grad_: op schemas + CPU kernels. The backward of every kl_ext loss: the forward already
+// scale_grad / scale_grad_: CPU kernels (schemas: kl_ext/_ops.py). The backward of every kl_ext loss: the forward already
 // produced the gradient of the loss, backward multiplies it by grad_output, which lives on the device as a
 // tensor (one value, one per row, or one per element), so no host sync is ever needed. The in-place form
 // touches no memory when the single scale is exactly 1 (loss.backward() on a reduced loss).
@@ -69,12 +69,6 @@ at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 void scale_grad_inplace_cpu(at::Tensor& grad, const at::Tensor& scale) { scale_into(grad, scale, grad); }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
-  // grad * scale, scale (accumulation dtype) broadcast as one value, one per row, or one per element.
-  m.def("scale_grad(Tensor grad, Tensor scale) -> Tensor");
-  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) {
   m.impl("scale_grad", &scale_grad_cpu);

@@ -1,5 +1,5 @@
-// sparse_kl_div_with_logits: op schema + CPU kernel. KL(teacher || student) with the teacher given on a support
-// S of k entries per row (cached top-k), over the student's full softmax ls = log_softmax(input / T):
+// sparse_kl_div_with_logits: CPU kernel (schema: kl_ext/_ops.py). KL(teacher || student) with the teacher given
+// on a support S of k entries per row (cached top-k), over the student's full softmax ls = log_softmax(input / T):
 //   teacher log-weights w_i: logits v / T, log-probs v, probs log v (empty slots, index -1, are skipped);
 //   normalized (target "logits", or tail "renorm"): lp = w - lse_S(w), p = exp(lp), no tail term;
 //   "bucket": lp = w, p the given probs, p_tail = max(-expm1(lse_S(w)), 0) (0 when S covers every class),
@@ -140,16 +140,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_with_logits_fwd_cpu
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
-  // Per-row KL from a sparse teacher (accumulation dtype, 0 for masked rows) and, when asked, the gradients of
-  // each row's loss w.r.t. input and target_values times grad_scale. target_indices: int64 (rows, k), -1 for an
-  // empty slot; target_values: (rows, k) in the accumulation dtype. tail: "bucket" or "renorm".
-  m.def(
-      "sparse_kl_div_with_logits_fwd(Tensor input, Tensor target_indices, Tensor target_values, Tensor? mask, "
-      "str target_type, str tail, float temperature, bool grad_input, bool grad_target, Tensor? grad_scale=None) "
-      "-> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("sparse_kl_div_with_logits_fwd", &sparse_kl_div_with_logits_fwd_cpu); }
 

@@ -4,10 +4,14 @@ Importing kl_ext needs no GPU: the native extension registers its ops on first u
 only when the triton backend is chosen.
 """
 from kl_ext import _torch_range  # noqa: F401  (first: refuses a torch outside the supported range)
+from kl_ext import _ops  # noqa: F401  (the ops' schemas and fakes, before any kernel registers)
 from kl_ext._backends import available_backends
 from kl_ext.functional import (BCEWithLogitsFunction, BernoulliKLDivWithLogitsFunction, KLDivWithLogitsFunction,
                                bernoulli_kl_div_with_logits, binary_cross_entropy_with_logits, kl_div_with_logits)
-from kl_ext.jsd_with_logits import JSDWithLogitsFunction, JSDWithLogitsLoss, jsd_with_logits
+from kl_ext._divergence import DivergenceWithLogitsFunction
+from kl_ext.jsd_with_logits import JSDWithLogitsLoss, jsd_with_logits
+from kl_ext.skew_kl_div_with_logits import SkewKLDivWithLogitsLoss, skew_kl_div_with_logits
+from kl_ext.tvd_with_logits import TVDWithLogitsLoss, tvd_with_logits
 from kl_ext.sparse_kl_div_with_logits import (SparseKLDivWithLogitsFunction, SparseKLDivWithLogitsLoss,
                                               sparse_kl_div_with_logits, topk_target)
 from kl_ext.linear_distillation_loss import (LinearDistillationFunction, LinearDistillationLoss,
@@ -16,7 +20,8 @@ from kl_ext.modules import BCEWithLogitsLoss, BernoulliKLDivWithLogitsLoss, KLDi
 
 __version__ = "0.1.0"
 __all__ = ["kl_div_with_logits", "KLDivWithLogitsLoss", "KLDivWithLogitsFunction",
-           "jsd_with_logits", "JSDWithLogitsLoss", "JSDWithLogitsFunction",
+           "jsd_with_logits", "JSDWithLogitsLoss", "tvd_with_logits", "TVDWithLogitsLoss",
+           "skew_kl_div_with_logits", "SkewKLDivWithLogitsLoss", "DivergenceWithLogitsFunction",
            "sparse_kl_div_with_logits", "SparseKLDivWithLogitsLoss", "SparseKLDivWithLogitsFunction", "topk_target",
            "linear_distillation_loss", "LinearDistillationLoss", "LinearDistillationFunction",
            "bernoulli_kl_div_with_logits", "BernoulliKLDivWithLogitsLoss", "BernoulliKLDivWithLogitsFunction",

@@ -24,13 +24,12 @@ ENV_VAR = "KL_EXT_BACKEND"
 
 @functools.lru_cache(maxsize=None)
 def native_loaded() -> bool:
-    """True when the compiled extension (kl_ext._C) imported and registered its ops."""
+    """True when the compiled extension (kl_ext._C) imported and registered its kernels (the schemas and
+    fakes: kl_ext/_ops.py)."""
     try:
         import kl_ext._C  # noqa: F401
     except ImportError:
         return False
-    from kl_ext import _fake
-    _fake.register("kl_ext")  # the C++ ops' fake kernels, for torch.compile (once: this result is cached)
     return True
 
 

@@ -175,12 +175,17 @@ def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, 
                          grad_target)
 
 
-def divergence_op(beta: float, temperature: float):
-    """(op name, its options after target_type) of the generalized JSD at beta: 0 < beta < 1 the JSD op; beta 0
-    and 1 are KL(teacher || student) and KL(student || teacher), the KL op's two directions (and its kernels)."""
-    if 0 < beta < 1:
-        return "jsd_with_logits_fwd", (temperature, beta)
-    return "kl_div_with_logits_fwd", (temperature, "forward" if beta == 0 else "reverse")
+# The divergences whose endpoint params are the KL op's directions (its kernels): {param: direction}.
+_KL_ENDPOINTS = {"jsd": {0: "forward", 1: "reverse"}, "skew_forward": {0: "forward"}, "skew_reverse": {0: "reverse"}}
+
+
+def divergence_op(divergence: str, param: float, temperature: float):
+    """(op name, its options after target_type) of a divergence of divergence_with_logits_fwd at param: the JSD
+    at beta 0 and 1 and the skew KL at alpha 0 are the KL op's directions (and its kernels), exactly."""
+    direction = _KL_ENDPOINTS.get(divergence, {}).get(param)
+    if direction is not None:
+        return "kl_div_with_logits_fwd", (temperature, direction)
+    return "divergence_with_logits_fwd", (temperature, divergence, float(param))
 
 
 class _EagerCtx:
@@ -188,26 +193,28 @@ class _EagerCtx:
     __slots__ = ("saved_tensors", "rerun")
 
 
-def apply(function, *args):
-    """function.apply(*args) for the losses' autograd Functions (arguments: input, target, ..., backend,
-    grad_input, grad_target). In eager mode the same forward runs without autograd.Function's machinery and
-    the backward is a C++ node (csrc/fused_backward.cpp) doing what _fused_backward does: the Python layers cost
-    ~100 µs per call, as much as the kernels of a small loss. torch.compile traces function.apply."""
+def apply(function, *args, backend: str, grad_input: bool, grad_target: bool):
+    """function.apply(*args, backend, grad_input, grad_target) for the losses' autograd Functions (their forward
+    takes input and target first, and these three last). In eager mode the same forward runs without
+    autograd.Function's machinery and the backward is a C++ node (csrc/fused_backward.cpp) doing what
+    _fused_backward does: the Python layers cost ~100 µs per call, as much as the kernels of a small loss.
+    torch.compile traces function.apply."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or not native_loaded():
-        return function.apply(*args)
+        return function.apply(*args, backend, grad_input, grad_target)
     ctx = _EagerCtx()
     grad_enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
-        out = function.forward(ctx, *args)
+        out = function.forward(ctx, *args, backend, grad_input, grad_target)
     finally:
         torch._C._set_grad_enabled(grad_enabled)
-    if args[-2] or args[-1]:
+    if grad_input or grad_target:
         gx, gt = ctx.saved_tensors
         del ctx.saved_tensors  # the node holds them (as saved variables: saved-tensor hooks apply), not ctx
-        scale_op = "kl_ext_triton::scale_grad_" if args[-3] == "triton" else "kl_ext::scale_grad_"
-        _native().attach_fused_backward(out, args[0], args[1], gx if args[-2] else None, gt if args[-1] else None,
-                                        scale_op, lambda: _recompute(ctx), function.__name__ + "Backward")
+        scale_op = "kl_ext_triton::scale_grad_" if backend == "triton" else "kl_ext::scale_grad_"
+        _native().attach_fused_backward(out, args[0], args[1], gx if grad_input else None,
+                                        gt if grad_target else None, scale_op, lambda: _recompute(ctx),
+                                        function.__name__ + "Backward")
     return out
 
 
@@ -238,7 +245,8 @@ def _recompute(ctx):
 
 
 def _fused_backward(ctx, grad_out):
-    """(grad input, grad target): the saved gradients times grad_output."""
+    """A loss Function's backward: the saved gradients times grad_output for its input and target (its first two
+    arguments), None for the rest."""
     # In each gradient's accumulation dtype (the BCE drop-in's loss may be float64 for float32 kernels).
     scale = grad_out.reshape(-1).contiguous()
     wanted = ctx.needs_input_grad[:2]
@@ -256,4 +264,5 @@ def _fused_backward(ctx, grad_out):
             if w:
                 op(ctx.backend, "scale_grad_")(g, scale.to(acc_dtype(g.dtype)))
             grads.append(g if w else None)
-    return tuple(g.reshape(shape) if g is not None else None for g, shape in zip(grads, ctx.shapes))
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)
+    return (*(g.reshape(shape) if g is not None else None for g, shape in zip(grads, ctx.shapes)), *rest)

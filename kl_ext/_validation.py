@@ -119,10 +119,14 @@ def check_kl(input, target, mask, target_type, temperature, direction, reduction
     _mask(mask, input)
 
 
-def check_jsd(input, target, mask, target_type, temperature, beta, reduction) -> None:
+def check_beta(beta) -> None:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
         raise ValueError(f"kl_ext: beta must be a number in [0, 1] (0: KL(teacher || student), 1: KL(student || "
                          f"teacher), 0.5: the symmetric JSD), got {beta!r}")
+
+
+def check_jsd(input, target, mask, target_type, temperature, beta, reduction) -> None:
+    check_beta(beta)
     check_kl(input, target, mask, target_type, temperature, "forward", reduction)
 
 

@@ -135,8 +135,8 @@ def _whole_rows(run, rows, V_r, beta, target_type, group, acc, device):
 
 def shard_rows_loss(fn, x, t, mask, target_type, options, beta, group, grad, grad_scale):
     """(loss per row in acc dtype, gradient w.r.t. x times grad_scale or None) of the whole rows whose shards
-    are x, t on this rank: fn is the fused op (kl_div_with_logits_fwd / jsd_with_logits_fwd of a kernel backend)
-    with its `options`. For linear_distillation_loss's vocab-parallel form, per chunk of rows."""
+    are x, t on this rank: fn is the fused op (kl_div_with_logits_fwd / divergence_with_logits_fwd of a kernel
+    backend) with its `options`. For linear_distillation_loss's vocab-parallel form, per chunk of rows."""
     acc = acc_dtype(x.dtype)
 
     def run(row_stats, gi=False):
@@ -185,7 +185,7 @@ class VocabParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, mask, beta, target_type, temperature, reduction, group, backend, grad_input,
                 grad_target):
-        name, options = divergence_op(beta, temperature)
+        name, options = divergence_op("jsd", beta, temperature)
         acc = acc_dtype(input.dtype)
         rows, V_r = math.prod(input.shape[:-1]), input.shape[-1]
         x, t, m = _rows(input), _rows(_target(target, input)), _flat_mask(mask)
@@ -212,7 +212,7 @@ class VocabParallelFunction(torch.autograd.Function):
     @staticmethod
     @kernel_backward
     def backward(ctx, grad_out):
-        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None, None
+        return _fused_backward(ctx, grad_out)
 
 
 def _vocab_parallel(input, target, beta, group, target_type, temperature, reduction, mask, backend, check_ranks):
@@ -234,7 +234,7 @@ def _vocab_parallel(input, target, beta, group, target_type, temperature, reduct
     if check_ranks:
         _check_ranks(group, signature, input.device)
     return apply(VocabParallelFunction, input, target, mask, float(beta), target_type, float(temperature),
-                 reduction, group, be, needs_grad(input), needs_grad(target))
+                 reduction, group, backend=be, grad_input=needs_grad(input), grad_target=needs_grad(target))
 
 
 def vocab_parallel_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, group=None,

@@ -32,7 +32,7 @@ class KLDivWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     @kernel_backward
     def backward(ctx, grad_out):
-        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None
+        return _fused_backward(ctx, grad_out)
 
 
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
@@ -58,7 +58,7 @@ class BernoulliKLDivWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     @kernel_backward
     def backward(ctx, grad_out):
-        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None
+        return _fused_backward(ctx, grad_out)
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
@@ -75,7 +75,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     @kernel_backward
     def backward(ctx, grad_out):
-        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None
+        return _fused_backward(ctx, grad_out)
 
 
 _BCE_DTYPES: dict = {}
@@ -139,7 +139,7 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
         return reference.kl_div_with_logits(input, target, target_type=target_type, temperature=temperature,
                                             direction=direction, reduction=reduction, mask=mask)
     return apply(KLDivWithLogitsFunction, input, target, mask, target_type, float(temperature), direction, reduction,
-                 be, needs_grad(input), needs_grad(target))
+                 backend=be, grad_input=needs_grad(input), grad_target=needs_grad(target))
 
 
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",
@@ -175,7 +175,7 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
         return reference.bernoulli_kl_div_with_logits(input, target, target_type=target_type,
                                                       temperature=temperature, weight=weight, reduction=reduction)
     return apply(BernoulliKLDivWithLogitsFunction, input, target, weight, target_type, float(temperature),
-                 reduction, be, needs_grad(input), needs_grad(target))
+                 reduction, backend=be, grad_input=needs_grad(input), grad_target=needs_grad(target))
 
 
 def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
@@ -207,5 +207,5 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
     if be == "torch":
         return reference.binary_cross_entropy_with_logits(input, target, weight=weight, reduction=reduction,
                                                           pos_weight=pos_weight)
-    return apply(BCEWithLogitsFunction, input, target, weight, pos_weight, reduction, be, needs_grad(input),
-                 needs_grad(target))
+    return apply(BCEWithLogitsFunction, input, target, weight, pos_weight, reduction, backend=be,
+                 grad_input=needs_grad(input), grad_target=needs_grad(target))

@@ -1,5 +1,5 @@
 """jsd_with_logits: the generalized Jensen-Shannon divergence of on-policy distillation (GKD; TRL's
-generalized_jsd_loss, Liger's LigerJSD), fused: autograd Function, functional, Module.
+generalized_jsd_loss, Liger's LigerJSD): functional and Module (the fused op: kl_ext/_divergence.py).
 
 With q = softmax(input / T) (student) and p the teacher (softmax(target / T), or the given log-probs / probs),
 m = beta p + (1 - beta) q and row loss = beta KL(p || m) + (1 - beta) KL(q || m) for 0 < beta < 1; beta = 0 is
@@ -9,33 +9,17 @@ convention of TRL and Liger). log m is a logaddexp, so entries where both distri
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from kl_ext import reference
-from kl_ext._backends import resolve
-from kl_ext._fused import _fused_backward, _softmax_rows_forward, apply, divergence_op, kernel_backward
-from kl_ext._validation import check_jsd, label_mask, needs_grad, validate_kl_values
+from kl_ext._divergence import divergence_with_logits
+from kl_ext._validation import check_beta
 
-__all__ = ["jsd_with_logits", "JSDWithLogitsFunction", "JSDWithLogitsLoss"]
-
-
-class JSDWithLogitsFunction(torch.autograd.Function):
-    """Generalized JSD from logits over the last dim; see jsd_with_logits."""
-
-    @staticmethod
-    def forward(ctx, input, target, mask, beta, target_type, temperature, reduction, backend, grad_input,
-                grad_target):
-        name, options = divergence_op(beta, temperature)
-        return _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, options, reduction,
-                                     grad_input, grad_target)
-
-    @staticmethod
-    @kernel_backward
-    def backward(ctx, grad_out):
-        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None
+__all__ = ["jsd_with_logits", "JSDWithLogitsLoss"]
 
 
 def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.5, target_type: str = "logits",
@@ -60,16 +44,11 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
     >>> bool(kl_ext.jsd_with_logits(student, teacher, beta=0.0) == kl_ext.kl_div_with_logits(student, teacher))
     True
     """
-    check_jsd(input, target, mask, target_type, temperature, beta, reduction)
-    mask = label_mask(mask, labels, ignore_index, input)
-    be = resolve(backend, input.device)
-    if validate:
-        validate_kl_values(input, target, target_type)
-    if be == "torch":
-        return reference.jsd_with_logits(input, target, beta=beta, target_type=target_type,
-                                         temperature=temperature, reduction=reduction, mask=mask)
-    return apply(JSDWithLogitsFunction, input, target, mask, float(beta), target_type, float(temperature),
-                 reduction, be, needs_grad(input), needs_grad(target))
+    check_beta(beta)
+    return divergence_with_logits(input, target, "jsd", beta, target_type=target_type, temperature=temperature,
+                                  reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index,
+                                  backend=backend, validate=validate,
+                                  reference=functools.partial(reference.jsd_with_logits, beta=beta))
 
 
 class JSDWithLogitsLoss(nn.Module):

@@ -96,7 +96,7 @@ def _soft_op(spec, z, teacher, idx, live, grad, gs):
     if spec.form == "sparse":
         return op(be, "sparse_kl_div_with_logits_fwd")(z, idx, teacher, live, spec.target_type, spec.tail,
                                                         spec.temperature, grad, False, gs)[:2]
-    name, options = divergence_op(spec.beta, spec.temperature)
+    name, options = divergence_op("jsd", spec.beta, spec.temperature)
     tt = "logits" if spec.form == "hidden" else spec.target_type
     if spec.group is not None:  # the whole rows' loss from this rank's shard (O(chunk) all-reduces)
         from kl_ext.distributed import shard_rows_loss

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from kl_ext._validation import acc_dtype, divergence_beta
 
-__all__ = ["kl_div_with_logits", "jsd_with_logits", "sparse_kl_div_with_logits", "linear_distillation_loss",
+__all__ = ["kl_div_with_logits", "jsd_with_logits", "tvd_with_logits", "skew_kl_div_with_logits",
+           "sparse_kl_div_with_logits", "linear_distillation_loss",
            "bernoulli_kl_div_with_logits",
            "binary_cross_entropy_with_logits", "safe_log_softmax"]
 
@@ -132,14 +133,45 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
                                   direction="forward" if beta == 0 else "reverse", reduction=reduction, mask=mask)
     ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
     q = ls.exp()
-    # log m = logaddexp(log beta + lt, log(1 - beta) + ls), taken only where m > 0: where both are 0 the
-    # entry contributes 0 and no gradient (logaddexp(-inf, -inf) would give NaN gradients).
-    live = (p > 0) | (q > 0)
-    zero = torch.zeros_like(ls)
-    lm = torch.logaddexp(torch.where(live, lt, zero) + math.log(beta), torch.where(live, ls, zero) + math.log1p(-beta))
+    lm = _log_mixture(ls, lt, q, p, beta)
     kl_pm = _p_log_ratio(p, lm) if target_type == "probs" else _weighted_log_ratio(p, lt, lm)
     row = (beta * kl_pm + (1 - beta) * _weighted_log_ratio(q, ls, lm)).sum(-1)
     return _finish_rows(row, reduction, mask, input.shape[-1])
+
+
+def _log_mixture(ls, lt, q, p, w):
+    """log(w p + (1 - w) q) = logaddexp(log w + lt, log(1 - w) + ls), taken only where p or q > 0: where both
+    are 0 the entry contributes 0 and no gradient (logaddexp(-inf, -inf) would give NaN gradients)."""
+    live = (p > 0) | (q > 0)
+    zero = torch.zeros_like(ls)
+    return torch.logaddexp(torch.where(live, lt, zero) + math.log(w), torch.where(live, ls, zero) + math.log1p(-w))
+
+
+def tvd_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
+                    temperature: float = 1.0, reduction: str = "batchmean",
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Total variation distance 1/2 sum |p - q| (|.|'s gradient: sign, 0 at ties)."""
+    ls, _, p = _log_probs(input, target, target_type, temperature, mask)
+    row = 0.5 * (p - ls.exp()).abs().sum(-1)
+    return _finish_rows(row, reduction, mask, input.shape[-1])
+
+
+def skew_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.1,
+                            direction: str = "forward", target_type: str = "logits", temperature: float = 1.0,
+                            reduction: str = "batchmean", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Skew KL: forward KL(p || alpha p + (1 - alpha) q), reverse KL(q || alpha q + (1 - alpha) p); alpha = 0 is
+    kl_div_with_logits in that direction."""
+    if alpha == 0:
+        return kl_div_with_logits(input, target, target_type=target_type, temperature=temperature,
+                                  direction=direction, reduction=reduction, mask=mask)
+    ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
+    q = ls.exp()
+    if direction == "forward":
+        lm = _log_mixture(ls, lt, q, p, alpha)
+        row = _p_log_ratio(p, lm) if target_type == "probs" else _weighted_log_ratio(p, lt, lm)
+    else:
+        row = _weighted_log_ratio(q, ls, _log_mixture(ls, lt, q, p, 1 - alpha))
+    return _finish_rows(row.sum(-1), reduction, mask, input.shape[-1])
 
 
 def _masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     @kernel_backward
     def backward(ctx, grad_out):
-        return *_fused_backward(ctx, grad_out), None, None, None, None, None, None, None, None, None
+        return _fused_backward(ctx, grad_out)
 
 
 def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor, *,
@@ -90,7 +90,8 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     # (and no-ops for int64 indices and float32 values); autograd casts the values' gradient back.
     values = target_values.to(acc_dtype(input.dtype))
     return apply(SparseKLDivWithLogitsFunction, input, values, target_indices.to(torch.int64), mask, target_type,
-                 tail, float(temperature), reduction, be, needs_grad(input), needs_grad(values))
+                 tail, float(temperature), reduction, backend=be, grad_input=needs_grad(input),
+                 grad_target=needs_grad(values))
 
 
 class SparseKLDivWithLogitsLoss(nn.Module):

@@ -50,6 +50,8 @@ def emu():
     # leaves a lock every later run waits on forever.
     where = os.path.join(os.path.dirname(here), "build", f"cuda_emu-torch{torch.__version__}")
     os.makedirs(where, exist_ok=True)
+    from kl_ext import _ops
+    _ops.define("kl_ext_cuda_emu", [n for n in _ops.SCHEMAS if n.endswith("_fwd")])  # the real ops' schemas
     # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
     load(name="kl_ext_cuda_emu", sources=[os.path.join(here, "cuda_emu", "emu_ops.cpp")],
          extra_cflags=["-O2", "-std=c++20"], is_python_module=False, build_directory=where)

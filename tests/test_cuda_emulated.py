@@ -89,16 +89,16 @@ def test_jsd_kernels_match_reference(emu, dtype, target_type):
         rows = reference.jsd_with_logits(x64, t64, beta=beta, target_type=target_type, temperature=1.5,
                                          reduction="none", mask=mask)
         rgx, rgt = torch.autograd.grad(rows.sum() * 0.5, (x64, t64))
-        loss, gx, gt = emu.jsd_with_logits_fwd(x, t, mask, target_type, 1.5, beta, True, True, gs)
+        loss, gx, gt = emu.divergence_with_logits_fwd(x, t, mask, target_type, 1.5, "jsd", beta, True, True, gs)
         what = f"{N}x{V} beta={beta}"
         assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
         check_grads(gx, rgx, dtype, "grad input " + what)
         check_grads(gt, rgt, dtype, "grad target " + what)
     x, t, _ = make_case((3, 5000), "logits", torch.float32)  # forward only, streamed
-    loss, gx, _ = emu.jsd_with_logits_fwd(x, t, None, "logits", 1.0, 0.3, False, False, None)
+    loss, gx, _ = emu.divergence_with_logits_fwd(x, t, None, "logits", 1.0, "jsd", 0.3, False, False, None)
     assert gx.numel() == 0
     assert_close_rel(loss, reference.jsd_with_logits(x.double(), t.double(), beta=0.3, reduction="none"), 2e-5)
-    assert torch.equal(emu.jsd_with_logits_fwd(x, x, None, "logits", 1.0, 0.5, False, False, None)[0],
+    assert torch.equal(emu.divergence_with_logits_fwd(x, x, None, "logits", 1.0, "jsd", 0.5, False, False, None)[0],
                        torch.zeros(3))  # identical rows: exactly 0
 
 
@@ -222,7 +222,7 @@ def test_mixed_dtype_pairs_match_reference(emu, xd, td):
         rows = reference.jsd_with_logits(x64, t64, beta=0.3, target_type=target_type, temperature=1.5,
                                          reduction="none", mask=mask)
         rgx, rgt = torch.autograd.grad(rows.sum() * 0.5, (x64, t64))
-        loss, gx, gt = emu.jsd_with_logits_fwd(x, t, mask, target_type, 1.5, 0.3, True, True, gs)
+        loss, gx, gt = emu.divergence_with_logits_fwd(x, t, mask, target_type, 1.5, "jsd", 0.3, True, True, gs)
         assert gx.dtype == xd and gt.dtype == td
         assert_close_rel(loss, rows.detach(), TOL[half][0], "JSD loss " + what, atol=1e-6)
         check_grads(gx, rgx, xd, "JSD grad input " + what)
@@ -320,7 +320,7 @@ def test_sparse_kernels_forward_only_bad_indices_and_determinism(emu):
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # bitwise, run to run
 
 
-@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "jsd_with_logits_fwd"])
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "divergence_with_logits_fwd"])
 @pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
 @pytest.mark.parametrize("V", [37, 1000, 9000], ids=["unaligned", "resident", "streamed"])
 def test_vocab_parallel_modes_match_cpu(emu, require_backend, op_name, target_type, V):

@@ -45,16 +45,16 @@ def _mode_args(op_name, target_type, V, seed=0):
     elif target_type == "log_probs":
         t = torch.log_softmax(t, -1) - 1.0
     mask = torch.tensor([True, False, True, True, True])
-    opt = "reverse" if op_name == "kl_div_with_logits_fwd" else 0.3
+    opts = ("reverse",) if op_name == "kl_div_with_logits_fwd" else ("jsd", 0.3)
     given = torch.stack([torch.logsumexp(x / 1.5, -1) + 0.7, torch.rand(5, generator=g) + 0.5,
                          torch.rand(5, generator=g), torch.rand(5, generator=g)], 1)
     if target_type != "logits":
         given[:, 1] = -0.2  # log of the teacher's whole mass
-    lead = (x, t, mask, target_type, 1.5, opt)
+    lead = (x, t, mask, target_type, 1.5, *opts)
     return lead + (False, False, None, x.new_empty((5, 0))), lead + (True, True, torch.tensor(0.25), given)
 
 
-@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "jsd_with_logits_fwd"])
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "divergence_with_logits_fwd"])
 @pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
 @pytest.mark.parametrize("V", [37, 20000], ids=["one_block", "streamed"])
 def test_row_stats_modes_triton_matches_cpu(require_backend, op_name, target_type, V):
@@ -67,7 +67,7 @@ def test_row_stats_modes_triton_matches_cpu(require_backend, op_name, target_typ
             torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "jsd_with_logits_fwd"])
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "divergence_with_logits_fwd"])
 def test_row_stats_opcheck(require_backend, op_name):
     require_backend("cpu")
     require_backend("triton")

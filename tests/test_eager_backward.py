@@ -16,7 +16,7 @@ def _losses():
     return {
         "KLDivWithLogitsFunction": (
             lambda x, t, r, be: kl_ext.kl_div_with_logits(x, t, reduction=r, backend=be), lambda: torch.randn(B, V)),
-        "JSDWithLogitsFunction": (
+        "DivergenceWithLogitsFunction": (
             lambda x, t, r, be: kl_ext.jsd_with_logits(x, t, beta=0.3, reduction=r, backend=be),
             lambda: torch.randn(B, V)),
         "SparseKLDivWithLogitsFunction": (

@@ -103,8 +103,8 @@ def test_jsd_deterministic_compiled_and_opcheck(backend):
                                   (x[:, :4096], t[:, :4096]))
     ops = torch.ops.kl_ext if backend == "cuda" else torch.ops.kl_ext_triton
     xs, ts = _case(8, 1000, torch.float32)
-    torch.library.opcheck(ops.jsd_with_logits_fwd.default,
-                          (xs, ts, None, "logits", 1.0, 0.5, True, True, torch.tensor(0.5, device="cuda")))
+    torch.library.opcheck(ops.divergence_with_logits_fwd.default,
+                          (xs, ts, None, "logits", 1.0, "jsd", 0.5, True, True, torch.tensor(0.5, device="cuda")))
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -343,7 +343,7 @@ def test_linear_distillation_memory_and_determinism(backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "jsd_with_logits_fwd"])
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "divergence_with_logits_fwd"])
 @pytest.mark.parametrize("target_type", ["logits", "log_probs", "probs"])
 @pytest.mark.parametrize("V", [37, 4096, 40000])  # unaligned / resident or one block / streamed
 def test_vocab_parallel_modes_match_cpu(backend, op_name, target_type, V):

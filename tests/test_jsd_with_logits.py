@@ -157,24 +157,24 @@ def _opcheck_samples():
     out = []
     for tt in TARGET_TYPES:
         x, t, mask = make_case((4, 19), tt, torch.float32, masked=True)
-        out.append((x, t, mask, tt, 1.5, 0.3, True, tt == "logits"))
-        out.append((x, t, None, tt, 1.0, 0.5, False, False))
+        out.append((x, t, mask, tt, 1.5, "jsd", 0.3, True, tt == "logits"))
+        out.append((x, t, None, tt, 1.0, "jsd", 0.5, False, False))
     return out
 
 
 def test_opcheck_cpu(require_backend):
     require_backend("cpu")
     for args in _opcheck_samples():
-        torch.library.opcheck(torch.ops.kl_ext.jsd_with_logits_fwd.default, args)
-        if args[6]:
-            torch.library.opcheck(torch.ops.kl_ext.jsd_with_logits_fwd.default, (*args, torch.tensor(0.25)))
+        torch.library.opcheck(torch.ops.kl_ext.divergence_with_logits_fwd.default, args)
+        if args[7]:
+            torch.library.opcheck(torch.ops.kl_ext.divergence_with_logits_fwd.default, (*args, torch.tensor(0.25)))
 
 
 def test_opcheck_triton_schema(require_backend):
     require_backend("triton")
     from kl_ext import triton_kernels  # noqa: F401  (registers the ops)
     for args in _opcheck_samples()[:2]:
-        torch.library.opcheck(torch.ops.kl_ext_triton.jsd_with_logits_fwd.default, args, test_utils="test_schema")
+        torch.library.opcheck(torch.ops.kl_ext_triton.divergence_with_logits_fwd.default, args, test_utils="test_schema")
 
 
 def test_compile_fullgraph_cpu(require_backend):
@@ -200,7 +200,9 @@ def test_symmetric_jsd_is_bounded_by_log_2():
 
 
 def test_triton_kernels_compile_for_gpu_without_spilling():
-    kernels = triton_gpu_compile("jsd")
+    # Every divergence's terms over the one kernel (the TVD and skew KL too).
+    kernels = triton_gpu_compile("divergence")
+    assert {k["divergence"] for k in kernels} == {0, 1, 2, 3}
     assert {(k["one_chunk"], k["dtype"]) for k in kernels} == {(True, "bf16"), (False, "bf16"), (True, "fp32"),
                                                                  (False, "fp32")}
     for k in kernels:

@@ -146,8 +146,8 @@ def test_emulated_cuda_kernels_read_strided_rows(emu, B, T, V, skew, op_name):  
         args = ("logits", 2.0, "forward", *grad, None)
         run = lambda ops, x, t: ops.kl_div_with_logits_fwd(x, t, None, *args)  # noqa: E731
     elif op_name == "jsd":
-        args = ("logits", 1.0, 0.4, *grad, None)
-        run = lambda ops, x, t: ops.jsd_with_logits_fwd(x, t, None, *args)  # noqa: E731
+        args = ("logits", 1.0, "jsd", 0.4, *grad, None)
+        run = lambda ops, x, t: ops.divergence_with_logits_fwd(x, t, None, *args)  # noqa: E731
     elif op_name == "sparse":
         idx = torch.arange(4).repeat(B * T, 1)
         vals = torch.randn(B * T, 4, generator=g).log_softmax(-1)
@@ -170,7 +170,7 @@ def test_opcheck_and_compile_on_strided_mixed_rows(require_backend, backend):
     from kl_ext._backends import op
     from conftest import assert_compiled_matches_eager
     _, x, t = _layouts(2, 3, 37, torch.float32)[0]
-    for name, extra in (("kl_div_with_logits_fwd", ("forward",)), ("jsd_with_logits_fwd", (0.4,))):
+    for name, extra in (("kl_div_with_logits_fwd", ("forward",)), ("divergence_with_logits_fwd", ("jsd", 0.4))):
         args = (_rows(x), _rows(t).to(torch.bfloat16), None, "logits", 1.0, *extra, True, True, None)
         torch.library.opcheck(op(backend, name), args)
     big = torch.randn(2, 4, 37)

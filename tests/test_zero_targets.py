@@ -97,7 +97,7 @@ def test_kl_and_jsd_with_zero_teacher_entries(backend, xd, td, tt, request):
     for beta in (0.0, 0.5, 1.0):
         exp = _reference_rows(reference.jsd_with_logits, x, t, target_type=tt, beta=beta)
         if 0 < beta < 1:
-            got = run("jsd_with_logits_fwd", x, t, None, tt, 1.0, beta, True, True, _gs(x))
+            got = run("divergence_with_logits_fwd", x, t, None, tt, 1.0, "jsd", beta, True, True, _gs(x))
         else:  # beta 0 and 1 are the KL op's two directions (kl_ext._fused.divergence_op)
             got = run("kl_div_with_logits_fwd", x, t, None, tt, 1.0, "forward" if beta == 0 else "reverse", True,
                       True, _gs(x))

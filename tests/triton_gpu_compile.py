@@ -3,7 +3,7 @@ choose, and print each kernel's registers and spill (stack) bytes as JSON lines.
 
 The interpreter (how CI runs the kernels) accepts code that compiled Triton rejects, e.g. a global that is
 not a tl.constexpr; and only ptxas tells whether a row held in registers spills. Run in a fresh process:
-TRITON_INTERPRET must not be set when triton is imported.  Usage: python tests/triton_gpu_compile.py kl|jsd|sparse|bernoulli|scale
+TRITON_INTERPRET must not be set when triton is imported.  Usage: python tests/triton_gpu_compile.py kl|divergence|sparse|bernoulli|scale
 """
 import json
 import os
@@ -20,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kl_ext.triton_kernels import _config  # noqa: E402
 from kl_ext.triton_kernels import bernoulli_kl_div_with_logits as bern  # noqa: E402
-from kl_ext.triton_kernels import jsd_with_logits as jsd  # noqa: E402
+from kl_ext.triton_kernels import divergences as div  # noqa: E402
 from kl_ext.triton_kernels import kl_div_with_logits as kl  # noqa: E402
 from kl_ext.triton_kernels import scale_grad as sg  # noqa: E402
 from kl_ext.triton_kernels import sparse_kl_div_with_logits as sparse  # noqa: E402
@@ -67,20 +67,23 @@ def kl_configs():
                                     target=tt, forward=fwd, one_chunk=one_chunk, vp=vp)
 
 
-def jsd_configs():
-    # The one-block and streamed paths at their largest, every target type.
+def divergence_configs():
+    # The one-block and streamed paths at their largest: the JSD for every target type and vocab-parallel mode,
+    # the other divergences (their own terms over the same kernel) for teacher logits and probs.
     for dtype in ("bf16", "fp32"):
-        for V in (jsd.ONE_BLOCK_MAX, 262144):
-            block, warps, one_chunk = _config.row_config(V, ELEM[dtype], jsd.ONE_BLOCK_MAX)
-            for tt in (0, 1, 2):
-                for vp in (0, 1, 2) if dtype == "bf16" else (0,):
-                    sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
-                           "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "shard_ptr": "*fp32",
-                           "given_ptr": "*fp32", "V": "i32", **ROWS, "inv_t": "fp32", "beta": "fp32"}
-                    consts = {"TARGET": tt, "HAS_MASK": True, "HAS_GS": True, "GRAD_X": vp != 1, "GRAD_T": vp != 1,
-                              "ONE_CHUNK": one_chunk, "BLOCK": block, "VP": vp}
-                    compile_one(jsd._jsd_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="jsd", dtype=dtype, V=V,
-                                target=tt, one_chunk=one_chunk, vp=vp)
+        for V in (div.ONE_BLOCK_MAX, 262144):
+            block, warps, one_chunk = _config.row_config(V, ELEM[dtype], div.ONE_BLOCK_MAX)
+            for d in div._DIVERGENCE.values():
+                for tt in (0, 1, 2) if d == div.JSD else (0, 2):
+                    for vp in (0, 1, 2) if dtype == "bf16" and d == div.JSD else (0,):
+                        sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i1", "loss_ptr": "*fp32",
+                               "gx_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "gs_ptr": "*fp32", "shard_ptr": "*fp32",
+                               "given_ptr": "*fp32", "V": "i32", **ROWS, "inv_t": "fp32", "param": "fp32"}
+                        consts = {"TARGET": tt, "DIVERGENCE": d, "HAS_MASK": True, "HAS_GS": True,
+                                  "GRAD_X": vp != 1, "GRAD_T": vp != 1, "ONE_CHUNK": one_chunk, "BLOCK": block,
+                                  "VP": vp}
+                        compile_one(div._divergence_fwd_kernel, sig, consts, warps, kl.FP_FUSION, op="divergence",
+                                    dtype=dtype, V=V, target=tt, divergence=d, one_chunk=one_chunk, vp=vp)
 
 
 def sparse_configs():
@@ -124,4 +127,5 @@ def scale_configs():
 
 
 if __name__ == "__main__":
-    {"kl": kl_configs, "jsd": jsd_configs, "sparse": sparse_configs, "bernoulli": bernoulli_configs, "scale": scale_configs}[sys.argv[1]]()
+    {"kl": kl_configs, "divergence": divergence_configs, "sparse": sparse_configs, "bernoulli": bernoulli_configs,
+     "scale": scale_configs}[sys.argv[1]]()

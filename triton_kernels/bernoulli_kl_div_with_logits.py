@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kl_ext import _ops
 from kl_ext.triton_kernels._config import row_layout, rows_of, tile_config
 from kl_ext.triton_kernels.kl_div_with_logits import _row_ptr
 
@@ -88,7 +89,7 @@ def _bernoulli_fwd_kernel(x_ptr, t_ptr, w_ptr, pw_ptr, loss_ptr, gx_ptr, gt_ptr,
         tl.store(loss_ptr + rows, total, mask=row_ok)
 
 
-@torch.library.custom_op("kl_ext_triton::bernoulli_kl_div_with_logits_fwd", mutates_args=())
+@_ops.triton_op("bernoulli_kl_div_with_logits_fwd")
 def bernoulli_kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                      pos_weight: torch.Tensor | None, target_type: str, temperature: float,
                                      subtract_entropy: bool, elementwise: bool, grad_input: bool,

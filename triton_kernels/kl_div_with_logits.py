@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kl_ext import _ops
 from kl_ext.triton_kernels._config import row_config, row_layout, rows_of
 
 # constexpr: compiled kernels may only read constexpr globals (the interpreter does not check this).
@@ -303,7 +304,7 @@ def _kl_fwd_kernel(x_ptr, t_ptr, mask_ptr, loss_ptr, gx_ptr, gt_ptr, gs_ptr, sha
         _zero_grads(gx_ptr, gt_ptr, V, BLOCK, GRAD_X, GRAD_T)
 
 
-@torch.library.custom_op("kl_ext_triton::kl_div_with_logits_fwd", mutates_args=())
+@_ops.triton_op("kl_div_with_logits_fwd")
 def kl_div_with_logits_fwd(input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, target_type: str,
                            temperature: float, direction: str, grad_input: bool,
                            grad_target: bool, grad_scale: torch.Tensor | None = None,

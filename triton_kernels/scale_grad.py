@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kl_ext import _ops
 from kl_ext.triton_kernels._config import flat_config
 
 
@@ -36,13 +37,13 @@ def _launch(grad, scale, out):
             SKIP_UNIT=out is grad and scale.numel() == 1, BLOCK=block, num_warps=warps)
 
 
-@torch.library.custom_op("kl_ext_triton::scale_grad", mutates_args=())
+@_ops.triton_op("scale_grad")
 def scale_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(grad)
     _launch(grad, scale, out)
     return out
 
 
-@torch.library.custom_op("kl_ext_triton::scale_grad_", mutates_args={"grad"})
+@_ops.triton_op("scale_grad_")
 def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     _launch(grad, scale, grad)

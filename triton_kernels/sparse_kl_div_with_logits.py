@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kl_ext import _ops
 from kl_ext.triton_kernels._config import interpreting, row_config, row_layout, rows_of
 from kl_ext.triton_kernels.kl_div_with_logits import (_TARGET, FP_FUSION, LOG_PROBS, LOGITS, PROBS, _rescale,
                                                       _row_start, _safe, _zero_grads)
@@ -152,7 +153,7 @@ def _sparse_kl_fwd_kernel(x_ptr, idx_ptr, val_ptr, mask_ptr, loss_ptr, gx_ptr, g
         _zero_grads(gv_ptr, gv_ptr, K, BLOCK_K, GRAD_V, False)
 
 
-@torch.library.custom_op("kl_ext_triton::sparse_kl_div_with_logits_fwd", mutates_args=())
+@_ops.triton_op("sparse_kl_div_with_logits_fwd")
 def sparse_kl_div_with_logits_fwd(input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor,
                                   mask: torch.Tensor | None, target_type: str, tail: str, temperature: float,
                                   grad_input: bool, grad_target: bool, grad_scale: torch.Tensor | None = None

@@ -1,6 +1,6 @@
-// kl_div_with_logits and jsd_with_logits: the CUDA kernels and their host entries (contracts:
-// csrc/kl_div_with_logits.cpp, csrc/jsd_with_logits.cpp). Included by csrc/cuda/kl_div_with_logits.cu, and by
-// tests/cuda_emu, which runs the same code on the CPU. Each loss is a policy (KLLoss, JSDLoss: its per-element
+// kl_div_with_logits_fwd and divergence_with_logits_fwd: the CUDA kernels and their host entries (contracts:
+// csrc/kl_div_with_logits.cpp, csrc/divergences.cpp). Included by csrc/cuda/kl_div_with_logits.cu, and by
+// tests/cuda_emu, which runs the same code on the CPU. Each loss is a policy (KLLoss, DivergenceLoss: its per-element
 // terms and gradients) over one row machinery (statistics, reductions, launch paths): a new loss over two
 // softmax rows is a policy and a registration, not a kernel.
 //
@@ -51,7 +51,8 @@ struct KLArgs {
   acc_t inv_t;          // 1 / temperature
   TargetType target;
   bool forward;         // direction (KL)
-  acc_t beta;           // JSD: 0 < beta < 1
+  Divergence divergence;  // DivergenceLoss: which, and its param (JSD beta, skew alpha)
+  acc_t param;
   acc_t* shard;         // vocab-parallel modes (csrc/common.h, KLCall), nullptr: none
   const acc_t* given;   // (N, 4) of the finishing pass, nullptr: the statistics pass (or none)
 };
@@ -267,12 +268,12 @@ __host__ __device__ __forceinline__ RowResult<T> finish(const RowState<T>& st, T
   return r;
 }
 
-// Vocab-parallel statistics pass (csrc/common.h): the row's loss on this shard alone (0 for the JSD) and the
+// Vocab-parallel statistics pass (csrc/common.h): the row's loss on this shard alone (0 for a divergence) and the
 // natural log-masses of student and teacher (-inf where none).
 template <typename T>
-__host__ __device__ __forceinline__ void put_shard_stats(T* o, const RowResult<T>& r, bool logits, bool jsd) {
+__host__ __device__ __forceinline__ void put_shard_stats(T* o, const RowResult<T>& r, bool logits, bool sums) {
   const T ln2 = T(kLn2), inf = kinf<T>();
-  o[0] = jsd ? T(0) : r.kl;
+  o[0] = sums ? T(0) : r.kl;
   o[1] = r.mass_s > T(0) ? r.lse_s * ln2 : -inf;
   o[2] = logits ? (r.mass_t > T(0) ? r.lse_t * ln2 : -inf) : klog(r.mass_t);
 }
@@ -402,27 +403,45 @@ struct KLLoss {
   }
 };
 
-// The generalized JSD(beta): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q. Per element
-// g = (1 - beta)(ls - lm), h = beta (lt - lm); log m from the larger of ls, lt (as csrc/jsd_with_logits.cpp):
-// exactly ls for identical rows, never the log of an underflowing sum; NaN only where p = q = 0, where every use
-// is masked. Sums: the loss, sum q g, sum p h.
-struct JSDLoss {
+// The divergences of divergence_with_logits_fwd (csrc/divergences.h: each one's per-element term f and
+// derivatives gq = dL/dq, gp = dL/dp, over ScalarMath here). Sums: the loss, sum q gq, sum p gp. Which divergence
+// is a runtime switch (uniform over the grid), not a template: one set of kernels serves them all, so a new
+// divergence costs no CUDA build time.
+template <typename Acc>
+struct ScalarMath {
+  using S = Acc;
+  using T = Acc;
+  __host__ __device__ static T c(S x) { return x; }
+  __host__ __device__ static T select_pos(T d, T a, T b) { return d > T(0) ? a : b; }
+  __host__ __device__ static T abs(T x) { return x < T(0) ? -x : x; }
+  __host__ __device__ static T exp(T x) { return kexp(x); }
+  __host__ __device__ static T log(T x) { return klog(x); }
+  __host__ __device__ static T max(T a, T b) { return kmax(a, b); }
+  __host__ __device__ static T log1p(T x) { return klog1p(x); }
+  __host__ __device__ static T expm1(T x) { return kexpm1(x); }
+};
+
+// Applies a divergence's terms to one element (with_divergence's functor: no device lambda in a host-device
+// function).
+template <typename T>
+struct ElemTerms {
+  const ElemProbs<T>& v;
+  template <typename Terms>
+  __host__ __device__ DivTerms<T> operator()(const Terms& terms) const {
+    return terms(v.ls, v.lt, v.q, v.p);
+  }
+};
+
+struct DivergenceLoss {
   static constexpr int kSums = 3;
-  template <typename T>
-  struct Elem {
-    T g, h;
-  };
-  template <typename T>
-  __device__ static Elem<T> elem(const ElemProbs<T>& v, T beta) {
-    const T d = v.lt - v.ls, c = d > T(0) ? T(1) - beta : beta;
-    const T lm = kmax(v.ls, v.lt) + klog1p(c * kexpm1(-(d < T(0) ? -d : d)));
-    return {(T(1) - beta) * (v.ls - lm), beta * (v.lt - lm)};
+  template <typename T, typename A>
+  __device__ static DivTerms<T> elem(const ElemProbs<T>& v, const A& a) {
+    return with_divergence<ScalarMath<T>>(a.divergence, T(a.param), ElemTerms<T>{v});
   }
   template <typename T, typename A>
   __device__ static Vals<T, 3> terms(const ElemProbs<T>& v, const A& a) {
-    const Elem<T> j = elem(v, T(a.beta));
-    const T sq = v.q > T(0) ? v.q * j.g : T(0), sp = v.p > T(0) ? v.p * j.h : T(0);
-    return {{sq + sp, sq, sp}};
+    const DivTerms<T> e = elem(v, a);
+    return {{e.f, v.q > T(0) ? v.q * e.gq : T(0), v.p > T(0) ? v.p * e.gp : T(0)}};
   }
   template <typename T>
   __device__ static T loss(const RowResult<T>&, const Vals<T, 3>& s) {
@@ -431,12 +450,12 @@ struct JSDLoss {
   template <typename T, typename A>
   __device__ static void grad(const ElemProbs<T>& v, const RowResult<T>&, const Vals<T, 3>& s, const A& a, T& gx,
                               T& gt) {
-    const Elem<T> j = elem(v, T(a.beta));
-    gx = v.q > T(0) ? v.q * (j.g - s.v[1]) : T(0);
+    const DivTerms<T> e = elem(v, a);
+    gx = v.q > T(0) ? v.q * (e.gq - s.v[1]) : T(0);
     if (a.gt == nullptr) return;
-    if (a.target == TargetType::Logits) gt = v.p > T(0) ? v.p * (j.h - s.v[2]) : T(0);
-    else if (a.target == TargetType::LogProbs) gt = v.p > T(0) ? v.p * j.h : T(0);
-    else gt = v.p + v.q > T(0) ? j.h : T(0);  // probs: d/dp, -inf where p = 0 < q, as for the KL
+    if (a.target == TargetType::Logits) gt = v.p > T(0) ? v.p * (e.gp - s.v[2]) : T(0);
+    else if (a.target == TargetType::LogProbs) gt = v.p > T(0) ? v.p * e.gp : T(0);
+    else gt = v.p + v.q > T(0) ? e.gp : T(0);  // probs: d/dp, -inf where the math says (p = 0 < q, a KL side)
   }
 };
 
@@ -567,7 +586,7 @@ __device__ __forceinline__ void zero_grads(scalar_t* gx, target_t* gt, int64_t o
 // another's reductions and stores (a grid-stride loop kept one row per block in flight); blocks loop over rows
 // only beyond the grid limit (KLDevice::max_blocks). Maxima, then sums, are reduced over the block, then over
 // the cluster through distributed shared memory, in a fixed order: the same result in every block, and
-// deterministic. A loss with row sums of its own (Loss::kSums, the JSD) takes one more reduction over the held row.
+// deterministic. A loss with row sums of its own (Loss::kSums, the divergences) takes one more reduction over the held row.
 // Registers per thread (launch bounds): 1 pack per thread, 64 (4 blocks of 256 threads per SM); more, up to 128
 // (2 blocks of 256, or one of 512). Per held pack that is 64, ~50, ~30 and 16 registers at 1, 2, 4 and 8 packs
 // per thread (ptxas, sm_90): many packs per thread keep the most rows in flight per SM (kl_config).
@@ -842,11 +861,11 @@ void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStr
   const int64_t blocks = std::min<int64_t>(a.N, int64_t(dev.sms) * tune.stream_waves);
   KL_EXT_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(kWideThreads), stream, a);
 }
-// Both ops on device tensors of one dtype pair, after their checks (call); beta > 0 selects the JSD. A template
+// Both ops on device tensors of one dtype pair, after their checks (call, which says which loss). A template
 // of its own, so that the CUDA build compiles each pair in its own translation unit (softmax_rows_pairs.h).
 template <typename scalar_t, typename target_t>
 void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
-                        const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                        const c10::optional<at::Tensor>& mask, double temperature,
                         const c10::optional<at::Tensor>& grad_scale, const KLDevice& dev, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = num_rows(input), V = input.size(-1);
@@ -866,15 +885,16 @@ void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::T
                                      acc_t(1.0 / temperature),
                                      call.target_type,
                                      call.direction == Direction::Forward,
-                                     acc_t(beta),
+                                     call.divergence,
+                                     acc_t(call.param),
                                      call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
                                      call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr};
   constexpr int VEC = pair_vec<scalar_t, target_t>();
   const bool packs = V % VEC == 0 && packs_aligned<VEC>(a.x, a.gx) && packs_aligned<VEC>(a.t, a.gt) &&
                      a.rx.steps_of(VEC) && a.rt.steps_of(VEC);
-  if (beta > 0) {
-    packs ? launch_kl<scalar_t, target_t, VEC, JSDLoss>(a, dev, stream)
-          : launch_kl<scalar_t, target_t, 1, JSDLoss>(a, dev, stream);
+  if (call.is_divergence) {
+    packs ? launch_kl<scalar_t, target_t, VEC, DivergenceLoss>(a, dev, stream)
+          : launch_kl<scalar_t, target_t, 1, DivergenceLoss>(a, dev, stream);
   } else {
     packs ? launch_kl<scalar_t, target_t, VEC, KLLoss>(a, dev, stream)
           : launch_kl<scalar_t, target_t, 1, KLLoss>(a, dev, stream);
@@ -887,11 +907,11 @@ void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::T
 // pair's kernels there again.
 template <typename Device = KLDevice>
 void softmax_rows_cuda(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
-                       const c10::optional<at::Tensor>& mask, double temperature, double beta,
+                       const c10::optional<at::Tensor>& mask, double temperature,
                        const c10::optional<at::Tensor>& grad_scale, const Device& dev, cudaStream_t stream) {
   if (num_rows(input) == 0) return;
   dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto x_tag, auto t_tag) {
-    softmax_rows_typed<decltype(x_tag), decltype(t_tag)>(call, input, target, mask, temperature, beta, grad_scale,
+    softmax_rows_typed<decltype(x_tag), decltype(t_tag)>(call, input, target, mask, temperature, grad_scale,
                                                          dev, stream);
   });
 }

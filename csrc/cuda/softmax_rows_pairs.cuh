@@ -1,4 +1,4 @@
-// The row kernels of kl_div_with_logits / jsd_with_logits (softmax_rows_typed, kl_div_with_logits.cuh) are compiled
+// The row kernels of kl_div_with_logits / the divergences (softmax_rows_typed, kl_div_with_logits.cuh) are compiled
 // per dtype pair in translation units of their own, softmax_rows_<pairs>.cu, so a parallel build runs them side by
 // side (one unit took most of a 16-job build). Such a unit defines KL_EXT_PAIRS(X) as its pairs and includes this
 // header, which instantiates them and only them.
@@ -12,7 +12,7 @@
 
 #define KL_EXT_SOFTMAX_ROWS(prefix, x_t, t_t)                                                           \
   prefix template void softmax_rows_typed<x_t, t_t>(                                                    \
-      const KLCall&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double, double, \
+      const KLCall&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double,         \
       const c10::optional<at::Tensor>&, const KLDevice&, cudaStream_t);
 #define KL_EXT_DEFINE_PAIR(x_t, t_t) KL_EXT_SOFTMAX_ROWS(, x_t, t_t)
 #define KL_EXT_EXTERN_PAIR(x_t, t_t) KL_EXT_SOFTMAX_ROWS(extern, x_t, t_t)

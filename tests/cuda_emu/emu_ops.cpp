@@ -1,5 +1,6 @@
 // The CUDA backend's kernels and host entries (csrc/cuda/*.cuh), built for the CPU emulator (cuda_emu.h) and
-// registered as torch.ops.kl_ext_cuda_emu.* on CPU tensors, with the real ops' schemas. set_device() stands
+// registered as torch.ops.kl_ext_cuda_emu.* on CPU tensors, with the real ops' schemas (defined from
+// kl_ext/_ops.py by tests/test_cuda_emulated.py before this loads). set_device() stands
 // in for the GPU's facts: its SM count (few SMs make blocks loop over rows) and whether it has clusters.
 #include "cuda_emu.h"
 
@@ -22,19 +23,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, c
                                                       const c10::optional<at::Tensor>& row_stats) {
   kl_ext::KLCall call = kl_ext::prepare_kl(input, target, mask, target_type, temperature, direction, grad_input,
                                            grad_target, grad_scale, row_stats);
-  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, 0.0, grad_scale, device, nullptr);
+  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, grad_scale, device, nullptr);
   return {call.out(), call.gx, call.gt};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_fwd(const at::Tensor& input, const at::Tensor& target,
-                                                       const c10::optional<at::Tensor>& mask,
-                                                       c10::string_view target_type, double temperature, double beta,
-                                                       bool grad_input, bool grad_target,
-                                                       const c10::optional<at::Tensor>& grad_scale,
-                                                       const c10::optional<at::Tensor>& row_stats) {
-  kl_ext::KLCall call = kl_ext::prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input,
-                                            grad_target, grad_scale, row_stats);
-  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, beta, grad_scale, device, nullptr);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    c10::string_view target_type, double temperature, c10::string_view divergence, double param, bool grad_input,
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
+  kl_ext::KLCall call = kl_ext::prepare_divergence(input, target, mask, target_type, temperature, divergence, param,
+                                                   grad_input, grad_target, grad_scale, row_stats);
+  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, grad_scale, device, nullptr);
   return {call.out(), call.gx, call.gt};
 }
 
@@ -64,29 +63,11 @@ void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters, 4}; 
 
 }  // namespace
 
-TORCH_LIBRARY(kl_ext_cuda_emu, m) {
-  m.def(
-      "kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "str direction, bool grad_input, bool grad_target, Tensor? grad_scale=None, "
-      "Tensor? row_stats=None) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "jsd_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None, "
-      "Tensor? row_stats=None) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "sparse_kl_div_with_logits_fwd(Tensor input, Tensor target_indices, Tensor target_values, Tensor? mask, "
-      "str target_type, str tail, float temperature, bool grad_input, bool grad_target, Tensor? grad_scale=None) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "bernoulli_kl_div_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-      "str target_type, float temperature, bool subtract_entropy, bool elementwise, bool grad_input, "
-      "bool grad_target, Tensor? grad_scale=None) -> (Tensor, Tensor, Tensor)");
-  m.def("set_device(int sms, bool clusters) -> ()", &set_device);
-}
+TORCH_LIBRARY_FRAGMENT(kl_ext_cuda_emu, m) { m.def("set_device(int sms, bool clusters) -> ()", &set_device); }
 
 TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
   m.impl("kl_div_with_logits_fwd", &kl_fwd);
-  m.impl("jsd_with_logits_fwd", &jsd_fwd);
+  m.impl("divergence_with_logits_fwd", &divergence_fwd);
   m.impl("sparse_kl_div_with_logits_fwd", &sparse_fwd);
   m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_fwd);
 }

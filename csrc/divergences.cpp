@@ -1,13 +1,13 @@
-// jsd_with_logits: op schema + CPU kernel. The generalized Jensen-Shannon divergence of on-policy distillation:
-//   m = beta p + (1 - beta) q,  row loss = beta KL(p || m) + (1 - beta) KL(q || m),  0 < beta < 1
-// (beta = 0 and 1 are the forward and reverse KL: the Python layer sends those to kl_div_with_logits_fwd).
-// log m is never the log of a sum that can underflow (log_mixture); an entry where p and q are both 0
-// contributes 0 and a zero gradient; identical rows give exactly 0. Gradients, with g = (1 - beta)(ls - lm) and
-// h = beta (lt - lm): d/dz = q (g - sum q g) for the student logits z = input / T; the teacher's the same with
-// p and h (logits), p h (log-probs), h (probs).
+// divergence_with_logits_fwd: the CPU kernel of the divergences between two softmax rows that need per-row sums
+// beyond the softmax statistics (kl_div_with_logits has an online kernel of its own). One row driver
+// (divergence_rows_cpu); a loss is a policy (csrc/divergences.h): its per-element term f and partial derivatives
+// gq = dL/dq, gp = dL/dp, from the element's log-probs ls, lt and probs q, p. The driver sums f, q gq and p gp
+// and writes the gradients: to the student logits z = input / T, q (gq - sum q gq); to the teacher, p (gp -
+// sum p gp) for logits, p gp for log-probs, gp for probs (0 where p = q = 0). Terms of zero weight are 0, never
+// 0 * inf. Schema: kl_ext/_ops.py.
 //
-// Per row (staged as in kl_div_with_logits, csrc/cpu_rows.h): load (+ max), exp (+ sums), a loss pass that
-// also sums q g and p h and keeps q, p, g, h when a gradient is wanted, and one gradient pass.
+// Per row (staged as in kl_div_with_logits, csrc/cpu_rows.h): load (+ max), exp (+ sums), a loss pass that also
+// sums q gq and p gp and keeps q, p, gq, gp when a gradient is wanted, and one gradient pass.
 #include <torch/library.h>
 
 #include "common.h"
@@ -18,31 +18,36 @@ namespace {
 
 using namespace cpu;
 
-// log m = log(beta e^lt + (1 - beta) e^ls) from the larger of the two: max(ls, lt) + log1p(c expm1(-|lt - ls|)),
-// c = beta where lt <= ls, else 1 - beta. Exactly ls when lt == ls (identical rows: loss 0), never the log of
-// a sum that underflows; NaN only where both are -inf, where every use is masked.
-template <typename T>
-inline Vec<T> log_mixture(const Vec<T>& ls, const Vec<T>& lt, T beta, T beta1) {
-  const Vec<T> d = lt - ls, c = Vec<T>::blendv(Vec<T>(beta), Vec<T>(beta1), d > Vec<T>(T(0)));
-  return at::vec::maximum(ls, lt) + log1p_poly(c * expm1_nonpos(Vec<T>(T(0)) - d.abs()));
-}
+// csrc/divergences.h's math over ATen vectors.
+template <typename Acc>
+struct VecMath {
+  using S = Acc;
+  using T = Vec<S>;
+  static T c(S x) { return T(x); }
+  static T select_pos(const T& d, const T& a, const T& b) { return T::blendv(b, a, d > T(S(0))); }
+  static T abs(const T& x) { return x.abs(); }
+  static T exp(const T& x) { return x.exp_u20(); }
+  static T log(const T& x) { return log_poly(x); }
+  static T max(const T& a, const T& b) { return at::vec::maximum(a, b); }
+  static T log1p(const T& x) { return log1p_poly(x); }
+  static T expm1(const T& x) { return expm1_nonpos(x); }
+};
 
-template <typename scalar_t, typename target_t>
-void jsd_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout rt, const bool* mask,
-                  at::opmath_type<scalar_t>* loss, scalar_t* gx, target_t* gt, int64_t N, int64_t V, TargetType tt, double temperature, double beta,
-                  at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
-                  const at::opmath_type<scalar_t>* given) {
+template <typename scalar_t, typename target_t, typename Policy>
+void divergence_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout rt, const bool* mask,
+                  at::opmath_type<scalar_t>* loss, scalar_t* gx, target_t* gt, int64_t N, int64_t V, TargetType tt, double temperature,
+                         at::opmath_type<scalar_t> gs, at::opmath_type<scalar_t>* shard,
+                         const at::opmath_type<scalar_t>* given, const Policy& terms) {
   using acc_t = at::opmath_type<scalar_t>;
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
   const int64_t np = padded(V, L);
   const acc_t inv_T = acc_t(1.0 / temperature), ninf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t b = acc_t(beta), b1 = acc_t(1.0 - beta);
   const bool keep = gx != nullptr || gt != nullptr;
   const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
 
   for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
-    // a: student logits / T, then ls, then g; c: teacher (log domain), then lt, then h; qb, pd: q and p.
+    // a: student logits / T, then ls, then gq; c: teacher (log domain), then lt, then gp; qb, pd: q and p.
     acc_t *a = buf, *qb = a + np, *c = qb + np, *pd = c + np, *stage_x = pd + np, *stage_t = stage_x + np;
     const acc_t mx_s = load_row(x + rx(r), a, V, np, inv_T, ninf);
     const acc_t mx_t = stage_teacher(t + rt(r), c, pd, V, np, inv_T, tt);
@@ -83,25 +88,24 @@ void jsd_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout 
       ss = given_stats(g[0], sh_s, true);
       st = given_stats(g[1], sh_t, logits);
     }
-    // Loss pass: terms and the gradient sums sum q g, sum p h.
+    // Loss pass: terms and the gradient sums sum q gq, sum p gp.
     double loss64 = 0, sq64 = 0, sp64 = 0;
     for (int64_t i0 = 0; i0 < np; i0 += 64 * L) {
       V_t vl(0), vq(0), vp(0);
       for (int64_t i = i0; i < std::min(np, i0 + 64 * L); i += L) {
         const V_t ls = V_t::loadu(a + i) - V_t(ss.lse), lt = V_t::loadu(c + i) - V_t(st.lse);
         const V_t q = V_t::loadu(qb + i) * V_t(ss.inv), p = V_t::loadu(pd + i) * V_t(st.inv);
-        const V_t lm = log_mixture(ls, lt, b, b1);
-        const V_t g = V_t(b1) * (ls - lm), h = V_t(b) * (lt - lm);
-        const V_t qg = where_pos(q, q * g), ph = where_pos(p, p * h);
-        vl += ph + qg;  // beta p (lt - lm) + (1 - beta) q (ls - lm), 0 where the weight is 0
+        const DivTerms<V_t> e = terms(ls, lt, q, p);
+        const V_t qg = where_pos(q, q * e.gq), ph = where_pos(p, p * e.gp);
+        vl += e.f;
         vq += qg;
         vp += ph;
         if (keep) {
           q.store(qb + i);
           p.store(pd + i);
-          g.store(a + i);
-          // Probs targets: h is their gradient; where m = 0 (p = q = 0) the entry has none.
-          (lp || logits ? h : where_pos(p + q, h)).store(c + i);
+          e.gq.store(a + i);
+          // Probs targets: gp is their gradient; where p = q = 0 the entry has none.
+          (lp || logits ? e.gp : where_pos(p + q, e.gp)).store(c + i);
         }
       }
       loss64 += hsum(vl);
@@ -134,41 +138,32 @@ void jsd_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_with_logits_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_with_logits_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
-    c10::string_view target_type, double temperature, double beta, bool grad_input, bool grad_target,
-    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
-  KLCall call = prepare_jsd(input, target, mask, target_type, temperature, beta, grad_input, grad_target,
-                            grad_scale, row_stats);
+    c10::string_view target_type, double temperature, c10::string_view divergence, double param, bool grad_input,
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
+  KLCall call = prepare_divergence(input, target, mask, target_type, temperature, divergence, param, grad_input,
+                                   grad_target, grad_scale, row_stats);
   const int64_t N = num_rows(input), V = input.size(-1);
   dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto xv, auto tv) {
     using scalar_t = decltype(xv);
     using target_t = decltype(tv);
     using acc_t = at::opmath_type<scalar_t>;
-    jsd_rows_cpu<scalar_t, target_t>(
-        input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input), row_layout(target),
-        mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, call.loss.mutable_data_ptr<acc_t>(),
-        grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-        grad_target ? call.gt.mutable_data_ptr<target_t>() : nullptr, N, V, call.target_type, temperature, beta,
+    with_divergence<VecMath<acc_t>>(call.divergence, acc_t(call.param), [&](const auto& terms) {
+      divergence_rows_cpu<scalar_t, target_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input),
+        row_layout(target), mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+        call.loss.mutable_data_ptr<acc_t>(), grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_target ? call.gt.mutable_data_ptr<target_t>() : nullptr, N, V, call.target_type, temperature,
         grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
         call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
-        call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr);
+        call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr, terms);
+    });
   });
   return {call.out(), call.gx, call.gt};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kl_ext, m) {
-  // Per-row generalized JSD (accumulation dtype, 0 for masked rows), 0 < beta < 1, and, when asked, the
-  // gradients of each row's loss w.r.t. input and target times grad_scale; as kl_div_with_logits_fwd, row_stats
-  // included.
-  m.def(
-      "jsd_with_logits_fwd(Tensor input, Tensor target, Tensor? mask, str target_type, float temperature, "
-      "float beta, bool grad_input, bool grad_target, Tensor? grad_scale=None, Tensor? row_stats=None) "
-      "-> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("jsd_with_logits_fwd", &jsd_with_logits_fwd_cpu); }
+TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("divergence_with_logits_fwd", &divergence_with_logits_fwd_cpu); }
 
 }  // namespace kl_ext
