@@ -15,6 +15,7 @@ from kl_ext import reference
 from kl_ext._backends import _usable
 
 OP = "bernoulli"
+BASELINE = "BCE - entropy eager"  # the eager call users write (benchmarks/run.py's first speedup)
 BYTES_PER_ELEM = {"fwd": 2, "fwd+bwd": 3, "bwd": None}
 
 

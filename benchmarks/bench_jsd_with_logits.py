@@ -19,6 +19,7 @@ from kl_ext.integrations import trl as kl_trl
 from benchmarks.bench_kl_div_with_logits import make_inputs  # noqa: F401  (the same student / teacher logits)
 
 OP = "jsd"
+BASELINE = "TRL formula eager"  # the eager call users write (benchmarks/run.py's first speedup)
 BETA = 0.5
 BYTES_PER_ELEM = {"fwd": 2, "fwd+bwd": 3, "bwd": None}
 

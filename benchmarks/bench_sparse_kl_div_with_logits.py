@@ -15,6 +15,7 @@ from kl_ext import reference
 from kl_ext._backends import _usable
 
 OP = "sparse"
+BASELINE = "unfused torch eager"  # the eager call users write (benchmarks/run.py's first speedup)
 K = 64
 BYTES_PER_ELEM = {"fwd": 1, "fwd+bwd": 2, "bwd": None}
 

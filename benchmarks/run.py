@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import bench_bernoulli_kl_div_with_logits as bern
+from benchmarks import bench_divergences
 from benchmarks import bench_jsd_with_logits as jsd
 from benchmarks import bench_kl_div_with_logits as kl
 from benchmarks import bench_sparse_kl_div_with_logits as sparse
@@ -31,6 +32,9 @@ GPU_BERNOULLI = [(1 << 20, 512), (1 << 17, 4096), (1 << 15, 16384)]
 # Small losses, where dispatch and launches dominate: fwd+bwd, wall time per step (and on a GPU the
 # kernels' own time, from CUDA-graph replay over 32 input sets).
 SMALL = [(8, 1000), (64, 4096)]
+# op -> its benchmark (OP, providers, make_inputs, reference_fn, BYTES_PER_ELEM, BASELINE: the eager call users
+# write, the speedups' first reference); the Bernoulli losses take their own shapes, the rest the KL's.
+OPS = {"kl": kl, "bernoulli": bern, "jsd": jsd, "sparse": sparse, **bench_divergences.OPS}
 
 
 def plan(device, quick):
@@ -49,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
     ap.add_argument("--modes", default=None, help="comma list of fwd,fwd+bwd,bwd")
-    ap.add_argument("--ops", default="kl,bernoulli,jsd,sparse")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU uses do_bench)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the GPU when there is one")
@@ -72,15 +76,12 @@ def main(argv=None):
     # box) would land inside the progress bar.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     copy = copy_bandwidth_gbps(device)
-    jobs = []
-    if "kl" in args.ops:
-        jobs.append((kl, kl_shapes))
-    if "bernoulli" in args.ops:
-        jobs.append((bern, bern_shapes))
-    if "jsd" in args.ops:
-        jobs.append((jsd, kl_shapes))
-    if "sparse" in args.ops:
-        jobs.append((sparse, kl_shapes))
+    wanted = args.ops.split(",")
+    unknown = set(wanted) - set(OPS)
+    if unknown:
+        ap.error(f"unknown --ops {sorted(unknown)}; choose from {','.join(OPS)}")
+    jobs = [(OPS[o], bern_shapes if o == "bernoulli" else kl_shapes) for o in OPS if o in wanted]
+    if "sparse" in wanted:
         for N, V in kl_shapes:
             print(f"sparse {N}x{V}: {sparse.bytes_saved(N, V, sparse.K, dtypes[0])}")
     provs = {mod.OP: mod.providers(device) for mod, _ in jobs}
@@ -110,8 +111,7 @@ def _speedups(rows):
     """The headline: each kl_ext provider against the eager baseline users write, then against the fastest torch
     peer of its row (eager or compiled, Liger where installed), per shape, forward and forward+backward (backward
     alone is not comparable: kl_ext does that work in the forward)."""
-    base_name = {"kl": "nn.KLDivLoss eager", "bernoulli": "BCE - entropy eager", "bce": "BCEWithLogitsLoss eager",
-                 "jsd": "TRL formula eager", "sparse": "unfused torch eager"}
+    base_name = {"bce": "BCEWithLogitsLoss eager", **{o: m.BASELINE for o, m in OPS.items()}}
     ours = [r for r in rows if r.provider.startswith("kl_ext") and r.ms == r.ms and r.mode != "bwd"]
 
     def peers(r):

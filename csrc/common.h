@@ -230,6 +230,30 @@ inline KLCall prepare_divergence(const at::Tensor& input, const at::Tensor& targ
   return call;
 }
 
+// The row-softmax ops' entries, once for every backend that registers them: checks and outputs, then
+// Rows::run(call, input, target, mask, temperature, grad_scale) fills the outputs.
+template <typename Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_with_logits_fwd(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    c10::string_view target_type, double temperature, c10::string_view direction, bool grad_input, bool grad_target,
+    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
+  KLCall call = prepare_kl(input, target, mask, target_type, temperature, direction, grad_input, grad_target,
+                           grad_scale, row_stats);
+  Rows::run(call, input, target, mask, temperature, grad_scale);
+  return {call.out(), call.gx, call.gt};
+}
+
+template <typename Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_with_logits_fwd(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    c10::string_view target_type, double temperature, c10::string_view divergence, double param, bool grad_input,
+    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
+  KLCall call = prepare_divergence(input, target, mask, target_type, temperature, divergence, param, grad_input,
+                                   grad_target, grad_scale, row_stats);
+  Rows::run(call, input, target, mask, temperature, grad_scale);
+  return {call.out(), call.gx, call.gt};
+}
+
 // sparse_kl_div_with_logits_fwd after its checks: parsed options and the outputs every backend fills (gv: the
 // gradient w.r.t. the k target values, in their accumulation dtype).
 struct SparseCall {

@@ -173,6 +173,24 @@ acc_t stage_teacher(const scalar_t* t, acc_t* c, acc_t* d, int64_t V, int64_t np
   return acc_t(0);
 }
 
+// A row pair staged for a row-softmax loss, in six buffers of np values: a the student logits / T; c the teacher
+// in the log domain (logits / T, or log-probs) and d its probs for probs targets; b free; stage_x, stage_t the
+// gradients' staging. mx_s, mx_t: the maxima of a and c (0 for c unless logits).
+template <typename acc_t>
+struct StagedPair {
+  acc_t *a, *b, *c, *d, *stage_x, *stage_t;
+  acc_t mx_s, mx_t;
+};
+
+template <typename scalar_t, typename target_t, typename acc_t>
+StagedPair<acc_t> stage_pair(const scalar_t* x, const target_t* t, acc_t* buf, int64_t V, int64_t np, acc_t inv_T,
+                             TargetType tt) {
+  StagedPair<acc_t> s{buf, buf + np, buf + 2 * np, buf + 3 * np, buf + 4 * np, buf + 5 * np, acc_t(0), acc_t(0)};
+  s.mx_s = load_row(x, s.a, V, np, inv_T, -std::numeric_limits<acc_t>::infinity());
+  s.mx_t = stage_teacher(t, s.c, s.d, V, np, inv_T, tt);
+  return s;
+}
+
 // The rows of a row-softmax loss over threads: each thread has `staging` values of buffer (buf); masked rows
 // get loss 0 and zero gradients (gt: rows of Vt); row(r, r * V, buf) does the rest.
 template <typename scalar_t, typename acc_t, typename target_t, typename F>

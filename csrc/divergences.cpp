@@ -42,15 +42,13 @@ void divergence_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, Row
   using V_t = Vec<acc_t>;
   constexpr int64_t L = V_t::size();
   const int64_t np = padded(V, L);
-  const acc_t inv_T = acc_t(1.0 / temperature), ninf = -std::numeric_limits<acc_t>::infinity();
-  const bool keep = gx != nullptr || gt != nullptr;
-  const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
+  const acc_t inv_T = acc_t(1.0 / temperature);
+  const bool keep = gx != nullptr || gt != nullptr, logits = tt == TargetType::Logits;
+  const bool lp = tt == TargetType::LogProbs;
 
   for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
     // a: student logits / T, then ls, then gq; c: teacher (log domain), then lt, then gp; qb, pd: q and p.
-    acc_t *a = buf, *qb = a + np, *c = qb + np, *pd = c + np, *stage_x = pd + np, *stage_t = stage_x + np;
-    const acc_t mx_s = load_row(x + rx(r), a, V, np, inv_T, ninf);
-    const acc_t mx_t = stage_teacher(t + rt(r), c, pd, V, np, inv_T, tt);
+    const auto [a, qb, c, pd, stage_x, stage_t, mx_s, mx_t] = stage_pair(x + rx(r), t + rt(r), buf, V, np, inv_T, tt);
     // Exp pass: the softmax sums (fp32 vectors folded into double per 64 vectors, as for the KL).
     const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
     double sum_s64 = 0, sum_t64 = 0;
@@ -138,32 +136,33 @@ void divergence_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, Row
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_with_logits_fwd_cpu(
-    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
-    c10::string_view target_type, double temperature, c10::string_view divergence, double param, bool grad_input,
-    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
-  KLCall call = prepare_divergence(input, target, mask, target_type, temperature, divergence, param, grad_input,
-                                   grad_target, grad_scale, row_stats);
-  const int64_t N = num_rows(input), V = input.size(-1);
-  dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto xv, auto tv) {
-    using scalar_t = decltype(xv);
-    using target_t = decltype(tv);
-    using acc_t = at::opmath_type<scalar_t>;
-    with_divergence<VecMath<acc_t>>(call.divergence, acc_t(call.param), [&](const auto& terms) {
-      divergence_rows_cpu<scalar_t, target_t>(input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input),
-        row_layout(target), mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
-        call.loss.mutable_data_ptr<acc_t>(), grad_input ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
-        grad_target ? call.gt.mutable_data_ptr<target_t>() : nullptr, N, V, call.target_type, temperature,
-        grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
-        call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
-        call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr, terms);
+struct DivergenceRowsCpu {
+  static void run(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                  const c10::optional<at::Tensor>& mask, double temperature,
+                  const c10::optional<at::Tensor>& grad_scale) {
+    const int64_t N = num_rows(input), V = input.size(-1);
+    dispatch_pair(input.scalar_type(), target.scalar_type(), [&](auto xv, auto tv) {
+      using scalar_t = decltype(xv);
+      using target_t = decltype(tv);
+      using acc_t = at::opmath_type<scalar_t>;
+      with_divergence<VecMath<acc_t>>(call.divergence, acc_t(call.param), [&](const auto& terms) {
+        divergence_rows_cpu<scalar_t, target_t>(
+            input.const_data_ptr<scalar_t>(), target.const_data_ptr<target_t>(), row_layout(input),
+            row_layout(target), mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+            call.loss.mutable_data_ptr<acc_t>(), call.gx.numel() ? call.gx.mutable_data_ptr<scalar_t>() : nullptr,
+            call.gt.numel() ? call.gt.mutable_data_ptr<target_t>() : nullptr, N, V, call.target_type, temperature,
+            grad_scale.has_value() ? *grad_scale->const_data_ptr<acc_t>() : acc_t(1),
+            call.shard.defined() ? call.shard.mutable_data_ptr<acc_t>() : nullptr,
+            call.given.defined() ? call.given.const_data_ptr<acc_t>() : nullptr, terms);
+      });
     });
-  });
-  return {call.out(), call.gx, call.gt};
-}
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kl_ext, CPU, m) { m.impl("divergence_with_logits_fwd", &divergence_with_logits_fwd_cpu); }
+TORCH_LIBRARY_IMPL(kl_ext, CPU, m) {
+  m.impl("divergence_with_logits_fwd", &divergence_with_logits_fwd<DivergenceRowsCpu>);
+}
 
 }  // namespace kl_ext

@@ -44,15 +44,12 @@ void kl_rows_cpu(const scalar_t* x, const target_t* t, RowLayout rx, RowLayout r
   const int64_t np = padded(V, L);
   const acc_t inv_T = acc_t(1.0 / temperature);
   const acc_t gx_f = inv_T * gs;  // d/d input = (1/T) d/dz, times the reduction's grad_scale
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool fwd = dir == Direction::Forward;
   const bool keep = gx != nullptr || gt != nullptr;
   const bool logits = tt == TargetType::Logits, lp = tt == TargetType::LogProbs;
 
   for_each_row(mask, loss, gx, gt, N, V, V, 6 * np, [&](int64_t r, int64_t off, acc_t* buf) {
-    acc_t *a = buf, *b = a + np, *c = b + np, *d = c + np, *stage_x = d + np, *stage_t = stage_x + np;
-    const acc_t mx_s = load_row(x + rx(r), a, V, np, inv_T, ninf);
-    const acc_t mx_t = stage_teacher(t + rt(r), c, d, V, np, inv_T, tt);
+    const auto [a, b, c, d, stage_x, stage_t, mx_s, mx_t] = stage_pair(x + rx(r), t + rt(r), buf, V, np, inv_T, tt);
     const acc_t sh_s = safe_shift(mx_s), sh_t = safe_shift(mx_t);
     // Exp pass: sums of both rows and the KL accumulator (terms of zero weight are 0: 0 log 0 = 0), in fp32
     // vectors over blocks of 64 vectors folded into double: one running fp32 sum of V exponentials would be

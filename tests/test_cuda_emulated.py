@@ -73,33 +73,42 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
             check_grads(gt, rgt, dtype, "grad target " + what)
 
 
-# The JSD runs the KL's row engine with one more reduction: held (1, 2, 4, 8 packs; fp32 9000 and 33000 over
-# clusters of 2 and 8) and streamed (1-element packs; float64).
+# The divergences (DivergenceLoss: csrc/divergences.h's terms) run the KL's row engine with one more reduction:
+# held (1, 2, 4, 8 packs; fp32 9000 and 33000 over clusters of 2 and 8) and streamed (1-element packs; float64).
 JSD_SHAPES = [(3, 1), (5, 37), (70, 20), (4, 1000), (3, 2101), (2, 9000), (2, 33000)]
 
 
-@pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
-def test_jsd_kernels_match_reference(emu, dtype, target_type):
+def check_divergence_kernels(emu, dtype, target_type, divergence, params, ref):
+    """The emulated divergence_with_logits_fwd of `divergence` over JSD_SHAPES (params in turn) against
+    ref(x, t, param, **reference options) in float64; forward only, streamed; identical rows exactly 0. Each
+    divergence's tests call it (the JSD here, the others in their own test files)."""
     for i, (N, V) in enumerate(JSD_SHAPES):
         x, t, _ = make_case((N, V), target_type, dtype, seed=i)
         mask = torch.arange(N) % 3 != 1
-        beta = (0.1, 0.5, 0.9)[i % 3]
+        param = params[i % len(params)]
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
-        rows = reference.jsd_with_logits(x64, t64, beta=beta, target_type=target_type, temperature=1.5,
-                                         reduction="none", mask=mask)
+        rows = ref(x64, t64, param, target_type=target_type, temperature=1.5, reduction="none", mask=mask)
         rgx, rgt = torch.autograd.grad(rows.sum() * 0.5, (x64, t64))
-        loss, gx, gt = emu.divergence_with_logits_fwd(x, t, mask, target_type, 1.5, "jsd", beta, True, True, gs)
-        what = f"{N}x{V} beta={beta}"
+        loss, gx, gt = emu.divergence_with_logits_fwd(x, t, mask, target_type, 1.5, divergence, param, True, True,
+                                                      gs)
+        what = f"{divergence} {N}x{V} param={param}"
         assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
         check_grads(gx, rgx, dtype, "grad input " + what)
         check_grads(gt, rgt, dtype, "grad target " + what)
     x, t, _ = make_case((3, 5000), "logits", torch.float32)  # forward only, streamed
-    loss, gx, _ = emu.divergence_with_logits_fwd(x, t, None, "logits", 1.0, "jsd", 0.3, False, False, None)
+    loss, gx, _ = emu.divergence_with_logits_fwd(x, t, None, "logits", 1.0, divergence, params[0], False, False,
+                                                 None)
     assert gx.numel() == 0
-    assert_close_rel(loss, reference.jsd_with_logits(x.double(), t.double(), beta=0.3, reduction="none"), 2e-5)
-    assert torch.equal(emu.divergence_with_logits_fwd(x, x, None, "logits", 1.0, "jsd", 0.5, False, False, None)[0],
-                       torch.zeros(3))  # identical rows: exactly 0
+    assert_close_rel(loss, ref(x.double(), t.double(), params[0], reduction="none"), 2e-5)
+    assert torch.equal(emu.divergence_with_logits_fwd(x, x, None, "logits", 1.0, divergence, params[0], False,
+                                                      False, None)[0], torch.zeros(3))  # identical rows: exactly 0
+
+
+@pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
+def test_jsd_kernels_match_reference(emu, dtype, target_type):
+    check_divergence_kernels(emu, dtype, target_type, "jsd", (0.1, 0.5, 0.9),
+                             lambda x, t, beta, **kw: reference.jsd_with_logits(x, t, beta=beta, **kw))
 
 
 @pytest.mark.parametrize("V", [37, 2100, 70000])

@@ -1,7 +1,7 @@
 """tvd_with_logits and skew_kl_div_with_logits (policies of divergence_with_logits_fwd): every kernel backend
 against the float64 reference and the references against the definitions, ties (TVD's sign(0) = 0), skew alpha 0
 and near 0 against the KL, awkward shapes (V = 1, odd V, V > 64k, empty, all masked), gradcheck, opcheck,
-compile, the Modules. The CUDA kernels of both: tests/test_cuda_emulated.py (emulated), tests/test_gpu.py."""
+compile, the Modules; their CUDA kernels in the emulator, and on a GPU when there is one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def run(name, x, t, backend, **kw):
     t = t.detach().clone().requires_grad_()
     loss = fn(x, t, backend=backend, **opts, **kw)
     g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    gx, gt = torch.autograd.grad(loss, (x, t), g.to(loss.dtype))
+    gx, gt = torch.autograd.grad(loss, (x, t), g.to(loss.device, loss.dtype))
     return loss.detach(), gx, gt
 
 
@@ -245,3 +245,36 @@ def test_tvd_is_bounded_by_1():
     x, t, _ = make_case((64, 5), "logits", torch.float64)
     loss = reference.tvd_with_logits(x * 10, t * 10, reduction="none")
     assert (loss >= 0).all() and (loss <= 1 + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype,target_type", [(torch.float32, tt) for tt in TARGET_TYPES] +
+                         [(torch.bfloat16, "probs")], ids=str)
+@pytest.mark.parametrize("divergence,params", [("tvd", (0.0,)), ("skew_forward", (0.1, 0.01)),
+                                               ("skew_reverse", (0.3, 1e-5))])
+def test_cuda_kernels_emulated(emu, dtype, target_type, divergence, params):
+    # csrc/cuda's DivergenceLoss with these terms on every launch path (tests/test_cuda_emulated.py's shapes).
+    from test_cuda_emulated import check_divergence_kernels
+    name = {"tvd": "tvd", "skew_forward": "skew_forward_0.1", "skew_reverse": "skew_reverse_0.1"}[divergence]
+    fn, opts = LOSSES[name]
+
+    def ref(x, t, param, **kw):
+        return fn(x, t, backend="torch", **{**opts, **({"alpha": param} if param else {})}, **kw)
+    check_divergence_kernels(emu, dtype, target_type, divergence, params, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_gpu_backends_match_reference(backend, name, require_backend):
+    # Held rows (one block, a cluster) and streamed ones, bf16 and fp32, against the float64 reference.
+    require_backend(backend, "cuda")
+    for (N, V), dtype in (((64, 4096), torch.bfloat16), ((8, 65536), torch.bfloat16), ((16, 32000), torch.float32),
+                          ((4, 300001), torch.float32)):
+        x, t, _ = make_case((N, V), "logits", dtype)
+        loss, gx, gt = run(name, x.cuda(), t.cuda(), backend, reduction="none")
+        rloss, rgx, rgt = run(name, x.double(), t.double(), "torch", reduction="none")
+        tol = TOL[dtype]
+        assert_close_rel(loss.cpu(), rloss, tol[0], f"{name} {N}x{V} loss", atol=1e-6)
+        for got, exp, what in ((gx, rgx, "grad input"), (gt, rgt, "grad target")):
+            floor = (exp.to(dtype).double() - exp).abs().max() / exp.abs().max().clamp(min=1e-30)
+            assert_close_rel(got.cpu(), exp, tol[1] + 2 * float(floor), f"{name} {N}x{V} {what}")

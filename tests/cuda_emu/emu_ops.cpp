@@ -15,27 +15,13 @@ namespace {
 // A grid limit of 4 blocks: held rows loop over rows as past a GPU's (2^31 - 1 blocks).
 kl_ext::cuda::KLDevice device{2, true, 4};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& input, const at::Tensor& target,
-                                                      const c10::optional<at::Tensor>& mask,
-                                                      c10::string_view target_type, double temperature,
-                                                      c10::string_view direction, bool grad_input, bool grad_target,
-                                                      const c10::optional<at::Tensor>& grad_scale,
-                                                      const c10::optional<at::Tensor>& row_stats) {
-  kl_ext::KLCall call = kl_ext::prepare_kl(input, target, mask, target_type, temperature, direction, grad_input,
-                                           grad_target, grad_scale, row_stats);
-  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, grad_scale, device, nullptr);
-  return {call.out(), call.gx, call.gt};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd(
-    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
-    c10::string_view target_type, double temperature, c10::string_view divergence, double param, bool grad_input,
-    bool grad_target, const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& row_stats) {
-  kl_ext::KLCall call = kl_ext::prepare_divergence(input, target, mask, target_type, temperature, divergence, param,
-                                                   grad_input, grad_target, grad_scale, row_stats);
-  kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, grad_scale, device, nullptr);
-  return {call.out(), call.gx, call.gt};
-}
+struct EmuRows {
+  static void run(const kl_ext::KLCall& call, const at::Tensor& input, const at::Tensor& target,
+                  const c10::optional<at::Tensor>& mask, double temperature,
+                  const c10::optional<at::Tensor>& grad_scale) {
+    kl_ext::cuda::softmax_rows_cuda(call, input, target, mask, temperature, grad_scale, device, nullptr);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fwd(const at::Tensor& input, const at::Tensor& indices,
                                                           const at::Tensor& values,
@@ -66,8 +52,8 @@ void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters, 4}; 
 TORCH_LIBRARY_FRAGMENT(kl_ext_cuda_emu, m) { m.def("set_device(int sms, bool clusters) -> ()", &set_device); }
 
 TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
-  m.impl("kl_div_with_logits_fwd", &kl_fwd);
-  m.impl("divergence_with_logits_fwd", &divergence_fwd);
+  m.impl("kl_div_with_logits_fwd", &kl_ext::kl_div_with_logits_fwd<EmuRows>);
+  m.impl("divergence_with_logits_fwd", &kl_ext::divergence_with_logits_fwd<EmuRows>);
   m.impl("sparse_kl_div_with_logits_fwd", &sparse_fwd);
   m.impl("bernoulli_kl_div_with_logits_fwd", &bernoulli_fwd);
 }
