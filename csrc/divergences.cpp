@@ -25,6 +25,10 @@ struct VecMath {
   using T = Vec<S>;
   static T c(S x) { return T(x); }
   static T select_pos(const T& d, const T& a, const T& b) { return T::blendv(b, a, d > T(S(0))); }
+  template <typename FA, typename FB>
+  static T lazy_select_pos(const T& d, const FA& fa, const FB& fb) {
+    return select_pos(d, fa(), fb());
+  }
   static T abs(const T& x) { return x.abs(); }
   static T exp(const T& x) { return x.exp_u20(); }
   static T log(const T& x) { return log_poly(x); }

@@ -5,7 +5,9 @@
 // terms here, a case in with_divergence, its name in parse_divergence; the Python side: kl_ext/ARCHITECTURE.md.
 //
 // M is the backend's math over its value type M::T (a vector of, or one, accumulation-type value M::S):
-//   c(x) a constant; select_pos(d, a, b): a where d > 0, else b; abs, exp, log, max, log1p, expm1 (of x <= 0).
+//   c(x) a constant; select_pos(d, a, b): a where d > 0, else b; lazy_select_pos(d, fa, fb): the same of
+//   fa() and fb() (scalars evaluate only the one taken: fewer live registers in the CUDA kernels); abs, exp,
+//   log, max, log1p, expm1 (of x <= 0).
 // Terms of zero weight are 0, never 0 * inf (0 log 0 = 0).
 #pragma once
 #include <c10/macros/Macros.h>
@@ -56,8 +58,8 @@ C10_HOST_DEVICE inline typename M::T log_mixture_exact(const typename M::T& ls, 
                                                        const typename M::T& w, const typename M::T& w1) {
   const typename M::T d = lt - ls, ad = M::abs(d), c = M::select_pos(d, w1, w), big = M::select_pos(d, w, w1);
   const typename M::T u = c * M::expm1(M::c(0) - ad);
-  const typename M::T near = M::log1p(u), far = M::log(big + c * M::exp(M::c(0) - ad));
-  return M::max(ls, lt) + M::select_pos(u + M::c(0.5), near, far);
+  return M::max(ls, lt) + M::lazy_select_pos(u + M::c(0.5), [&] { return M::log1p(u); },
+                                             [&] { return M::log(big + c * M::exp(M::c(0) - ad)); });
 }
 
 // The generalized JSD(beta): m = beta p + (1 - beta) q, beta KL(p || m) + (1 - beta) KL(q || m).

@@ -41,6 +41,10 @@ if has test; then
     limited python -m pytest -q tests/test_zero_targets.py -k "cuda or triton" -p no:cacheprovider -rfEs \
         >> "$OUT/tests.log" 2>&1
     echo "zero-target tests rc=$?" >> "$OUT/tests.log"
+    # Every test named for a GPU in the other files (the divergences' test_gpu_backends_*).
+    limited python -m pytest -q tests -k "gpu_backends" --ignore=tests/test_gpu.py -p no:cacheprovider -rfEs \
+        >> "$OUT/tests.log" 2>&1
+    echo "other GPU tests rc=$?" >> "$OUT/tests.log"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
     tail -3 "$OUT/tests.log"
 fi
@@ -96,7 +100,7 @@ fi
 if has bench; then
     # BENCH_ARGS narrows the sweep to fit a 10-minute call, e.g. "--dtypes bf16 --modes fwd,fwd+bwd".
     # One run per op (BENCH_OPS), each with its own table and CSV: a deadline cuts off the rest, not the lot.
-    for op in ${BENCH_OPS:-kl bernoulli jsd sparse}; do
+    for op in ${BENCH_OPS:-kl bernoulli jsd sparse tvd skew}; do
         limited python -m benchmarks.run --ops "$op" --out "$OUT/bench_$op" ${BENCH_ARGS:-} > "$OUT/bench_$op.log" 2>&1
         echo "bench $op rc=$?"
         grep -E "faster than|slower than" "$OUT/bench_$op.log" | head -40

@@ -55,30 +55,36 @@ def test_beta_0_and_1_are_the_two_kl_directions(backend, target_type, require_ba
             assert torch.equal(u, v)
 
 
+def check_against_reference(run, backend, dtype, target_type, what=""):
+    """run(x, t, backend, **options) -> (loss, grad input, grad target) of a two-row loss on `backend` against the
+    float64 reference: V = 1, odd V, a 3-D batch, and (3, 2100), several blocks (the Triton kernels' streaming
+    path), each shape with another reduction, masks and temperatures. Shared by the divergences' tests."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels compute in float32; float64 is the cpu/torch backends' job")
+    loss_tol, grad_tol = TOL[dtype]
+    cases = [((4, 37), False, 1.0), ((2, 3, 50), True, 2.5), ((5, 1), True, 0.7), ((3, 2100), True, 1.3)]
+    for (shape, masked, temperature), reduction in zip(cases, REDUCTIONS):
+        x, t, mask = make_case(shape, target_type, dtype, seed=len(shape), masked=masked)
+        kw = dict(target_type=target_type, reduction=reduction, mask=mask, temperature=temperature)
+        loss, gx, gt = run(x, t, backend, **kw)
+        rloss, rgx, rgt = run(x.double(), t.double(), "torch", **kw)
+        case = f"{what} {shape} {reduction} T={temperature} mask={masked}"
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert gx.dtype == dtype and gt.dtype == dtype
+        # fp32 log m carries ~1e-7 absolute error: losses near 0 (V = 1) are compared absolutely.
+        assert_close_rel(loss, rloss, loss_tol, "loss " + case, atol=1e-6)
+        for got, exp, name in ((gx, rgx, "grad input "), (gt, rgt, "grad target ")):
+            floor = (exp.to(dtype).double() - exp).abs().max() / exp.abs().max().clamp(min=1e-30)
+            assert_close_rel(got, exp, grad_tol + 2 * float(floor), name + case, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("target_type", TARGET_TYPES)
 @pytest.mark.parametrize("beta", BETAS)
 def test_backend_matches_reference(backend, dtype, target_type, beta, require_backend):
     require_backend(backend)
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels compute in float32; float64 is the cpu/torch backends' job")
-    loss_tol, grad_tol = TOL[dtype]
-    # (3, 2100) spans several blocks: the Triton kernels' streaming path. Each shape takes another reduction.
-    cases = [((4, 37), False, 1.0), ((2, 3, 50), True, 2.5), ((5, 1), True, 0.7), ((3, 2100), True, 1.3)]
-    for (shape, masked, temperature), reduction in zip(cases, REDUCTIONS):
-        x, t, mask = make_case(shape, target_type, dtype, seed=len(shape), masked=masked)
-        kw = dict(beta=beta, target_type=target_type, reduction=reduction, mask=mask, temperature=temperature)
-        loss, gx, gt = run(x, t, backend, **kw)
-        rloss, rgx, rgt = run(x.double(), t.double(), "torch", **kw)
-        what = f"{shape} {reduction} T={temperature} mask={masked}"
-        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert gx.dtype == dtype and gt.dtype == dtype
-        # fp32 log m carries ~1e-7 absolute error: losses near 0 (V = 1) are compared absolutely.
-        assert_close_rel(loss, rloss, loss_tol, "loss " + what, atol=1e-6)
-        for got, exp, name in ((gx, rgx, "grad input "), (gt, rgt, "grad target ")):
-            floor = (exp.to(dtype).double() - exp).abs().max() / exp.abs().max().clamp(min=1e-30)
-            assert_close_rel(got, exp, grad_tol + 2 * float(floor), name + what, atol=1e-6)
+    check_against_reference(lambda x, t, be, **kw: run(x, t, be, beta=beta, **kw), backend, dtype, target_type)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import kl_ext
 from kl_ext import reference
 from conftest import TOL, assert_close_rel, assert_compiled_matches_eager, backend_params
-from test_kl_div_with_logits import DTYPES, REDUCTIONS, TARGET_TYPES, make_case
+from test_jsd_with_logits import check_against_reference
+from test_kl_div_with_logits import DTYPES, TARGET_TYPES, make_case
 from test_kl_div_with_logits import run as run_kl
 
 # name -> (functional, its options): the TVD and the skew KL in both directions at small and large alpha.
@@ -59,23 +60,7 @@ def test_references_match_the_definitions(target_type):
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_backend_matches_reference(backend, dtype, target_type, name, require_backend):
     require_backend(backend)
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels compute in float32; float64 is the cpu/torch backends' job")
-    loss_tol, grad_tol = TOL[dtype]
-    # V = 1, odd V, a 3-D batch; (3, 2100) spans several blocks: the Triton kernels' streaming path.
-    cases = [((4, 37), False, 1.0), ((2, 3, 50), True, 2.5), ((5, 1), True, 0.7), ((3, 2100), True, 1.3)]
-    for (shape, masked, temperature), reduction in zip(cases, REDUCTIONS):
-        x, t, mask = make_case(shape, target_type, dtype, seed=len(shape), masked=masked)
-        kw = dict(target_type=target_type, reduction=reduction, mask=mask, temperature=temperature)
-        loss, gx, gt = run(name, x, t, backend, **kw)
-        rloss, rgx, rgt = run(name, x.double(), t.double(), "torch", **kw)
-        what = f"{name} {shape} {reduction} T={temperature} mask={masked}"
-        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert gx.dtype == dtype and gt.dtype == dtype
-        assert_close_rel(loss, rloss, loss_tol, "loss " + what, atol=1e-6)
-        for got, exp, which in ((gx, rgx, "grad input "), (gt, rgt, "grad target ")):
-            floor = (exp.to(dtype).double() - exp).abs().max() / exp.abs().max().clamp(min=1e-30)
-            assert_close_rel(got, exp, grad_tol + 2 * float(floor), which + what, atol=1e-6)
+    check_against_reference(lambda x, t, be, **kw: run(name, x, t, be, **kw), backend, dtype, target_type, name)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -413,6 +413,10 @@ struct ScalarMath {
   using T = Acc;
   __host__ __device__ static T c(S x) { return x; }
   __host__ __device__ static T select_pos(T d, T a, T b) { return d > T(0) ? a : b; }
+  template <typename FA, typename FB>
+  __host__ __device__ static T lazy_select_pos(T d, const FA& fa, const FB& fb) {
+    return d > T(0) ? fa() : fb();
+  }
   __host__ __device__ static T abs(T x) { return x < T(0) ? -x : x; }
   __host__ __device__ static T exp(T x) { return kexp(x); }
   __host__ __device__ static T log(T x) { return klog(x); }
