@@ -11,7 +11,7 @@ import triton.language as tl
 
 from kl_ext import _ops
 from kl_ext.triton_kernels._config import row_layout, rows_of, tile_config
-from kl_ext.triton_kernels.kl_div_with_logits import _row_ptr
+from kl_ext.triton_kernels._rows import _row_ptr
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from kl_ext import _ops
 from kl_ext.triton_kernels._config import row_config, row_layout, rows_of
-from kl_ext.triton_kernels.kl_div_with_logits import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _given_stats,
+from kl_ext.triton_kernels._rows import (FP_FUSION, LOGITS, LOG_PROBS, _TARGET, _given_stats,
                                                       _load_chunk, _log1p, _lse, _online_lse, _put_shard_stats,
                                                       _row_start, _zero_grads, row_outputs)
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from kl_ext import _ops
 from kl_ext.triton_kernels._config import interpreting, row_config, row_layout, rows_of
-from kl_ext.triton_kernels.kl_div_with_logits import (_TARGET, FP_FUSION, LOG_PROBS, LOGITS, PROBS, _rescale,
+from kl_ext.triton_kernels._rows import (_TARGET, FP_FUSION, LOG_PROBS, LOGITS, PROBS, _rescale,
                                                       _row_start, _safe, _zero_grads)
 
 
