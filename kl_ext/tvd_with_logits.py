@@ -30,7 +30,7 @@ def tvd_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: s
 
     >>> import math, torch, kl_ext
     >>> student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])
-    >>> float(kl_ext.tvd_with_logits(student, teacher))   # 1/2 (|0.5 - 0.25| + |0.5 - 0.75|)
+    >>> round(float(kl_ext.tvd_with_logits(student, teacher)), 6)   # 1/2 (|0.5 - 0.25| + |0.5 - 0.75|)
     0.25
     """
     return divergence_with_logits(input, target, "tvd", 0.0, target_type=target_type, temperature=temperature,
