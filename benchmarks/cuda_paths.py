@@ -1,7 +1,8 @@
 """The CUDA row engine's limits swept on this GPU (KL_EXT_CUDA_ROWS, read at each launch: one build measures every
-configuration), against the Triton backend in the same run. KL (teacher logits, fwd+bwd and forward only) and
-JSD (beta = 0.5, fwd+bwd), bf16 and fp32, N * V = 2^29; % of the floor's bytes over the device copy bandwidth
-(fwd+bwd: read both inputs, write the gradient; forward: read both).
+configuration), against the Triton backend in the same run. KL (teacher logits, fwd+bwd and forward only), JSD
+(beta = 0.5, fwd+bwd) and the sparse teacher (top-64 log-probs, fwd+bwd), bf16 and fp32, N * V = 2^29; % of the
+floor's bytes over the device copy bandwidth (fwd+bwd: read both inputs, write the gradient; forward: read both;
+sparse: read the student, write its gradient, the k-sized teacher left out).
 
     python -m benchmarks.cuda_paths [--quick] [--out results.jsonl]
 
@@ -47,11 +48,15 @@ def main():
                 s, t = make_inputs(N, V, dtype, dev)
                 x = s.detach().requires_grad_()
                 nbytes = s.numel() * s.element_size()
-                for op, mode in (("kl", "fwd+bwd"), ("kl", "fwd"), ("jsd", "fwd+bwd")):
-                    fn = kl_ext.kl_div_with_logits if op == "kl" else (
-                        lambda a, b, **k: kl_ext.jsd_with_logits(a, b, beta=0.5, **k))
-                    floor = (3 if mode == "fwd+bwd" else 2) * nbytes
-                    line = f"{op:<4}{mode:<8}{str(dtype)[6:]:<9}{N}x{V:<8}"
+                idx, lp = kl_ext.topk_target(t, 64)
+                # (op, mode, loss of the student, elements moved per student element at the floor)
+                cases = [("kl", "fwd+bwd", lambda a, **k: kl_ext.kl_div_with_logits(a, t, **k), 3),
+                         ("kl", "fwd", lambda a, **k: kl_ext.kl_div_with_logits(a, t, **k), 2),
+                         ("jsd", "fwd+bwd", lambda a, **k: kl_ext.jsd_with_logits(a, t, beta=0.5, **k), 3),
+                         ("sparse", "fwd+bwd", lambda a, **k: kl_ext.sparse_kl_div_with_logits(a, idx, lp, **k), 2)]
+                for op, mode, fn, moved in cases:
+                    floor = moved * nbytes
+                    line = f"{op:<7}{mode:<8}{str(dtype)[6:]:<9}{N}x{V:<8}"
                     for backend, tune in [("triton", "")] + [("cuda", tu) for tu in tunes]:
                         if backend not in kl_ext.available_backends():
                             continue
@@ -62,9 +67,9 @@ def main():
                         def run():
                             if mode == "fwd":
                                 with torch.no_grad():
-                                    fn(s, t, backend=backend)
+                                    fn(s, backend=backend)
                             else:
-                                fn(x, t, backend=backend).backward()
+                                fn(x, backend=backend).backward()
                                 x.grad = None
                         try:
                             ms = time_ms(run, dev, reps=20)
@@ -78,7 +83,7 @@ def main():
                                                   "backend": backend, "tune": tune, "ms": ms, "pct_floor": pct,
                                                   "copy_gbps": copy}) + "\n")
                     print(line, flush=True)
-                del s, t, x
+                del s, t, x, idx, lp
                 torch.cuda.empty_cache()
     finally:
         os.environ.pop("KL_EXT_CUDA_ROWS", None)

@@ -46,6 +46,23 @@ KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101
 ENGINE_TUNES = [(None, True), (None, False), ("threads=32,items=2,cluster=16", True)]
 
 
+def engine_runs(emu, monkeypatch, dtype, V, call):
+    """call() under every engine configuration of ENGINE_TUNES for the fp32 and bf16 kernels in 16-byte packs, the
+    defaults only for the others (CI time): yields (what, call's result)."""
+    tunes = ENGINE_TUNES if dtype in (torch.float32, torch.bfloat16) and V % 8 == 0 else ENGINE_TUNES[:1]
+    for tune, clusters in tunes:
+        if tune:
+            monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
+        else:
+            monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
+        emu.set_device(1, clusters)
+        try:
+            out = call()
+        finally:
+            emu.set_device(1, True)
+        yield f"{tune=} {clusters=}", out
+
+
 @pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypatch):
@@ -54,19 +71,10 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
         mask = torch.arange(N) % 3 != 1
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         rloss, rgx, rgt = kl_expected(x, t, mask, target_type, 1.5, direction, 0.5)
-        # Every engine configuration for the fp32 and bf16 kernels; the others take the defaults: CI time.
-        tunes = ENGINE_TUNES if dtype in (torch.float32, torch.bfloat16) and V % 8 == 0 else ENGINE_TUNES[:1]
-        for tune, clusters in tunes:
-            if tune:
-                monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
-            else:
-                monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
-            emu.set_device(1, clusters)
-            try:
-                loss, gx, gt = emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs)
-            finally:
-                emu.set_device(1, True)
-            what = f"{N}x{V} {tune=} {clusters=}"
+        runs = engine_runs(emu, monkeypatch, dtype, V,
+                           lambda: emu.kl_div_with_logits_fwd(x, t, mask, target_type, 1.5, direction, True, True, gs))
+        for how, (loss, gx, gt) in runs:
+            what = f"{N}x{V} {how}"
             assert loss.dtype == gs.dtype and gx.dtype == dtype and gt.dtype == dtype
             assert_close_rel(loss, rloss, TOL[dtype][0], "loss " + what)
             check_grads(gx, rgx, dtype, "grad input " + what)
@@ -282,15 +290,17 @@ def test_kl_kernels_tiny_kl_between_near_identical_rows(emu, V, dtype, grads, cl
     assert ((loss.double() - exp).abs() / exp).max() < tol
 
 
-# The sparse teacher's kernel: rows held with one pack per thread (1-element packs: V = 1, 37), streamed beyond
-# (16-byte and 1-element packs: 1000, 2101; 70000: V > 64k), blocks looping over rows (70 x 20); k = V (64),
-# k > the block's threads (300), empty slots.
-SPARSE_SHAPES = [(3, 1, 1), (5, 37, 7), (70, 20, 5), (4, 64, 64), (3, 1000, 64), (3, 2101, 300), (2, 9000, 64),
-                 (2, 70000, 100)]
+# The sparse teacher's kernels on the row engine's launch shapes: held with 1 pack per thread (fp32 / bf16 1000;
+# 70 x 20 in fp32: blocks looping over rows), 2 (bf16 4000), 4 (fp32 2100, 4000), 8 (bf16 9000; fp32 9000 over a
+# cluster of 2; 70000: V > 64k over a cluster of 8), streamed (1-element packs: V = 1, 37, 2101; float64; without
+# clusters beyond one block); k = V (64), k > a block's threads (300), empty slots. fp32 and bf16 also under the
+# other ENGINE_TUNES (clusters of 2 - 16 blocks of 32 threads; no clusters).
+SPARSE_SHAPES = [(3, 1, 1), (5, 37, 7), (70, 20, 5), (4, 64, 64), (3, 1000, 64), (3, 2100, 300), (3, 2101, 300),
+                 (3, 4000, 64), (2, 9000, 64), (2, 70000, 100)]
 
 
 @pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
-def test_sparse_kernels_match_reference(emu, dtype, target_type):
+def test_sparse_kernels_match_reference(emu, dtype, target_type, monkeypatch):
     from test_sparse_kl_div_with_logits import make_sparse
     for i, (N, V, k) in enumerate(SPARSE_SHAPES):
         x, idx, v, _ = make_sparse((N, V), k, target_type, dtype, seed=i)
@@ -301,12 +311,14 @@ def test_sparse_kernels_match_reference(emu, dtype, target_type):
         rows = reference.sparse_kl_div_with_logits(x64, idx, v64, target_type=target_type, tail=tail,
                                                    temperature=1.5, reduction="none", mask=mask)
         rgx, rgv = torch.autograd.grad(rows.sum() * 0.5, (x64, v64))
-        loss, gx, gv = emu.sparse_kl_div_with_logits_fwd(x, idx, v, mask, target_type, tail, 1.5, True, True, gs)
-        what = f"{N}x{V} k={k} {tail}"
-        assert loss.dtype == v.dtype and gx.dtype == dtype and gv.dtype == v.dtype
-        assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
-        check_grads(gx, rgx, dtype, "grad input " + what)
-        assert_close_rel(gv, rgv, TOL[dtype][0], "grad values " + what, atol=1e-6)
+        runs = engine_runs(emu, monkeypatch, dtype, V, lambda: emu.sparse_kl_div_with_logits_fwd(
+            x, idx, v, mask, target_type, tail, 1.5, True, True, gs))
+        for how, (loss, gx, gv) in runs:
+            what = f"{N}x{V} k={k} {tail} {how}"
+            assert loss.dtype == v.dtype and gx.dtype == dtype and gv.dtype == v.dtype
+            assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
+            check_grads(gx, rgx, dtype, "grad input " + what)
+            assert_close_rel(gv, rgv, TOL[dtype][0], "grad values " + what, atol=1e-6)
 
 
 def test_sparse_kernels_forward_only_bad_indices_and_determinism(emu):

@@ -428,22 +428,26 @@ def test_triton_kernels_compile_for_gpu_without_spilling():
 
 def test_cuda_kernels_build_without_heavy_spills():
     # ptxas's register allocation decides whether a row held in registers stays there (checked on the built
-    # extension, sm_90). The row engine's held kernels are bounded (__launch_bounds__) to 64 registers at 1 pack
-    # per thread (4 blocks of 256 per SM) and 128 at 2 - 8 (2 blocks of 256; 8 packs: 1 of 512) and must not
-    # spill there; the streamed kernels (512 threads, one row in flight per block) may spill a little.
-    kernels = [k for k in cuda_kernel_resources() if "kl_held_kernel" in k["name"] or "kl_stream_kernel" in k["name"]]
+    # extension, sm_90). The row engine's held kernels (the KL's and the divergences', the sparse teacher's) are
+    # bounded (__launch_bounds__) to 64 registers at 1 pack per thread (4 blocks of 256 per SM) and 128 at 2 - 8
+    # (2 blocks of 256; 8 packs: 1 of 512) and must not spill there; the streamed kernels (512 threads, one row in
+    # flight per block) may spill a little.
+    engine = ("kl_held_kernel", "kl_stream_kernel", "sparse_held_kernel", "sparse_stream_kernel")
+    kernels = [k for k in cuda_kernel_resources() if any(name in k["name"] for name in engine)]
     assert {k["arch"] for k in kernels} >= {"sm_90"}
     held = {}
     for k in kernels:
-        if "kl_held_kernel" in k["name"]:
-            vec, items = map(int, re.search(r"kl_held_kernelI.*?Li(\d+)ELi(\d+)E", k["name"]).groups())
+        found = re.search(r"(kl|sparse)_held_kernelI.*?Li(\d+)ELi(\d+)E", k["name"])
+        if found:
+            kind, vec, items = found.group(1), int(found.group(2)), int(found.group(3))
             if k["arch"] == "sm_90":
-                held[items] = held.get(items, 0) + 1
+                held[kind, items] = held.get((kind, items), 0) + 1
             assert k["stack"] == 0 and k["regs"] <= {1: 64, 2: 128, 4: 128, 8: 128}[items], k
         elif "kernelId" not in k["name"]:  # float64 streams, for accuracy, not speed
             assert k["stack"] <= 64, k
-    # Every packs-per-thread configuration, for the 7 dtype pairs other than float64, KL and JSD.
-    assert held == {1: 14, 2: 14, 4: 14, 8: 14}
+    # Every packs-per-thread configuration: for the 7 dtype pairs other than float64, KL and the divergences; for
+    # the sparse teacher's 3 dtypes other than float64.
+    assert held == {**{("kl", i): 14 for i in (1, 2, 4, 8)}, **{("sparse", i): 3 for i in (1, 2, 4, 8)}}
 
 
 def test_tiny_kl_between_near_identical_rows_cpu(require_backend):

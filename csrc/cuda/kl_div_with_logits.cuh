@@ -560,7 +560,6 @@ __device__ __forceinline__ V cluster_allreduce(V v, V* mine, unsigned size, Op o
   return v;
 }
 
-constexpr int kResidentThreads = 256;  // the sparse kernel's held rows (one pack per thread)
 constexpr int kWideThreads = 512;      // the widest held block; streamed rows
 constexpr int kHeldPacks = 8;          // packs per thread of a held row, at most
 constexpr int kStreamPacks = 4;        // packs in flight per thread when streaming

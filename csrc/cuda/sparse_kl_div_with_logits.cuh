@@ -1,13 +1,13 @@
-// sparse_kl_div_with_logits: the CUDA kernel and its host entry (contract and formulas:
+// sparse_kl_div_with_logits: the CUDA kernels and their host entry (contract and formulas:
 // csrc/sparse_kl_div_with_logits.cpp). Included by sparse_kl_div_with_logits.cu and by tests/cuda_emu.
 //
-// The student row goes through the KL's row machinery (kl_div_with_logits.cuh: launch configurations, packs,
-// block reductions, held or streamed rows); only the sparse teacher's per-slot math is new. The tail sum
-// Q_tail must cover exactly the classes outside the support, so each block first marks the row's support in
-// a bitmap in shared memory (V / 8 bytes), and the statistics pass sums the exponentials of all classes and
-// of the unmarked ones. Indices outside [0, V) are skipped: no slot ever reads or writes out of bounds.
-// Gradients: one pass writes every class's non-support gradient, then (after a barrier) the support's k
-// entries are overwritten with theirs.
+// The student row runs on the KL's row engine (kl_div_with_logits.cuh): its launch shapes (held in registers with
+// 1 - 8 packs per thread, split over a cluster on sm_90, else streamed; KL_EXT_CUDA_ROWS), packs, block and
+// cluster reductions; only the sparse teacher's per-slot math is new. The tail sum Q_tail must cover exactly the
+// classes outside the support, so each block first marks the support within its part of the row in a bitmap in
+// shared memory, and the statistics sum the exponentials of all classes and of the unmarked ones. Indices outside
+// [0, V) are skipped: no slot ever reads or writes out of bounds. Gradients: every class's non-support gradient
+// is written, then (after a barrier) the support's entries are overwritten with theirs by the block holding them.
 #pragma once
 #include "kl_div_with_logits.cuh"
 
@@ -144,137 +144,252 @@ __device__ __forceinline__ SlotTerms<T> slot_terms(const SparseArgs<scalar_t>& a
   return t;
 }
 
-// RESIDENT: the row (ITEMS packs per thread) stays in registers; otherwise it is streamed ITEMS packs at a time
-// (launch_sparse). One block per row at a time, looping over rows.
-template <typename scalar_t, int VEC, int ITEMS, bool RESIDENT>
-__global__ void __launch_bounds__(RESIDENT ? kResidentThreads : kWideThreads)
-    sparse_kl_rows_kernel(const SparseArgs<scalar_t> a) {
+// The slot-side steps of a row, shared by the held and streamed kernels; every thread of the block calls each.
+
+// Marks the support's classes in [lo, lo + n) (the block's part of the row) in its bitmap, as bits c - lo.
+template <typename scalar_t>
+__device__ __forceinline__ void mark_support(const SparseArgs<scalar_t>& a, int64_t row, uint32_t* member,
+                                             int64_t lo, int64_t n) {
+  __syncthreads();  // every thread is done with the previous row's bitmap
+  for (int64_t w = threadIdx.x; w < ((n + 31) >> 5); w += blockDim.x) member[w] = 0u;
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < a.K; s += blockDim.x) {
+    const int64_t i = slot_class(a, row, s);
+    if (i >= lo && i < lo + n) atomicOr(&member[(i - lo) >> 5], 1u << ((i - lo) & 31));
+  }
+  __syncthreads();
+}
+
+// This thread's share of the teacher's largest log-weight: a shift for its sum (rounded to T, still exact).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ T teacher_max(const SparseArgs<scalar_t>& a, int64_t row) {
+  T mw = -kinf<T>();
+  for (int64_t s = threadIdx.x; s < a.K; s += blockDim.x) {
+    if (slot_class(a, row, s) >= 0) mw = kmax(mw, T(teacher_w(a.val[row * a.K + s], a.target, a.inv_t)));
+  }
+  return mw;
+}
+
+// This thread's share of the teacher's sums: exp(w - mw) and the count of valid slots, in double.
+template <typename T, typename scalar_t>
+__device__ __forceinline__ void add_teacher_sums(const SparseArgs<scalar_t>& a, int64_t row, T mw,
+                                                 Vals<double, 4>& sums) {
+  for (int64_t s = threadIdx.x; s < a.K; s += blockDim.x) {
+    if (slot_class(a, row, s) < 0) continue;
+    sums.v[2] += exp(teacher_w(a.val[row * a.K + s], a.target, a.inv_t) - double(safe_shift(mw)));
+    sums.v[3] += 1.0;
+  }
+}
+
+// The row's head term sum_S p (lp - ls) (a block reduction; red: 32 values of shared memory).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ T sparse_head(const SparseArgs<scalar_t>& a, int64_t row, const SparseRow<T>& r,
+                                         T scale2, Vals<double, 4>* red) {
+  using Sums = Vals<double, 4>;
+  double head = 0.0;
+  for (int64_t s = threadIdx.x; s < a.K; s += blockDim.x) {
+    const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
+    if (t.p > T(0)) head += double(t.p) * double(t.d);
+  }
+  return T(block_allreduce(Sums{{head, 0.0, 0.0, 0.0}}, red, Sums{}, SumOp()).v[0]);
+}
+
+template <typename T>
+__device__ __forceinline__ T sparse_loss(const SparseRow<T>& r, T h) {
+  return h + (r.p_tail > T(0) ? r.p_tail * (klog(r.p_tail) - r.log_qt) : T(0));
+}
+
+// The non-support gradient an * exp2(z - m_s) of packs j0 + k * stride below npacks (held or just loaded), at
+// gx + off; f = 1 / T times grad_scale.
+template <int K, typename scalar_t, int VEC, typename T>
+__device__ __forceinline__ void store_tail_grads(const Pack<scalar_t, VEC>* px, int j0, int stride, int npacks,
+                                                 int64_t off, scalar_t* gx, const SparseRow<T>& r, T scale2, T f) {
+  const T an = r.an * f;
+  store_grads<K, scalar_t, VEC>(j0, stride, npacks, off, gx, static_cast<scalar_t*>(nullptr),
+                                [&](int k, int e, scalar_t& ox, scalar_t&) {
+    ox = static_cast<scalar_t>(kexp2(kmul(to_acc(px[k].v[e]), scale2) - r.m_s) * an);
+  });
+}
+
+// The support's input gradients among classes [lo, lo + n) (the block's part), over its non-support ones once
+// every thread of the block has written those.
+template <typename T, typename scalar_t>
+__device__ __forceinline__ void write_support_grads(const SparseArgs<scalar_t>& a, int64_t row,
+                                                    const SparseRow<T>& r, T scale2, T f, int64_t lo, int64_t n) {
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < a.K; s += blockDim.x) {
+    const int64_t i = slot_class(a, row, s);
+    if (i < lo || i >= lo + n) continue;  // an empty slot, or another block's
+    const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
+    a.gx[row * a.V + i] = static_cast<scalar_t>((r.c * kexp2(t.ls2) - t.p) * f);
+  }
+}
+
+// The gradients of the teacher's values (h: the head term).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ void write_value_grads(const SparseArgs<scalar_t>& a, int64_t row, const SparseRow<T>& r,
+                                                  T h, T scale2, T gs) {
+  const T tl = r.p_tail > T(0) ? klog(r.p_tail) - r.log_qt + T(1) : T(0);
+  const T dw = a.target == TargetType::Logits ? a.inv_t : T(1);
+  for (int64_t s = threadIdx.x; s < a.K; s += blockDim.x) {
+    const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
+    T g = T(0);
+    if (t.i < 0) {
+    } else if (a.normalize) {
+      // probs: dw/dv = 1 / v, and p / v = exp(-lse_w); -inf at v = 0, as the math says.
+      g = a.target == TargetType::Probs ? (t.d - h) * T(exp(-r.lse_w)) : (t.p > T(0) ? t.p * (t.d - h) : T(0)) * dw;
+    } else {
+      g = a.target == TargetType::Probs ? t.d + T(1) - tl : (t.p > T(0) ? t.p * (t.d + T(1) - tl) : T(0));
+    }
+    a.gv[row * a.K + s] = g * gs;
+  }
+}
+
+// A masked row: loss 0 and zero gradients (the block's part of gx: count packs at off; the values' if `first`).
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void sparse_masked_row(const SparseArgs<scalar_t>& a, int64_t row, int64_t off,
+                                                  int count, bool first) {
+  zero_grads<scalar_t, VEC>(a.gx, static_cast<scalar_t*>(nullptr), off, count);
+  if (!first) return;
+  if (threadIdx.x == 0) a.loss[row] = 0;
+  for (int64_t s = threadIdx.x; a.gv != nullptr && s < a.K; s += blockDim.x) a.gv[row * a.K + s] = 0;
+}
+
+// The row engine (kl_held_kernel's launch shapes: kl_config) for the sparse teacher: the student row held in
+// registers, ITEMS packs per thread, by one block or (sm_90) a cluster of `cluster` blocks, block `rank` holding
+// packs [rank * slice, (rank + 1) * slice) and the support's bits within them. Maxima and sums over the block,
+// then the cluster (distributed shared memory), in a fixed order; the slots' loss and value gradients in the
+// cluster's first block. The student row is read once and its gradient written once.
+template <typename scalar_t, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
+    sparse_held_kernel(const SparseArgs<scalar_t> a, int cluster, int slice) {
+  using T = at::opmath_type<scalar_t>;
+  using Max2 = Vals<T, 2>;
+  using Sums = Vals<double, 4>;
+  KL_EXT_SHARED(Max2, red_max, 32);
+  KL_EXT_SHARED(Sums, red_sum, 32);
+  KL_EXT_SHARED(Max2, mine_max, 1);  // this block's maxima, read by the cluster
+  KL_EXT_SHARED(Sums, mine_sum, 1);  // this block's sums, read by the cluster
+  KL_EXT_SHARED(uint32_t, member, (ITEMS * kHeldMaxThreads<ITEMS> * VEC + 31) / 32);
+  const T scale2 = a.inv_t * T(kLog2e);
+  const T gs = a.gs != nullptr ? *a.gs : T(1);
+  const unsigned rank = cluster > 1 ? cluster_rank() : 0u;
+  const int npacks = int(a.V / VEC), stride = blockDim.x, tid = threadIdx.x;
+  const int lo = std::min(int(rank) * slice, npacks);
+  const int count = std::min(slice, npacks - lo);
+  const bool first = rank == 0;
+  const auto row_reduce = [&](auto v, auto* red, auto* mine, auto op) {
+    v = block_allreduce(v, red, op.identity(v), op);
+    return cluster > 1 ? cluster_allreduce(v, mine, unsigned(cluster), op) : v;
+  };
+  for (int64_t row = blockIdx.x / cluster; row < a.N; row += gridDim.x / cluster) {
+    const int64_t off = row * a.V + int64_t(lo) * VEC;  // this block's part of the gradient
+    if (a.mask != nullptr && !a.mask[row]) {
+      sparse_masked_row<scalar_t, VEC>(a, row, off, count, first);
+      continue;
+    }
+    Pack<scalar_t, VEC> px[ITEMS];
+    load_packs<ITEMS>(px, row_packs<VEC>(a.x, a.rx, row) + lo, tid, stride, count);
+    mark_support(a, row, member, int64_t(lo) * VEC, int64_t(count) * VEC);
+    const Max2 m = row_reduce(Max2{{held_max<ITEMS>(px, px, tid, stride, count, false, scale2).v[0],
+                                    teacher_max<T>(a, row)}},
+                              red_max, mine_max, MaxOp());
+    TailState<T> st{m.v[0], T(0), T(0)};  // sums relative to the row's max: nothing is rescaled
+    fold_tail<ITEMS>(st, px, tid, stride, count, member, scale2);
+    Sums sums{{st.d_all, st.d_tail, 0.0, 0.0}};
+    if (first) add_teacher_sums(a, row, m.v[1], sums);
+    const SparseRow<T> r = sparse_row(m, row_reduce(sums, red_sum, mine_sum, SumOp()), a.normalize, a.V);
+    T h = T(0);
+    if (first) {
+      h = sparse_head(a, row, r, scale2, red_sum);
+      if (tid == 0) a.loss[row] = sparse_loss(r, h);
+    }
+    if (a.gx != nullptr) {
+      const T f = a.inv_t * gs;
+      store_tail_grads<ITEMS>(px, tid, stride, count, off, a.gx, r, scale2, f);
+      write_support_grads(a, row, r, scale2, f, int64_t(lo) * VEC, int64_t(count) * VEC);
+    }
+    if (a.gv != nullptr && first) write_value_grads(a, row, r, h, scale2, gs);
+  }
+}
+
+// Rows the engine does not hold (float64, rows not in 16-byte packs, longer rows): streamed by one block,
+// kStreamPacks packs per thread at a time, a wave of blocks looping over rows; the support's bitmap covers the
+// whole row (dynamic shared memory, V / 8 bytes). One read with online statistics, a second for the gradients
+// (mostly from L2 while few rows are in flight).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWideThreads) sparse_stream_kernel(const SparseArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   using Sums = Vals<double, 4>;
+  constexpr int ITEMS = kStreamPacks;
   __shared__ Vals<T, 2> red_max[32];
   __shared__ Sums red_sum[32];
-  const int64_t words = (a.V + 31) >> 5;
-  KL_EXT_DYN_SHARED(uint32_t, member, words);
+  KL_EXT_DYN_SHARED(uint32_t, member, (a.V + 31) >> 5);
   const T scale2 = a.inv_t * T(kLog2e), ninf = -kinf<T>();
   const T gs = a.gs != nullptr ? *a.gs : T(1);
-  const int64_t npacks = a.V / VEC, stride = blockDim.x, tid = threadIdx.x;
+  const int npacks = int(a.V / VEC), stride = blockDim.x, tid = threadIdx.x;
   P px[ITEMS];
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const int64_t off = row * a.V;  // of the gradient
     const P* xr = row_packs<VEC>(a.x, a.rx, row);
-    __syncthreads();  // every thread is done with the previous row's bitmap
     if (a.mask != nullptr && !a.mask[row]) {
-      if (tid == 0) a.loss[row] = T(0);
-      zero_grads<scalar_t, VEC>(a.gx, static_cast<scalar_t*>(nullptr), off, npacks);
-      for (int64_t s = tid; a.gv != nullptr && s < a.K; s += stride) a.gv[row * a.K + s] = T(0);
+      sparse_masked_row<scalar_t, VEC>(a, row, off, npacks, true);
       continue;
     }
-    for (int64_t w = tid; w < words; w += stride) member[w] = 0u;
-    __syncthreads();
-    for (int64_t s = tid; s < a.K; s += stride) {
-      const int64_t i = slot_class(a, row, s);
-      if (i >= 0) atomicOr(&member[i >> 5], 1u << (i & 31));
+    mark_support(a, row, member, 0, a.V);
+    TailState<T> st{ninf, T(0), T(0)};
+    for (int j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+      load_packs<ITEMS>(px, xr, j0, stride, npacks);
+      fold_tail<ITEMS>(st, px, j0, stride, npacks, member, scale2);
     }
-    __syncthreads();
-    T mw = ninf;  // a shift for the teacher's sum: rounded to T, it is still exact
-    for (int64_t s = tid; s < a.K; s += stride) {
-      if (slot_class(a, row, s) >= 0) mw = kmax(mw, T(teacher_w(a.val[row * a.K + s], a.target, a.inv_t)));
-    }
-    Vals<T, 2> m;
-    Sums sums{};
-    if constexpr (RESIDENT) {
-      // Maxima first, then sums relative to them: nothing is rescaled.
-      load_packs<ITEMS>(px, xr, tid, stride, npacks);
-      const T mx = held_max<ITEMS>(px, px, tid, stride, npacks, false, scale2).v[0];
-      m = block_allreduce(Vals<T, 2>{{mx, mw}}, red_max, Vals<T, 2>{{ninf, ninf}}, MaxOp());
-      TailState<T> st{m.v[0], T(0), T(0)};
-      fold_tail<ITEMS>(st, px, tid, stride, npacks, member, scale2);
-      sums = {{st.d_all, st.d_tail, 0.0, 0.0}};
-    } else {
-      TailState<T> st{ninf, T(0), T(0)};
-      for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-        load_packs<ITEMS>(px, xr, j0, stride, npacks);
-        fold_tail<ITEMS>(st, px, j0, stride, npacks, member, scale2);
-      }
-      m = block_allreduce(Vals<T, 2>{{st.m, mw}}, red_max, Vals<T, 2>{{ninf, ninf}}, MaxOp());
-      // Moved to the row max in double (fp32 rescaling would leave ~1e-7 relative error in the sums).
-      const double sc = st.m == ninf ? 0.0 : exp2(double(st.m) - double(m.v[0]));
-      sums = {{double(st.d_all) * sc, double(st.d_tail) * sc, 0.0, 0.0}};
-    }
-    for (int64_t s = tid; s < a.K; s += stride) {
-      if (slot_class(a, row, s) < 0) continue;
-      sums.v[2] += exp(teacher_w(a.val[row * a.K + s], a.target, a.inv_t) - double(safe_shift(m.v[1])));
-      sums.v[3] += 1.0;
-    }
-    sums = block_allreduce(sums, red_sum, Sums{}, SumOp());
-    const SparseRow<T> r = sparse_row(m, sums, a.normalize, a.V);
-    double head = 0.0;
-    for (int64_t s = tid; s < a.K; s += stride) {
-      const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
-      if (t.p > T(0)) head += double(t.p) * double(t.d);
-    }
-    const T h = T(block_allreduce(Sums{{head, 0.0, 0.0, 0.0}}, red_sum, Sums{}, SumOp()).v[0]);
-    if (tid == 0) a.loss[row] = h + (r.p_tail > T(0) ? r.p_tail * (klog(r.p_tail) - r.log_qt) : T(0));
-
+    const Vals<T, 2> m = block_allreduce(Vals<T, 2>{{st.m, teacher_max<T>(a, row)}}, red_max,
+                                         Vals<T, 2>{{ninf, ninf}}, MaxOp());
+    // Moved to the row max in double (fp32 rescaling would leave ~1e-7 relative error in the sums).
+    const double sc = st.m == ninf ? 0.0 : exp2(double(st.m) - double(m.v[0]));
+    Sums sums{{double(st.d_all) * sc, double(st.d_tail) * sc, 0.0, 0.0}};
+    add_teacher_sums(a, row, m.v[1], sums);
+    const SparseRow<T> r = sparse_row(m, block_allreduce(sums, red_sum, Sums{}, SumOp()), a.normalize, a.V);
+    const T h = sparse_head(a, row, r, scale2, red_sum);
+    if (tid == 0) a.loss[row] = sparse_loss(r, h);
     if (a.gx != nullptr) {
-      const T f = a.inv_t * gs, an = r.an * f;
-      const auto grads_of = [&](int64_t j0) {
-        store_grads<ITEMS, scalar_t, VEC>(j0, stride, npacks, off, a.gx, static_cast<scalar_t*>(nullptr),
-                                          [&](int k, int e, scalar_t& ox, scalar_t&) {
-          ox = static_cast<scalar_t>(kexp2(kmul(to_acc(px[k].v[e]), scale2) - r.m_s) * an);
-        });
-      };
-      if constexpr (RESIDENT) {
-        grads_of(tid);
-      } else {
-        for (int64_t j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
-          load_packs<ITEMS>(px, xr, j0, stride, npacks);
-          grads_of(j0);
-        }
+      const T f = a.inv_t * gs;
+      for (int j0 = tid; j0 < npacks; j0 += ITEMS * stride) {
+        load_packs<ITEMS>(px, xr, j0, stride, npacks);
+        store_tail_grads<ITEMS>(px, j0, stride, npacks, off, a.gx, r, scale2, f);
       }
-      __syncthreads();  // the support's entries are overwritten after every thread's full-row write
-      for (int64_t s = tid; s < a.K; s += stride) {
-        const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
-        if (t.i >= 0) a.gx[off + t.i] = static_cast<scalar_t>((r.c * kexp2(t.ls2) - t.p) * f);
-      }
+      write_support_grads(a, row, r, scale2, f, 0, a.V);
     }
-    if (a.gv != nullptr) {
-      const T tl = r.p_tail > T(0) ? klog(r.p_tail) - r.log_qt + T(1) : T(0);
-      const T dw = a.target == TargetType::Logits ? a.inv_t : T(1);
-      for (int64_t s = tid; s < a.K; s += stride) {
-        const SlotTerms<T> t = slot_terms(a, row, s, r, scale2);
-        T g = T(0);
-        if (t.i < 0) {
-        } else if (a.normalize) {
-          // probs: dw/dv = 1 / v, and p / v = exp(-lse_w); -inf at v = 0, as the math says.
-          g = a.target == TargetType::Probs ? (t.d - h) * T(exp(-r.lse_w))
-                                            : (t.p > T(0) ? t.p * (t.d - h) : T(0)) * dw;
-        } else {
-          g = a.target == TargetType::Probs ? t.d + T(1) - tl : (t.p > T(0) ? t.p * (t.d + T(1) - tl) : T(0));
-        }
-        a.gv[row * a.K + s] = g * gs;
-      }
-    }
+    if (a.gv != nullptr) write_value_grads(a, row, r, h, scale2, gs);
   }
 }
 
-// Rows of up to 256 packs are held, one pack per thread; longer rows stream.
-// The KL's 2- and 4-pack held rows would double this file's build for little: the GPU targets (V >= 32000)
-// stream either way, and a streamed row's second read of up to 32 KB comes from L2.
+// The engine's launch shapes (kl_config, KL_EXT_CUDA_ROWS) for the 16/32-bit dtypes in 16-byte packs; the rest
+// streams, as the KL's.
 template <typename scalar_t, int VEC>
 void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStream_t stream) {
-  const bool held = a.V / VEC <= kResidentThreads;
-  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * (held ? 4 : 1))));
-  const dim3 block(held ? round_up(std::max<int64_t>(a.V / VEC, 1), 32) : kWideThreads);
-  const size_t smem = size_t(ceil_div(a.V, 32)) * sizeof(uint32_t);
-  if (held) {
-    auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, 1, true>;
-    KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, a);
-  } else {
-    auto kernel = sparse_kl_rows_kernel<scalar_t, VEC, kStreamPacks, false>;
-    KL_EXT_LAUNCH_SMEM(kernel, grid, block, smem, stream, a);
+  const RowTune tune = row_tune();
+  if constexpr (!std::is_same_v<scalar_t, double> && VEC > 1) {
+    const KLConfig c = kl_config(a.V / VEC, dev.clusters, tune);
+    if (c.held) {
+      const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.max_blocks / c.cluster));
+      const int slice = int(ceil_div(a.V / VEC, c.cluster));
+      with_items(c.items, [&](auto items) {
+        auto kernel = sparse_held_kernel<scalar_t, VEC, decltype(items)::value>;
+        if (c.cluster > 1) {
+          KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(rows * c.cluster)), dim3(c.threads), c.cluster, stream, a,
+                                c.cluster, slice);
+        } else {
+          KL_EXT_LAUNCH(kernel, dim3(unsigned(rows)), dim3(c.threads), stream, a, 1, slice);
+        }
+      });
+      return;
+    }
   }
+  auto kernel = sparse_stream_kernel<scalar_t, VEC>;
+  const dim3 grid(unsigned(std::min<int64_t>(a.N, int64_t(dev.sms) * tune.stream_waves)));
+  const size_t smem = size_t(ceil_div(a.V, 32)) * sizeof(uint32_t);
+  KL_EXT_LAUNCH_SMEM(kernel, grid, dim3(kWideThreads), smem, stream, a);
 }
 
 // The op on device tensors, after its checks (call).
