@@ -833,6 +833,25 @@ void with_items(int items, const F& launch) {
   }
 }
 
+// Launches held(items), the held kernel for that many packs per thread, in configuration c: one block, or on sm_90 a
+// cluster of c.cluster blocks, per row of npacks packs (each block a slice of them), up to the grid's limit, beyond
+// which blocks loop over rows. The kernel takes (a, cluster, slice). Shared by the engine's kernels.
+template <typename Args, typename Held>
+void launch_held(const KLConfig& c, int64_t rows, int64_t npacks, const KLDevice& dev, cudaStream_t stream,
+                 const Args& a, const Held& held) {
+  const int64_t grid_rows = std::max<int64_t>(1, std::min<int64_t>(rows, dev.max_blocks / c.cluster));
+  const int slice = int(ceil_div(npacks, c.cluster));
+  with_items(c.items, [&](auto items) {
+    auto kernel = held(items);
+    if (c.cluster > 1) {
+      KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(grid_rows * c.cluster)), dim3(c.threads), c.cluster, stream, a,
+                            c.cluster, slice);
+    } else {
+      KL_EXT_LAUNCH(kernel, dim3(unsigned(grid_rows)), dim3(c.threads), stream, a, 1, slice);
+    }
+  });
+}
+
 // Held rows for the 16/32-bit dtypes in 16-byte packs; float64 (tests and gradcheck: correctness, not speed)
 // and rows not in packs stream, which keeps the build to one held kernel per dtype pair and packs per thread.
 template <typename scalar_t, typename target_t, int VEC, typename Loss>
@@ -846,17 +865,8 @@ void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStr
     }
     const KLConfig c = kl_config(a.V / VEC, dev.clusters, t);
     if (c.held) {
-      const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.max_blocks / c.cluster));
-      const int slice = int(ceil_div(a.V / VEC, c.cluster));
-      with_items(c.items, [&](auto items) {
-        auto kernel = kl_held_kernel<scalar_t, target_t, VEC, decltype(items)::value, Loss>;
-        if (c.cluster > 1) {
-          KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(rows * c.cluster)), dim3(c.threads), c.cluster, stream, a,
-                                c.cluster, slice);
-        } else {
-          KL_EXT_LAUNCH(kernel, dim3(unsigned(rows)), dim3(c.threads), stream, a, 1, slice);
-        }
-      });
+      launch_held(c, a.N, a.V / VEC, dev, stream, a,
+                  [](auto items) { return kl_held_kernel<scalar_t, target_t, VEC, decltype(items)::value, Loss>; });
       return;
     }
   }

@@ -372,17 +372,8 @@ void launch_sparse(const SparseArgs<scalar_t>& a, const KLDevice& dev, cudaStrea
   if constexpr (!std::is_same_v<scalar_t, double> && VEC > 1) {
     const KLConfig c = kl_config(a.V / VEC, dev.clusters, tune);
     if (c.held) {
-      const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(a.N, dev.max_blocks / c.cluster));
-      const int slice = int(ceil_div(a.V / VEC, c.cluster));
-      with_items(c.items, [&](auto items) {
-        auto kernel = sparse_held_kernel<scalar_t, VEC, decltype(items)::value>;
-        if (c.cluster > 1) {
-          KL_EXT_LAUNCH_CLUSTER(kernel, dim3(unsigned(rows * c.cluster)), dim3(c.threads), c.cluster, stream, a,
-                                c.cluster, slice);
-        } else {
-          KL_EXT_LAUNCH(kernel, dim3(unsigned(rows)), dim3(c.threads), stream, a, 1, slice);
-        }
-      });
+      launch_held(c, a.N, a.V / VEC, dev, stream, a,
+                  [](auto items) { return sparse_held_kernel<scalar_t, VEC, decltype(items)::value>; });
       return;
     }
   }
