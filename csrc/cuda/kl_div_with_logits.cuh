@@ -593,6 +593,35 @@ __device__ __forceinline__ void zero_grads(scalar_t* gx, target_t* gt, int64_t o
 // Registers per thread (launch bounds): 1 pack per thread, 64 (4 blocks of 256 threads per SM); more, up to 128
 // (2 blocks of 256, or one of 512). Per held pack that is 64, ~50, ~30 and 16 registers at 1, 2, 4 and 8 packs
 // per thread (ptxas, sm_90): many packs per thread keep the most rows in flight per SM (kl_config).
+// A held kernel's block within its row: its rank in the cluster, its slice [lo, lo + count) of the row's packs,
+// and the reductions over the row of maxima M and sums S (the block's threads, then the cluster's blocks through
+// distributed shared memory), with their shared memory. Shared by the engine's held kernels.
+template <typename M, typename S>
+struct HeldBlock {
+  int cluster;
+  unsigned rank;
+  int lo, count;
+  M *red_max, *mine_max;  // mine_*: this block's value, read by the cluster
+  S *red_sum, *mine_sum;
+
+  __device__ __forceinline__ static HeldBlock make(int cluster, int slice, int npacks) {
+    KL_EXT_SHARED(M, red_max, 32);
+    KL_EXT_SHARED(S, red_sum, 32);
+    KL_EXT_SHARED(M, mine_max, 1);
+    KL_EXT_SHARED(S, mine_sum, 1);
+    const unsigned rank = cluster > 1 ? cluster_rank() : 0u;
+    const int lo = std::min(int(rank) * slice, npacks);
+    return {cluster, rank, lo, std::min(slice, npacks - lo), red_max, mine_max, red_sum, mine_sum};
+  }
+  template <typename V, typename Op>
+  __device__ __forceinline__ V reduce(V v, V* red, V* mine, Op op) const {
+    v = block_allreduce(v, red, op.identity(v), op);
+    return cluster > 1 ? cluster_allreduce(v, mine, unsigned(cluster), op) : v;
+  }
+  __device__ __forceinline__ M max(const M& v) const { return reduce(v, red_max, mine_max, MaxOp()); }
+  __device__ __forceinline__ S sum(const S& v) const { return reduce(v, red_sum, mine_sum, SumOp()); }
+};
+
 template <int ITEMS>
 constexpr int kHeldMaxThreads = ITEMS < kHeldPacks ? 256 : kWideThreads;
 template <int ITEMS>
@@ -604,10 +633,6 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
   using T = at::opmath_type<scalar_t>;
   using Max2 = Vals<T, 2>;
   using Sums = Vals<T, 5>;
-  KL_EXT_SHARED(Max2, red_max, 32);
-  KL_EXT_SHARED(Sums, red_sum, 32);
-  KL_EXT_SHARED(Max2, mine_max, 1);  // this block's maxima, read by the cluster
-  KL_EXT_SHARED(Sums, mine_sum, 1);  // this block's sums, read by the cluster
   // The vocab-parallel modes (launched with one block per row and up to 4 packs per thread): their branches
   // cost the 8-pack kernels registers.
   constexpr bool kVocabParallel = ITEMS < kHeldPacks;
@@ -615,17 +640,11 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
   const bool grads = a.gx != nullptr || a.gt != nullptr;
   const T scale2 = a.inv_t * T(kLog2e);
   const T gs = a.gs != nullptr ? *a.gs : T(1);
-  const unsigned rank = cluster > 1 ? cluster_rank() : 0u;
   // Within a row, pack indices are 32-bit (V < 2^31, softmax_rows_typed); row offsets 64-bit.
-  const int npacks = int(a.V / VEC), stride = blockDim.x, tid = threadIdx.x;
-  const int lo = std::min(int(rank) * slice, npacks);
-  const int count = std::min(slice, npacks - lo);
-  const bool lead = rank == 0 && tid == 0;  // writes the row's loss
-  // op over the row: the block's threads, then the cluster's blocks.
-  const auto row_reduce = [&](auto v, auto* red, auto* mine, auto op) {
-    v = block_allreduce(v, red, op.identity(v), op);
-    return cluster > 1 ? cluster_allreduce(v, mine, unsigned(cluster), op) : v;
-  };
+  const int stride = blockDim.x, tid = threadIdx.x;
+  const auto blk = HeldBlock<Max2, Sums>::make(cluster, slice, int(a.V / VEC));
+  const int lo = blk.lo, count = blk.count;
+  const bool lead = blk.rank == 0 && tid == 0;  // writes the row's loss
   for (int64_t row = blockIdx.x / cluster; row < a.N; row += gridDim.x / cluster) {
     const int64_t off = row * a.V + lo * VEC;  // this block's slice of the gradients
     if (a.mask != nullptr && !a.mask[row]) {   // the same in every block of the cluster
@@ -641,11 +660,8 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
     if (kVocabParallel && a.given != nullptr) {  // vocab-parallel finishing pass: the row statistics given
       r = given_result(a.given + 4 * row, logits);
     } else {
-      const Max2 m = row_reduce(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2), red_max, mine_max,
-                                MaxOp());
-      r = finish_sums(m, row_reduce(held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m), red_sum, mine_sum,
-                                    SumOp()),
-                      logits, a.forward);
+      const Max2 m = blk.max(held_max<ITEMS>(px, pt, tid, stride, count, logits, scale2));
+      r = finish_sums(m, blk.sum(held_sums<ITEMS>(px, pt, tid, stride, count, a, scale2, m)), logits, a.forward);
       if (kVocabParallel && a.shard != nullptr) {  // vocab-parallel statistics pass
         if (tid == 0) put_shard_stats(a.shard + 3 * row, r, logits, Loss::kSums > 0);
         continue;
@@ -654,7 +670,7 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
     Vals<T, 3> sums{};
     if constexpr (Loss::kSums > 0) {
       const Vals<T, 3> mine = loss_sums<Loss, ITEMS>(px, pt, tid, stride, count, r, a, scale2);
-      const Sums all = row_reduce(Sums{{mine.v[0], mine.v[1], mine.v[2], T(0), T(0)}}, red_sum, mine_sum, SumOp());
+      const Sums all = blk.sum(Sums{{mine.v[0], mine.v[1], mine.v[2], T(0), T(0)}});
       sums = {{all.v[0], all.v[1], all.v[2]}};
       r.kl = Loss::loss(r, sums);
       if (kVocabParallel && a.given != nullptr) {  // this shard's sums out; the gradients take the whole row's

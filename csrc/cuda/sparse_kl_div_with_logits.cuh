@@ -266,22 +266,13 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
   using T = at::opmath_type<scalar_t>;
   using Max2 = Vals<T, 2>;
   using Sums = Vals<double, 4>;
-  KL_EXT_SHARED(Max2, red_max, 32);
-  KL_EXT_SHARED(Sums, red_sum, 32);
-  KL_EXT_SHARED(Max2, mine_max, 1);  // this block's maxima, read by the cluster
-  KL_EXT_SHARED(Sums, mine_sum, 1);  // this block's sums, read by the cluster
   KL_EXT_SHARED(uint32_t, member, (ITEMS * kHeldMaxThreads<ITEMS> * VEC + 31) / 32);
   const T scale2 = a.inv_t * T(kLog2e);
   const T gs = a.gs != nullptr ? *a.gs : T(1);
-  const unsigned rank = cluster > 1 ? cluster_rank() : 0u;
-  const int npacks = int(a.V / VEC), stride = blockDim.x, tid = threadIdx.x;
-  const int lo = std::min(int(rank) * slice, npacks);
-  const int count = std::min(slice, npacks - lo);
-  const bool first = rank == 0;
-  const auto row_reduce = [&](auto v, auto* red, auto* mine, auto op) {
-    v = block_allreduce(v, red, op.identity(v), op);
-    return cluster > 1 ? cluster_allreduce(v, mine, unsigned(cluster), op) : v;
-  };
+  const int stride = blockDim.x, tid = threadIdx.x;
+  const auto blk = HeldBlock<Max2, Sums>::make(cluster, slice, int(a.V / VEC));
+  const int lo = blk.lo, count = blk.count;
+  const bool first = blk.rank == 0;
   for (int64_t row = blockIdx.x / cluster; row < a.N; row += gridDim.x / cluster) {
     const int64_t off = row * a.V + int64_t(lo) * VEC;  // this block's part of the gradient
     if (a.mask != nullptr && !a.mask[row]) {
@@ -291,17 +282,16 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
     Pack<scalar_t, VEC> px[ITEMS];
     load_packs<ITEMS>(px, row_packs<VEC>(a.x, a.rx, row) + lo, tid, stride, count);
     mark_support(a, row, member, int64_t(lo) * VEC, int64_t(count) * VEC);
-    const Max2 m = row_reduce(Max2{{held_max<ITEMS>(px, px, tid, stride, count, false, scale2).v[0],
-                                    teacher_max<T>(a, row)}},
-                              red_max, mine_max, MaxOp());
+    const Max2 m = blk.max(Max2{{held_max<ITEMS>(px, px, tid, stride, count, false, scale2).v[0],
+                                 teacher_max<T>(a, row)}});
     TailState<T> st{m.v[0], T(0), T(0)};  // sums relative to the row's max: nothing is rescaled
     fold_tail<ITEMS>(st, px, tid, stride, count, member, scale2);
     Sums sums{{st.d_all, st.d_tail, 0.0, 0.0}};
     if (first) add_teacher_sums(a, row, m.v[1], sums);
-    const SparseRow<T> r = sparse_row(m, row_reduce(sums, red_sum, mine_sum, SumOp()), a.normalize, a.V);
+    const SparseRow<T> r = sparse_row(m, blk.sum(sums), a.normalize, a.V);
     T h = T(0);
     if (first) {
-      h = sparse_head(a, row, r, scale2, red_sum);
+      h = sparse_head(a, row, r, scale2, blk.red_sum);
       if (tid == 0) a.loss[row] = sparse_loss(r, h);
     }
     if (a.gx != nullptr) {
