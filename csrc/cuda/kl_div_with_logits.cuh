@@ -582,17 +582,6 @@ __device__ __forceinline__ void zero_grads(scalar_t* gx, target_t* gt, int64_t o
   }
 }
 
-// The row engine: a row held in registers, ITEMS packs per thread, by one block or (sm_90) split over a cluster
-// of `cluster` blocks, block `rank` holding packs [rank * slice, (rank + 1) * slice). Each input is read once
-// and each gradient written once: the floor. Not persistent: a grid of one block (cluster) per row lets every
-// SM keep as many rows in flight as its registers allow, and the scheduler overlaps one row's loads with
-// another's reductions and stores (a grid-stride loop kept one row per block in flight); blocks loop over rows
-// only beyond the grid limit (KLDevice::max_blocks). Maxima, then sums, are reduced over the block, then over
-// the cluster through distributed shared memory, in a fixed order: the same result in every block, and
-// deterministic. A loss with row sums of its own (Loss::kSums, the divergences) takes one more reduction over the held row.
-// Registers per thread (launch bounds): 1 pack per thread, 64 (4 blocks of 256 threads per SM); more, up to 128
-// (2 blocks of 256, or one of 512). Per held pack that is 64, ~50, ~30 and 16 registers at 1, 2, 4 and 8 packs
-// per thread (ptxas, sm_90): many packs per thread keep the most rows in flight per SM (kl_config).
 // A held kernel's block within its row: its rank in the cluster, its slice [lo, lo + count) of the row's packs,
 // and the reductions over the row of maxima M and sums S (the block's threads, then the cluster's blocks through
 // distributed shared memory), with their shared memory. Shared by the engine's held kernels.
@@ -622,6 +611,17 @@ struct HeldBlock {
   __device__ __forceinline__ S sum(const S& v) const { return reduce(v, red_sum, mine_sum, SumOp()); }
 };
 
+// The row engine: a row held in registers, ITEMS packs per thread, by one block or (sm_90) split over a cluster
+// of `cluster` blocks, block `rank` holding packs [rank * slice, (rank + 1) * slice). Each input is read once
+// and each gradient written once: the floor. Not persistent: a grid of one block (cluster) per row lets every
+// SM keep as many rows in flight as its registers allow, and the scheduler overlaps one row's loads with
+// another's reductions and stores (a grid-stride loop kept one row per block in flight); blocks loop over rows
+// only beyond the grid limit (KLDevice::max_blocks). Maxima, then sums, are reduced over the block, then over
+// the cluster through distributed shared memory, in a fixed order: the same result in every block, and
+// deterministic. A loss with row sums of its own (Loss::kSums, the divergences) takes one more reduction over the held row.
+// Registers per thread (launch bounds): 1 pack per thread, 64 (4 blocks of 256 threads per SM); more, up to 128
+// (2 blocks of 256, or one of 512). Per held pack that is 64, ~50, ~30 and 16 registers at 1, 2, 4 and 8 packs
+// per thread (ptxas, sm_90): many packs per thread keep the most rows in flight per SM (kl_config).
 template <int ITEMS>
 constexpr int kHeldMaxThreads = ITEMS < kHeldPacks ? 256 : kWideThreads;
 template <int ITEMS>

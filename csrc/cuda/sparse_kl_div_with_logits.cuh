@@ -282,6 +282,7 @@ __global__ void __launch_bounds__(kHeldMaxThreads<ITEMS>, kHeldMinBlocks<ITEMS>)
     Pack<scalar_t, VEC> px[ITEMS];
     load_packs<ITEMS>(px, row_packs<VEC>(a.x, a.rx, row) + lo, tid, stride, count);
     mark_support(a, row, member, int64_t(lo) * VEC, int64_t(count) * VEC);
+    // Every block takes the teacher's max over all k slots (a max is unchanged by repeats): no extra reduction.
     const Max2 m = blk.max(Max2{{held_max<ITEMS>(px, px, tid, stride, count, false, scale2).v[0],
                                  teacher_max<T>(a, row)}});
     TailState<T> st{m.v[0], T(0), T(0)};  // sums relative to the row's max: nothing is rescaled
