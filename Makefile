@@ -1,20 +1,36 @@
 # The README's two commands. PYTHON defaults to the project venv that `make setup` creates.
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
+# A failing pip in a pipe fails the recipe.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
-.PHONY: setup run test bench demo gpu-wheels
+.PHONY: setup dev-setup run test bench demo gpu-wheels
 
 # TORCH=2.11.0 pins a torch version inside the supported range (CI tests both ends); empty: the newest in range.
 TORCH ?=
+# The CPU kernels for this CPU only (a third of the compile time); CI and wheels build every capability
+# (KL_EXT_CPU_CAPABILITIES=default,avx2,avx512). The CUDA kernels are compiled when a GPU is visible or
+# TORCH_CUDA_ARCH_LIST is set (setup.py says which in one line).
+KL_EXT_CPU_CAPABILITIES ?= native
+export KL_EXT_CPU_CAPABILITIES
 
-$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+# pip without -q: each package it fetches is a line (torch's download is the long one); the build prints a line per
+# compiled unit (scripts/build.py).
+$(VENV)/.installed: setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(if $(TORCH),$(PYTHON) -m pip install -q "torch==$(TORCH)")
-	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) -m pip install -q --no-build-isolation -e .
+	$(if $(TORCH),$(PYTHON) -m pip install --progress-bar off "torch==$(TORCH)")
+	$(PYTHON) -m pip install --progress-bar off -r requirements.txt | sed '/^Requirement already satisfied/d'
+	$(PYTHON) scripts/build.py
+	touch $@
+
+# What the tests need besides (pytest, TRL, safetensors, ...).
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(PYTHON) -m pip install --progress-bar off -r requirements-dev.txt | sed '/^Requirement already satisfied/d'
 	touch $@
 
 setup: $(VENV)/.installed
+dev-setup: $(VENV)/.dev-installed
 
 # Main job: the distillation demo, then the quick benchmark (CPU backend vs nn.KLDivLoss / BCEWithLogitsLoss
 # on a CPU-only machine, every GPU provider on a GPU).
@@ -24,7 +40,7 @@ run: setup
 
 # The suite on every core (pytest-xdist); TEST_JOBS=0 runs it in this process.
 TEST_JOBS ?= auto
-test: setup
+test: dev-setup
 	$(PYTHON) -m pytest -q -n $(TEST_JOBS) tests
 
 bench: setup

@@ -48,7 +48,14 @@ def _want_cuda():
         return False, f"torch {torch.__version__} has no CUDA"
     if not os.environ.get("CUDA_HOME") or not os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")):
         return False, "nvcc not found (set CUDA_HOME)"
-    return True, ""
+    # Compiling the CUDA kernels takes many minutes on a small machine: only for a GPU that is here, or for the
+    # architectures asked for (CI, wheels, a build machine without a GPU).
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return True, f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    if torch.cuda.is_available():
+        return True, f"a GPU is visible ({torch.cuda.get_device_name()})"
+    return False, ("no GPU is visible and TORCH_CUDA_ARCH_LIST is unset; set it, e.g. TORCH_CUDA_ARCH_LIST=9.0, to "
+                   "build the CUDA kernels anyway")
 
 
 # The -std level comes from torch (C++20 from torch 2.13 on). KL_EXT_CXX_OPT: scripts/sdist_check.sh builds at -O0
@@ -76,13 +83,19 @@ CPU_CAPABILITY_FLAGS = {
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
 x86 = platform.machine() in ("x86_64", "AMD64")
-# KL_EXT_CPU_CAPABILITIES=default,avx2 builds a subset (CI's second torch; the sdist check); "default" is always built.
-wanted = os.environ.get("KL_EXT_CPU_CAPABILITIES", "default,avx2,avx512" if x86 else "default").split(",")
+# KL_EXT_CPU_CAPABILITIES=default,avx2 builds a subset (CI's second torch; the sdist check); "native" builds only the
+# best one this CPU runs (`make setup`: a third of the compile time; such a build is not portable). Otherwise the
+# portable one is always built.
 buildable = list(CPU_CAPABILITY_FLAGS) if x86 else ["default"]
-if set(wanted) - set(buildable):
-    raise SystemExit(f"kl_ext: KL_EXT_CPU_CAPABILITIES={','.join(wanted)}: {platform.machine()} builds "
-                     f"{', '.join(buildable)}")
-capabilities = [c for c in CPU_CAPABILITY_FLAGS if c in wanted or c == "default"]
+wanted = os.environ.get("KL_EXT_CPU_CAPABILITIES", ",".join(buildable)).split(",")
+if wanted == ["native"]:
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    capabilities = [native if native in buildable else "default"]
+else:
+    if set(wanted) - set(buildable):
+        raise SystemExit(f"kl_ext: KL_EXT_CPU_CAPABILITIES={','.join(wanted)}: {platform.machine()} builds "
+                         f"{', '.join(buildable)} (or native)")
+    capabilities = [c for c in CPU_CAPABILITY_FLAGS if c in wanted or c == "default"]
 print(f"kl_ext: CPU kernels for {', '.join(capabilities)} (the best one the CPU runs is loaded)")
 
 core_sources = ["csrc/module.cpp", "csrc/fused_backward.cpp"]
@@ -94,10 +107,11 @@ extensions = [
                  extra_link_args=link_flags)
     for cap in capabilities
 ]
-with_cuda, why_not = _want_cuda()
+with_cuda, why = _want_cuda()
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
-    print(f"kl_ext: building CPU + CUDA ops (CUDA {torch.version.cuda}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
+    print(f"kl_ext: building CPU + CUDA ops (CUDA {torch.version.cuda}, arch {os.environ['TORCH_CUDA_ARCH_LIST']}; "
+          f"{why})")
     extensions.append(CUDAExtension(
         "kl_ext._C",
         core_sources + sorted(glob.glob("csrc/cuda/*.cu")),
@@ -106,7 +120,7 @@ if with_cuda:
         extra_link_args=link_flags,
     ))
 else:
-    print(f"kl_ext: building the CPU ops only ({why_not})")
+    print(f"kl_ext: building the CPU ops only ({why})")
     extensions.append(CppExtension("kl_ext._C", core_sources, extra_compile_args={"cxx": cxx_flags},
                                    extra_link_args=link_flags))
 

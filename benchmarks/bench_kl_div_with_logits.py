@@ -34,14 +34,15 @@ def providers(device: torch.device) -> dict:
     out["nn.KLDivLoss eager"] = lambda s, t: kldiv(F.log_softmax(s, -1), F.softmax(t, -1))
     out["reference eager"] = reference_fn
     out["reference compiled"] = torch.compile(reference_fn, dynamic=False)
-    try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
-        liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-        liger_jsd = LigerJSD(beta=0.0)
-        out["liger KLDIV (+torch lsm)"] = lambda s, t: liger_kl(F.log_softmax(s, -1), F.log_softmax(t, -1))
-        out["liger JSD beta=0"] = lambda s, t: liger_jsd(F.log_softmax(s, -1), F.log_softmax(t, -1))
-    except Exception as e:  # noqa: BLE001 (any import failure means: not available here)
-        out["liger"] = f"Liger-Kernel not importable ({type(e).__name__}: {e})"
+    if device.type == "cuda":  # Liger-Kernel is Triton on GPUs only
+        try:
+            from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+            liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+            liger_jsd = LigerJSD(beta=0.0)
+            out["liger KLDIV (+torch lsm)"] = lambda s, t: liger_kl(F.log_softmax(s, -1), F.log_softmax(t, -1))
+            out["liger JSD beta=0"] = lambda s, t: liger_jsd(F.log_softmax(s, -1), F.log_softmax(t, -1))
+        except Exception as e:  # noqa: BLE001 (any import failure means: not available here)
+            out["liger"] = f"Liger-Kernel not importable ({type(e).__name__}: {e})"
     return out
 
 

@@ -184,22 +184,70 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}" if ms >= 0.001 else f"{ms:.1e}"
 
 
+# Each provider in plain words, for the legend printed with the table (the longest matching prefix wins).
+EXPLAIN = {
+    "kl_ext": "this package's fused kernel (loss and gradient in one pass over the inputs)",
+    "kl_ext TRL drop-in": "kl_ext.integrations.trl.generalized_jsd_loss: TRL's signature and reductions over kl_ext",
+    "nn.KLDivLoss": "nn.KLDivLoss(reduction='batchmean') on log_softmax(student) and softmax(teacher): the loss "
+                    "as most distillation code writes it",
+    "reference": "kl_ext.reference: the same loss in plain PyTorch ops (what the tests check kl_ext against)",
+    "BCEWithLogitsLoss": "torch.nn.BCEWithLogitsLoss",
+    "BCE - entropy": "BCEWithLogitsLoss minus the targets' entropy: the Bernoulli KL as written by hand",
+    "TRL formula": "TRL's GKDTrainer.generalized_jsd_loss, as TRL computes it",
+    "unfused torch": "the top-k teacher's KL written with torch ops (gather, logsumexp, the tail's sum)",
+    "torch formula": "the loss written with torch ops on the two softmaxes",
+    "DistiLLM formula": "DistiLLM's skew KL, written with torch ops",
+    "liger": "Liger-Kernel's Triton loss (GPU only)",
+}
+SUFFIXES = {"eager": "run op by op, as written", "compiled": "the same code through torch.compile (compile time "
+            "not counted)", "dense (V-wide teacher)": "the dense KL on the full teacher: what the top-k cache saves"}
+
+
+def explain(provider: str) -> str:
+    key = max((k for k in EXPLAIN if provider.startswith(k)), key=len, default=None)
+    words = EXPLAIN[key] if key else provider
+    extra = [v for k, v in SUFFIXES.items() if provider.endswith(k)]
+    return "; ".join([words] + extra)
+
+
 def print_table(rows: list[Row], copy_gbps: float) -> None:
-    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
-    print("timing: median = median of timed runs on fresh inputs; wall = wall time per training step of a small loss "
-          "(launches and Python included); graph = CUDA-graph replay (kernels alone)")
-    print("GB/s and %copy: the loss's floor bytes (each input read once, the gradient written once) per second, and "
-          "that as a share of a plain copy measured in this run; rel.err: against the float64 reference")
+    """Two tables: large rows (time, effective bandwidth against a copy, error) and small rows (time per training
+    step only: bytes per second mean nothing where launches and Python dominate). Peak extra memory only where it
+    is measured (CUDA), then a legend of the providers."""
     width = max([len(r.provider) for r in rows] + [8]) + 2
-    hdr = f"{'op':<10}{'mode':<9}{'timing':<7}{'dtype':<10}{'shape':<15}{'provider':<{width}}{'ms':>9}{'GB/s':>9}" \
-          f"{'%copy':>7}{'extraMB':>9}{'rel.err':>10}  note"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        # Peak memory is measured on CUDA only (allocator statistics): "-" elsewhere, not nan.
-        peak = f"{r.peak_extra_mb:>9.1f}" if r.peak_extra_mb == r.peak_extra_mb else f"{'-':>9}"
-        print(f"{r.op:<10}{r.mode:<9}{r.timing:<7}{r.dtype:<10}{r.shape:<15}{r.provider:<{width}}{fmt_ms(r.ms):>9}"
-              f"{r.gbps:>9.1f}{r.pct_copy:>7.1f}{peak}{r.rel_err:>10.2e}  {r.note}")
+    large = [r for r in rows if r.timing == "median"]
+    small = [r for r in rows if r.timing != "median"]
+    memory = any(r.peak_extra_mb == r.peak_extra_mb for r in rows)
+    if large:
+        print(f"\nLarge losses (median time of repeated fresh calls). A plain copy of memory runs at {copy_gbps:.1f} "
+              "GB/s here. GB/s: the bytes the loss cannot avoid moving (each input read once, the gradient written "
+              "once) per second; %copy: that as a share of the copy (100% = as fast as this memory allows; higher is "
+              "better)." + (" extraMB: peak memory beyond the inputs and the gradient." if memory else "")
+              + " rel.err: largest error against a float64 computation.")
+        hdr = (f"{'op':<10}{'mode':<9}{'dtype':<10}{'shape':<15}{'provider':<{width}}{'ms':>9}{'GB/s':>9}{'%copy':>7}"
+               + (f"{'extraMB':>9}" if memory else "") + f"{'rel.err':>10}  note")
+        print(hdr)
+        print("-" * len(hdr))
+        for r in large:
+            peak = (f"{r.peak_extra_mb:>9.1f}" if r.peak_extra_mb == r.peak_extra_mb else f"{'-':>9}") if memory else ""
+            gbps = f"{r.gbps:>9.1f}{r.pct_copy:>7.1f}" if r.gbps == r.gbps else f"{'-':>9}{'-':>7}"
+            print(f"{r.op:<10}{r.mode:<9}{r.dtype:<10}{r.shape:<15}{r.provider:<{width}}{fmt_ms(r.ms):>9}{gbps}"
+                  f"{peak}{r.rel_err:>10.2e}  {r.note}")
+    if small:
+        print("\nSmall losses (forward + backward of a classifier-sized batch, where Python and launches cost more "
+              "than the arithmetic). wall: time per training step, back to back" +
+              ("; graph: the kernels alone (CUDA-graph replay)" if any(r.timing == "graph" for r in small) else "")
+              + ". Lower is better.")
+        hdr = f"{'op':<10}{'timing':<8}{'dtype':<10}{'shape':<15}{'provider':<{width}}{'us/step':>9}{'rel.err':>10}  note"
+        print(hdr)
+        print("-" * len(hdr))
+        for r in small:
+            us = f"{r.ms * 1e3:>9.1f}" if r.ms == r.ms else f"{'-':>9}"
+            print(f"{r.op:<10}{r.timing:<8}{r.dtype:<10}{r.shape:<15}{r.provider:<{width}}{us}{r.rel_err:>10.2e}  "
+                  f"{r.note}")
+    print("\nproviders:")
+    for name in sorted({r.provider for r in rows}):
+        print(f"  {name:<{width}}{explain(name)}")
 
 
 def write_csv(rows: list[Row], path: str) -> None:
@@ -211,44 +259,65 @@ def write_csv(rows: list[Row], path: str) -> None:
 
 
 def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> list[str]:
-    """One PNG per (op, mode, dtype): GB/s against V per provider, with the copy-bandwidth line (a bar chart when
-    the run measured one shape)."""
+    """One PNG per (op, mode, dtype) of the large rows: effective GB/s per provider (higher is better), against V
+    when the run swept shapes, else a bar per provider, with the copy's line; and one PNG of the small rows: time
+    per step per provider (lower is better)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 11})
     paths = []
-    rows = [r for r in rows if r.timing == "median"]  # the sweep; small sizes are tabulated only
-    groups = sorted({(r.op, r.mode, r.dtype) for r in rows})
-    for op, mode, dtype in groups:
-        sel = [r for r in rows if (r.op, r.mode, r.dtype) == (op, mode, dtype) and r.gbps == r.gbps]
+    large = [r for r in rows if r.timing == "median"]
+    floor = "GB/s: the bytes the loss must move (inputs read once, gradient written once) / time"
+    for op, mode, dtype in sorted({(r.op, r.mode, r.dtype) for r in large}):
+        sel = [r for r in large if (r.op, r.mode, r.dtype) == (op, mode, dtype) and r.gbps == r.gbps]
         if not sel:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
         if len({r.V for r in sel}) < 2:  # one shape (the quick run): a bar per provider, fastest first
             sel = sorted(sel, key=lambda r: -r.gbps)
+            fig, ax = plt.subplots(figsize=(10, 1.6 + 0.55 * len(sel)), dpi=100)
             bars = ax.barh([r.provider for r in sel], [r.gbps for r in sel],
                            color=["tab:blue" if r.provider.startswith("kl_ext") else "tab:gray" for r in sel])
-            ax.bar_label(bars, labels=[f"{fmt_ms(r.ms)} ms, {r.pct_copy:.0f}% of copy" for r in sel], fontsize=7,
-                         padding=2)
-            ax.axvline(copy_gbps, color="k", linestyle="--", label="device copy")
+            ax.bar_label(bars, labels=[f"{fmt_ms(r.ms)} ms, {r.pct_copy:.0f}% of a copy" for r in sel], padding=3)
+            ax.axvline(copy_gbps, color="k", linestyle="--", label=f"memory copy ({copy_gbps:.0f} GB/s)")
             ax.invert_yaxis()
-            ax.set_xlim(0, copy_gbps * 1.45)
-            ax.set_xlabel("effective GB/s (floor bytes / time)")
-            ax.tick_params(axis="y", labelsize=7)
-            ax.set_title(f"{op} {mode} {dtype} {sel[0].shape} on {title_device}", fontsize=9)
+            ax.set_xlim(0, max(copy_gbps, max(r.gbps for r in sel)) * 1.5)
+            ax.set_xlabel(f"effective GB/s, higher is better ({floor})", fontsize=9)
+            ax.set_title(f"{op} {mode} {dtype}, {sel[0].shape} on {title_device}")
         else:
+            fig, ax = plt.subplots(figsize=(10, 5.5), dpi=100)
             for prov in sorted({r.provider for r in sel}):
                 pts = sorted((r.V, r.gbps) for r in sel if r.provider == prov)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-            ax.axhline(copy_gbps, color="k", linestyle="--", label="device copy")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov,
+                        linewidth=2.5 if prov.startswith("kl_ext") else 1.2)
+            ax.axhline(copy_gbps, color="k", linestyle="--", label=f"memory copy ({copy_gbps:.0f} GB/s)")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("classes V (N*V about constant)")
-            ax.set_ylabel("effective GB/s")
-            ax.set_title(f"{op} {mode} {dtype} on {title_device}", fontsize=9)
-        ax.legend(fontsize=7)
+            ax.set_xlabel("classes V (rows x V about constant)")
+            ax.set_ylabel("effective GB/s, higher is better")
+            ax.set_title(f"{op} {mode} {dtype} on {title_device}\n{floor}", fontsize=10)
+        ax.legend(fontsize=9, loc="lower right")
         fig.tight_layout()
         path = os.path.join(out_dir, f"{op}_{mode}_{dtype}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    small = [r for r in rows if r.timing != "median" and r.ms == r.ms]
+    for timing, shape in sorted({(r.timing, r.shape) for r in small}):
+        sel = [r for r in small if (r.timing, r.shape) == (timing, shape)]
+        fig, ax = plt.subplots(figsize=(10, 1.6 + 0.42 * len(sel)), dpi=100)
+        labels = [f"{r.op}: {r.provider}" for r in sel]
+        bars = ax.barh(labels, [r.ms * 1e3 for r in sel],
+                       color=["tab:blue" if r.provider.startswith("kl_ext") else "tab:gray" for r in sel])
+        ax.bar_label(bars, labels=[f"{r.ms * 1e3:.0f} us" for r in sel], padding=3, fontsize=9)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(r.ms for r in sel) * 1e3 * 1.25)
+        ax.tick_params(axis="y", labelsize=9)
+        what = "time per training step" if timing == "wall" else "GPU time per step (CUDA-graph replay)"
+        ax.set_xlabel(f"microseconds, {what}; lower is better")
+        ax.set_title(f"small losses, forward + backward, {shape} on {title_device}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"small_{timing}_{shape}.png")
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)

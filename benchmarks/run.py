@@ -1,11 +1,13 @@
-"""The benchmark entry point: runs on whatever is here. On a GPU: every GPU provider over the V sweep;
-on a CPU-only machine: the cpu backend against eager and compiled torch at the foundation issue's sizes.
+"""Times kl_ext's losses against the PyTorch code they replace, on whatever this machine has.
 
-    python -m benchmarks.run [--quick] [--out bench_out] [--dtypes bf16,fp32] [--modes fwd,fwd+bwd,bwd]
-                             [--device cpu]
-Writes a table to stdout, results.csv and one PNG per (op, mode, dtype) to --out, then each kl_ext row against
-the eager call users write and against the fastest torch peer of the row (eager or compiled).
---device cpu runs the CPU rows on a machine that has a GPU too (another machine for the CPU comparison).
+On a GPU: kl_ext's CUDA and Triton kernels against eager PyTorch, torch.compile and Liger-Kernel (when installed),
+over vocabulary sizes V from 4096 to 262144. On a CPU-only machine: kl_ext's C++ kernels against eager PyTorch and
+torch.compile, at LLM-sized rows (V = 32000) and, for the Bernoulli KL, many short rows. Each op is also timed on a
+small batch (8 x 1000), where the cost of a call matters more than the arithmetic.
+
+Prints a table (time; for the large losses the speed as a share of a plain memory copy), writes results.csv and
+plots (PNG) to --out, then how many times faster each kl_ext row is than the code users write by hand and than the
+fastest PyTorch alternative (eager or compiled). --quick is what `make run` runs (about a minute on a 2-core CPU).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ GPU_BERNOULLI = [(1 << 20, 512), (1 << 17, 4096), (1 << 15, 16384)]
 # Small losses, where dispatch and launches dominate: fwd+bwd, wall time per step (and on a GPU the
 # kernels' own time, from CUDA-graph replay over 32 input sets).
 SMALL = [(8, 1000), (64, 4096)]
+# `make run`'s quick CPU run: the headline losses, without the reference formula's eager run (nn.KLDivLoss is the
+# eager code users write); `make bench` times them all.
+QUICK_CPU_OPS = ("kl", "jsd", "bernoulli")
+QUICK_SKIP = {"reference eager"}
 # op -> its benchmark (OP, providers, make_inputs, reference_fn, BYTES_PER_ELEM, BASELINE: the eager call users
 # write, the speedups' first reference); the Bernoulli losses take their own shapes, the rest the KL's.
 OPS = {"kl": kl, "bernoulli": bern, "jsd": jsd, "sparse": sparse, **bench_divergences.OPS}
@@ -41,22 +47,34 @@ def plan(device, quick):
     if device.type == "cuda":
         vs = GPU_VS[:2] if quick else GPU_VS
         return [(GPU_NV // v, v) for v in vs], GPU_BERNOULLI[:1] if quick else GPU_BERNOULLI
-    # CPU: the foundation issue's speed-target sizes; the sweep is for GPUs.
+    # CPU: LLM-sized rows (the sweep is for GPUs); quick: a quarter of the rows, so the eager peers (seconds a call
+    # at 4096 x 32000) finish within `make run`'s minute.
     if quick:
-        return [(4096, 32000)], [(65536, 1000)]
+        return [(512, 32000)], [(16384, 1000)]
     return [(32768, 4096), (4096, 32000), (1024, 128256)], [(65536, 1000), (8192, 8192)]  # N*V ~ 2^27
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer shapes, fwd+bwd only, fp32 (CPU) / bf16 (GPU)")
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
-    ap.add_argument("--modes", default=None, help="comma list of fwd,fwd+bwd,bwd")
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (GPU uses do_bench)")
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=Help)
+    ap.add_argument("--quick", action="store_true",
+                    help="one shape per op, forward + backward only, float32 on a CPU / bfloat16 on a GPU")
+    ap.add_argument("--out", default="bench_out", help="folder for results.csv and the plots")
+    ap.add_argument("--dtypes", default=None,
+                    help="comma list of fp32,bf16,fp16 (default: fp32 on a CPU; bf16,fp16,fp32 on a GPU, bf16 with "
+                         "--quick)")
+    ap.add_argument("--modes", default=None,
+                    help="comma list of fwd (loss only), fwd+bwd (loss and gradient: a training step), bwd "
+                         "(backward alone) (default: all three; fwd+bwd with --quick)")
+    ap.add_argument("--ops", default=None,
+                    help=f"comma list of the losses to time, of {','.join(OPS)} (default: all; "
+                         f"{','.join(QUICK_CPU_OPS)} with --quick on a CPU)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed repetitions per row on a CPU (default: 5, 3 with --quick; a GPU times with "
+                         "triton.testing.do_bench)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: the GPU when there is one")
+                    help="auto: the GPU when there is one; cpu times the CPU kernels on a machine with a GPU")
     args = ap.parse_args(argv)
 
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,16 +85,18 @@ def main(argv=None):
     dtypes = [DTYPES[d] for d in (args.dtypes or default_dtypes).split(",")]
     modes = (args.modes or default_modes).split(",")
     kl_shapes, bern_shapes = plan(device, args.quick)
+    reps = args.reps or (3 if args.quick else 5)
     name = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; python {sys.version.split()[0]}")
+    cuda = f"; CUDA {torch.version.cuda}" if gpu else ""
+    print(f"device: {name}; torch {torch.__version__}{cuda}; python {sys.version.split()[0]}")
     os.makedirs(args.out, exist_ok=True)
 
     # torch's own log lines (e.g. cpp_extension's "No CUDA runtime is found" when Inductor compiles on a CPU-only
     # box) would land inside the progress bar.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     copy = copy_bandwidth_gbps(device)
-    wanted = args.ops.split(",")
+    wanted = (args.ops or ",".join(QUICK_CPU_OPS if args.quick and not gpu else OPS)).split(",")
     unknown = set(wanted) - set(OPS)
     if unknown:
         ap.error(f"unknown --ops {sorted(unknown)}; choose from {','.join(OPS)}")
@@ -84,7 +104,8 @@ def main(argv=None):
     if "sparse" in wanted:
         for N, V in kl_shapes:
             print(f"sparse {N}x{V}: {sparse.bytes_saved(N, V, sparse.K, dtypes[0])}")
-    provs = {mod.OP: mod.providers(device) for mod, _ in jobs}
+    provs = {mod.OP: {k: v for k, v in mod.providers(device).items() if not (args.quick and k in QUICK_SKIP)}
+             for mod, _ in jobs}
     n_small = (1 if args.quick else len(SMALL)) * (2 if gpu else 1)
     total = sum(sum(not isinstance(p, str) for p in provs[mod.OP].values()) * (len(shapes) * len(dtypes) * len(modes)
                                                                                 + n_small) for mod, shapes in jobs)
@@ -92,11 +113,11 @@ def main(argv=None):
     with tqdm(total=total, desc="benchmarks", file=sys.stderr) as bar:
         for mod, shapes in jobs:
             rows += run_op(mod.OP, provs[mod.OP], mod.make_inputs, mod.reference_fn, mod.BYTES_PER_ELEM, device,
-                           shapes, dtypes, modes, args.reps, bar)
+                           shapes, dtypes, modes, reps, bar)
         for mod, _ in jobs:
             for timing in ("wall", "graph") if gpu else ("wall",):
                 rows += run_op(mod.OP, provs[mod.OP], mod.make_inputs, mod.reference_fn, mod.BYTES_PER_ELEM, device,
-                               SMALL[:1] if args.quick else SMALL, dtypes[:1], ["fwd+bwd"], args.reps, bar,
+                               SMALL[:1] if args.quick else SMALL, dtypes[:1], ["fwd+bwd"], reps, bar,
                                timing=timing)
     for r in rows:
         r.pct_copy = 100 * r.gbps / copy

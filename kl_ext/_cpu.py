@@ -37,4 +37,6 @@ def load():
         except ModuleNotFoundError as e:
             if e.name != f"kl_ext._cpu_{cap}":
                 raise
-    raise ImportError("kl_ext: no CPU kernel module (kl_ext._cpu_default) was built; reinstall kl_ext")
+    raise ImportError(f"kl_ext: no CPU kernel module that runs at capability {CAPABILITIES[best]!r} was built (a "
+                      "`make setup` build has this CPU's best only); rebuild with "
+                      "KL_EXT_CPU_CAPABILITIES=default,avx2,avx512 for all of them")

@@ -11,6 +11,7 @@ from torch.nn._reduction import legacy_get_string
 
 from kl_ext import reference
 from kl_ext._backends import _compile_constant, resolve
+from kl_ext._docs import with_args
 from kl_ext._fused import (_factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target, apply,
                            kernel_backward)
 from kl_ext._validation import (check_bce, check_bernoulli, check_kl, label_mask, needs_grad,
@@ -93,6 +94,7 @@ def _bce_dtype(device_type, *dtypes):
     return _BCE_DTYPES[key]
 
 
+@with_args()
 def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
                        temperature: float = 1.0, direction: str = "forward", reduction: str = "batchmean",
                        mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
@@ -100,22 +102,8 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
     """KL divergence between a teacher and the student q = softmax(input / T), over the last dim.
 
     Args:
-        input: the student's raw logits, (..., V); rows are the leading dims, read in place when strided.
-        target: the teacher, same shape: logits, log-probabilities or probabilities (target_type).
-        target_type: "logits" (p = softmax(target / T)), "log_probs" or "probs" (taken as given: the
-            temperature applies to the teacher only when it is given as logits).
-        temperature: T > 0, dividing the student's logits (and the teacher's, for "logits"). kl_ext computes
-            the plain KL: Hinton's T**2 gradient scaling is the caller's to apply.
         direction: "forward" = KL(teacher || student), the distillation loss; "reverse" = KL(student || teacher).
-        reduction: "batchmean" (sum / rows counted: per token for (B, T, V)), "sum", "mean" (sum / (rows * V)),
-            "none" (the per-row loss, of the leading shape).
-        mask: bool of the leading shape; False rows give 0 loss and 0 gradient and are not counted.
-        labels, ignore_index: integer labels of the leading shape; rows whose label is ignore_index are left out
-            as a False mask would (combined with mask when both are given), as TRL and Liger take them.
-        backend: "auto" (CPU tensors: the C++ kernels; CUDA tensors: Triton, else the CUDA kernels; the
-            KL_EXT_BACKEND variable overrides), "cpu", "cuda", "triton", or "torch": the pure-PyTorch reference
-            (any device, double backward).
-        validate: check values for the classic mistakes (probabilities passed as logits, NaN, ...); it syncs.
+        {common_args}
 
     Returns float32 losses (float64 for float64 input); gradients flow to input and target. Edge cases (-inf
     logits, zero probabilities): README "Semantics".
@@ -142,6 +130,7 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
                  backend=be, grad_input=needs_grad(input), grad_target=needs_grad(target))
 
 
+@with_args("backend", "validate")
 def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "probs",
                                  temperature: float = 1.0, weight: Optional[torch.Tensor] = None,
                                  reduction: str = "batchmean", backend: str = "auto",
@@ -156,7 +145,7 @@ def bernoulli_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, t
         weight: broadcasts against input (no gradient w.r.t. it).
         reduction: "batchmean" (sum / rows: the per-sample KL summed over classes), "sum", "mean" (over all
             elements), "none" (elementwise, float32).
-        backend, validate: as kl_div_with_logits.
+        {common_args}
 
     Equals BCE-with-logits minus the entropy of p: the same input gradient, but 0 when the distributions match.
 

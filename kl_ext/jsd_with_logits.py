@@ -17,11 +17,13 @@ from torch import nn
 
 from kl_ext import reference
 from kl_ext._divergence import divergence_with_logits
+from kl_ext._docs import with_args
 from kl_ext._validation import check_beta
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsLoss"]
 
 
+@with_args()
 def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.5, target_type: str = "logits",
                     temperature: float = 1.0, reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
                     labels: Optional[torch.Tensor] = None, ignore_index: int = -100, backend: str = "auto",
@@ -33,9 +35,8 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
     kl_div_with_logits' two directions (TRL's and Liger's convention); 0.5 the symmetric JSD.
 
     Args:
-        input, target, target_type, temperature: as kl_div_with_logits (T applies to the teacher only for
-            "logits").
-        reduction, mask, labels, ignore_index, backend, validate: as kl_div_with_logits.
+        beta: in [0, 1], the teacher's weight in the mixture m (0: forward KL, 1: reverse KL, 0.5: symmetric).
+        {common_args}
 
     >>> import math, torch, kl_ext
     >>> student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])

@@ -10,6 +10,7 @@ from torch import nn
 
 from kl_ext import reference
 from kl_ext._divergence import divergence_with_logits
+from kl_ext._docs import with_args
 from kl_ext._validation import DIRECTIONS, _option
 
 __all__ = ["skew_kl_div_with_logits", "SkewKLDivWithLogitsLoss"]
@@ -21,6 +22,7 @@ def _check_alpha(alpha) -> None:
                          f"direction='forward', the student's for 'reverse'; 0 is kl_div_with_logits), got {alpha!r}")
 
 
+@with_args()
 def skew_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.1,
                             direction: str = "forward", target_type: str = "logits", temperature: float = 1.0,
                             reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
@@ -36,10 +38,9 @@ def skew_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, alpha:
 
     Args:
         alpha: the mixture's weight on the loss's own side (the teacher for "forward").
-        direction: "forward" or "reverse".
-        input, target, target_type, temperature: as kl_div_with_logits (T applies to the teacher only for
-            "logits").
-        reduction, mask, labels, ignore_index, backend, validate: as kl_div_with_logits.
+        direction: "forward" (KL(p || m), m = alpha p + (1 - alpha) q) or "reverse" (KL(q || m), m = alpha q +
+            (1 - alpha) p).
+        {common_args}
 
     >>> import math, torch, kl_ext
     >>> student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])

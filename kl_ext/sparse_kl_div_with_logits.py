@@ -17,6 +17,7 @@ from torch import nn
 
 from kl_ext import reference
 from kl_ext._backends import resolve
+from kl_ext._docs import with_args
 from kl_ext._fused import (_contiguous_rows, _flat_mask, _fused_backward, _rows, _rows_forward, apply,
                            kernel_backward)
 from kl_ext._validation import (acc_dtype, check_sparse, label_mask, needs_grad, validate_finite,
@@ -46,6 +47,7 @@ class SparseKLDivWithLogitsFunction(torch.autograd.Function):
         return _fused_backward(ctx, grad_out)
 
 
+@with_args("backend", "validate")
 def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor, target_values: torch.Tensor, *,
                               target_type: str = "log_probs", tail: str = "bucket", temperature: float = 1.0,
                               reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
@@ -63,7 +65,7 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
     mask, and labels with ignore_index as one more mask source; float32 losses (float64 for float64 input);
     gradients w.r.t. input and target_values (never indices).
     A class repeated within a row is undefined (validate=True raises, and checks indices are in [-1, V)).
-    backend, validate: as kl_div_with_logits.
+    {common_args}
 
     >>> import torch, kl_ext
     >>> teacher, student = torch.tensor([[2.0, 1.0, 0.0, -1.0]]), torch.zeros(1, 4)

@@ -9,10 +9,12 @@ from torch import nn
 
 from kl_ext import reference
 from kl_ext._divergence import divergence_with_logits
+from kl_ext._docs import with_args
 
 __all__ = ["tvd_with_logits", "TVDWithLogitsLoss"]
 
 
+@with_args()
 def tvd_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: str = "logits",
                     temperature: float = 1.0, reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
                     labels: Optional[torch.Tensor] = None, ignore_index: int = -100, backend: str = "auto",
@@ -24,9 +26,7 @@ def tvd_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: s
     never infinite where the teacher has zeros.
 
     Args:
-        input, target, target_type, temperature: as kl_div_with_logits (T applies to the teacher only for
-            "logits"; "probs" and "log_probs" teachers are used as given).
-        reduction, mask, labels, ignore_index, backend, validate: as kl_div_with_logits.
+        {common_args}
 
     >>> import math, torch, kl_ext
     >>> student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])

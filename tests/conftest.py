@@ -185,3 +185,22 @@ def gloo_worlds(tmp_path_factory, worker):
             done[world] = [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]
         return done[world]
     return get
+
+
+def _skip_reason(report) -> str:
+    """A skip's reason, its variable parts (backend names, shapes) kept: grouped by the text before the first colon
+    when it has one, which is how the suite words its reasons ("backend 'cuda' unavailable: ...")."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    return reason if len(reason) <= 90 else reason[:87] + "..."
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: why tests were skipped, most common reason first (pytest -rs would list every test)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if getattr(r, "longrepr", None)]
+    if not skipped:
+        return
+    from collections import Counter
+    counts = Counter(_skip_reason(r) for r in skipped)
+    terminalreporter.write_line(f"skipped {len(skipped)}: " + "; ".join(f"{n} × {why}" for why, n in
+                                                                        counts.most_common()))
