@@ -19,7 +19,7 @@ MODULE = re.compile(r"(kl_ext\._\w+)")
 def main() -> int:
     os.makedirs("build", exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "-e", "."]
-    start = time.monotonic()
+    start, said = time.monotonic(), set()
     print(f"kl_ext build: {' '.join(cmd[2:])} (log: {LOG})", flush=True)
     with open(LOG, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                  bufsize=1) as proc:
@@ -31,7 +31,9 @@ def main() -> int:
                 module = MODULE.search(obj)
                 print(f"  {time.monotonic() - start:5.0f} s  {module.group(1) if module else ''} [{done}/{total}] "
                       f"{os.path.relpath(src)}", flush=True)
-            elif line.lstrip().startswith("kl_ext:"):  # setup.py's own lines: what is built, and why
+            elif line.lstrip().startswith("kl_ext:") and line.strip() not in said:
+                # setup.py's own lines (what is built, and why), once: pip runs setup.py twice
+                said.add(line.strip())
                 print(f"  {line.strip()}", flush=True)
     took = time.monotonic() - start
     if proc.returncode != 0:
