@@ -5,7 +5,7 @@ PYTHON ?= $(VENV)/bin/python
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: setup dev-setup run test bench demo gpu-wheels
+.PHONY: setup dev-setup run test sanitize bench demo gpu-wheels
 
 # TORCH=2.11.0 pins a torch version inside the supported range (CI tests both ends); empty: the newest in range.
 TORCH ?=
@@ -42,6 +42,11 @@ run: setup
 TEST_JOBS ?= auto
 test: dev-setup
 	$(PYTHON) -m pytest -q -n $(TEST_JOBS) tests
+
+# memcheck and racecheck without a GPU: the CPU and the emulated CUDA kernels under ASan + UBSan and TSan, and two
+# mutants they must report (scripts/sanitize.sh: three instrumented builds, then the tests; not yet in CI).
+sanitize: dev-setup
+	bash scripts/sanitize.sh
 
 bench: setup
 	$(PYTHON) -m benchmarks.run --out bench_out

@@ -71,6 +71,12 @@ if platform.system() == "Linux":
     # Python's CFLAGS bring -g: without stripping, DWARF was 21 of the CPU-only _C's 22 MB. KL_EXT_DEBUG=1 keeps it.
     if os.environ.get("KL_EXT_DEBUG") != "1":
         link_flags.append("-Wl,--strip-debug")
+# KL_EXT_SANITIZE=address,undefined: the CPU kernels instrumented (scripts/sanitize.sh; the Python that loads them
+# preloads the runtime).
+if os.environ.get("KL_EXT_SANITIZE"):
+    sanitize = [f"-fsanitize={os.environ['KL_EXT_SANITIZE']}", "-fno-sanitize-recover=all"]
+    cxx_flags += sanitize + ["-fno-omit-frame-pointer", "-g"]
+    link_flags += sanitize
 # ATen's Vectorized<float> is only SIMD (and exp/log only Sleef-backed) when a CPU_CAPABILITY is defined;
 # extensions get the scalar fallback otherwise. So the CPU kernels (csrc/*.cpp but the two of kl_ext._C) are
 # compiled once per capability, with ATen's flags for it, into their own modules kl_ext._cpu_<capability>;

@@ -37,24 +37,51 @@ def require_backend():
     return _require
 
 
+# KL_EXT_EMU_SANITIZE=address (AddressSanitizer + UndefinedBehaviorSanitizer) or thread (ThreadSanitizer) builds the
+# emulated kernels instrumented; the Python running them must preload the runtime (scripts/sanitize.sh does).
+SANITIZE_FLAGS = {
+    "": ["-O2"],
+    "address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    "thread": ["-O1", "-g", "-fsanitize=thread"],
+}
+
+
+def build_emulator(sanitize="", source=None, name="kl_ext_cuda_emu"):
+    """Compile tests/cuda_emu/emu_ops.cpp (the kernels of `source`/csrc/cuda, default this checkout's) and load it:
+    its ops become torch.ops.<name>.*, defined with the real ops' schemas."""
+    from torch.utils.cpp_extension import load
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = source or os.path.dirname(here)
+    tag = "-".join(filter(None, [name, sanitize, f"torch{torch.__version__}"]))
+    # Built in the checkout, per torch version: the shared ~/.cache/torch_extensions would hand one torch's build to
+    # another (the same name and flags; CI tests two torches on one machine), and a run killed mid-build there
+    # leaves a lock every later run waits on forever.
+    where = os.path.join(os.path.dirname(here), "build", tag)
+    os.makedirs(where, exist_ok=True)
+    from kl_ext import _ops
+    _ops.define(name, [n for n in _ops.SCHEMAS if n.endswith("_fwd")])  # the real ops' schemas
+    flags = SANITIZE_FLAGS[sanitize]
+    # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
+    preload = os.environ.pop("LD_PRELOAD", None)  # a sanitizer's runtime is for this process, not the compiler
+    try:
+        load(name=name, sources=[os.path.join(here, "cuda_emu", "emu_ops.cpp")],
+             extra_cflags=flags + ["-std=c++20", f"-I{root}", f"-DKL_EXT_EMU_NAMESPACE={name}"],
+             extra_ldflags=[f for f in flags if f.startswith("-fsanitize")], is_python_module=False,
+             build_directory=where)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+    return getattr(torch.ops, name)
+
+
 @pytest.fixture(scope="session")
 def emu():
     """The CUDA kernels (csrc/cuda/*.cuh) compiled as host C++ against tests/cuda_emu/cuda_emu.h: their ops as
     torch.ops.kl_ext_cuda_emu, on an emulated device of one SM with clusters (blocks and clusters loop over rows)."""
-    from torch.utils.cpp_extension import is_ninja_available, load
+    from torch.utils.cpp_extension import is_ninja_available
     if not is_ninja_available():  # requirements-dev.txt has it; a bare GPU box may not
         pytest.skip("building the emulated kernels needs ninja (pip install ninja)")
-    here = os.path.dirname(os.path.abspath(__file__))
-    # Built in the checkout, per torch version: the shared ~/.cache/torch_extensions would hand one torch's build to
-    # another (the same name and flags; CI tests two torches on one machine), and a run killed mid-build there
-    # leaves a lock every later run waits on forever.
-    where = os.path.join(os.path.dirname(here), "build", f"cuda_emu-torch{torch.__version__}")
-    os.makedirs(where, exist_ok=True)
-    from kl_ext import _ops
-    _ops.define("kl_ext_cuda_emu", [n for n in _ops.SCHEMAS if n.endswith("_fwd")])  # the real ops' schemas
-    # -std=c++20 for the emulator's std::barrier: torch before 2.13 compiles extensions as C++17 (the last -std wins).
-    load(name="kl_ext_cuda_emu", sources=[os.path.join(here, "cuda_emu", "emu_ops.cpp")],
-         extra_cflags=["-O2", "-std=c++20"], is_python_module=False, build_directory=where)
+    build_emulator(os.environ.get("KL_EXT_EMU_SANITIZE", ""))
     ops = torch.ops.kl_ext_cuda_emu
     ops.set_device(1, True)
     return ops

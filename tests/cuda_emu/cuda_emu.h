@@ -5,8 +5,9 @@
 // their own KL_EXT_SHARED memory and a barrier over the cluster. 1-D grids and blocks of whole warps only,
 // as the kernels use.
 // It checks the kernels' logic, indexing and warp-level exchanges; not the GPU's rounding of exp2 / log2, its
-// memory model, or speed. A missing __syncthreads before shared memory is reused rarely shows here (OS
-// threads interleave too coarsely): compute-sanitizer racecheck on the GPU (scripts/gpu_check.sh) covers that.
+// memory model, or speed. A missing __syncthreads before shared memory is reused rarely shows in the results (OS
+// threads interleave too coarsely), but ThreadSanitizer reports it (scripts/sanitize.sh builds this with it), and
+// AddressSanitizer an out-of-bounds access of a tensor or a block's shared array.
 #pragma once
 #include <math.h>
 
@@ -17,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <stdexcept>
 #include <thread>
@@ -49,15 +51,37 @@ struct Block {
   std::vector<std::array<uint64_t, 32>> slots;
   unsigned rank;
   Cluster* cluster;
-  std::mutex lock;
+  // A reader-writer lock, so that ThreadSanitizer sees no ordering between blocks that only look variables up
+  // (TSan orders a write lock after every earlier holder, a read lock after writers only): the kernels' own
+  // barriers must order their shared-memory accesses, as on a GPU.
+  std::shared_mutex lock;
   std::map<std::string, std::vector<unsigned char>> shared;  // KL_EXT_SHARED variables, by name
 
   // The block's variable `name` (made on first use by any of its threads; never resized after).
   unsigned char* get_shared(const std::string& name, size_t bytes) {
-    const std::lock_guard<std::mutex> guard(lock);
+    {
+      const std::shared_lock<std::shared_mutex> read(lock);
+      const auto it = shared.find(name);
+      if (it != shared.end()) return it->second.data();
+    }
+    const std::unique_lock<std::shared_mutex> write(lock);
     auto& v = shared[name];
     if (v.empty()) v.resize(bytes);
     return v.data();
+  }
+
+  // The name and offset of the variable holding `at`, if it is one of this block's.
+  bool find(const unsigned char* at, std::string& name, size_t& bytes, size_t& offset) {
+    const std::shared_lock<std::shared_mutex> read(lock);
+    for (auto& [n, v] : shared) {
+      if (at >= v.data() && at < v.data() + v.size()) {
+        name = n;
+        bytes = v.size();
+        offset = size_t(at - v.data());
+        return true;
+      }
+    }
+    return false;
   }
 };
 
@@ -138,14 +162,12 @@ inline void cluster_sync() { emu::current->cluster->all.arrive_and_wait(); }
 // `p`, a KL_EXT_SHARED variable of this block, in block `rank` of the cluster.
 template <typename T>
 T* cluster_map(T* p, unsigned rank) {
-  const auto* at = reinterpret_cast<const unsigned char*>(p);
-  emu::Block& other = *emu::current->cluster->blocks[rank];
-  for (auto& [name, bytes] : emu::current->shared) {
-    if (at >= bytes.data() && at < bytes.data() + bytes.size()) {
-      return reinterpret_cast<T*>(other.get_shared(name, bytes.size()) + (at - bytes.data()));
-    }
+  std::string name;
+  size_t bytes = 0, offset = 0;
+  if (!emu::current->find(reinterpret_cast<const unsigned char*>(p), name, bytes, offset)) {
+    throw std::logic_error("cuda_emu: cluster_map of a pointer outside KL_EXT_SHARED memory");
   }
-  throw std::logic_error("cuda_emu: cluster_map of a pointer outside KL_EXT_SHARED memory");
+  return reinterpret_cast<T*>(emu::current->cluster->blocks[rank]->get_shared(name, bytes) + offset);
 }
 
 }  // namespace cuda

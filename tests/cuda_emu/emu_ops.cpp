@@ -6,9 +6,10 @@
 
 #include <torch/library.h>
 
-#include "../../csrc/cuda/bernoulli_kl_div_with_logits.cuh"
-#include "../../csrc/cuda/kl_div_with_logits.cuh"
-#include "../../csrc/cuda/sparse_kl_div_with_logits.cuh"
+// From the source root on the include path (-I): this checkout, or a copy with a mutation (tests/test_sanitizers.py).
+#include "csrc/cuda/bernoulli_kl_div_with_logits.cuh"
+#include "csrc/cuda/kl_div_with_logits.cuh"
+#include "csrc/cuda/sparse_kl_div_with_logits.cuh"
 
 namespace {
 
@@ -49,9 +50,14 @@ void set_device(int64_t sms, bool clusters) { device = {int(sms), clusters, 4}; 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kl_ext_cuda_emu, m) { m.def("set_device(int sms, bool clusters) -> ()", &set_device); }
+// The ops' namespace: kl_ext_cuda_emu, or another for a second build in the same process.
+#ifndef KL_EXT_EMU_NAMESPACE
+#define KL_EXT_EMU_NAMESPACE kl_ext_cuda_emu
+#endif
 
-TORCH_LIBRARY_IMPL(kl_ext_cuda_emu, CPU, m) {
+TORCH_LIBRARY_FRAGMENT(KL_EXT_EMU_NAMESPACE, m) { m.def("set_device(int sms, bool clusters) -> ()", &set_device); }
+
+TORCH_LIBRARY_IMPL(KL_EXT_EMU_NAMESPACE, CPU, m) {
   m.impl("kl_div_with_logits_fwd", &kl_ext::kl_div_with_logits_fwd<EmuRows>);
   m.impl("divergence_with_logits_fwd", &kl_ext::divergence_with_logits_fwd<EmuRows>);
   m.impl("sparse_kl_div_with_logits_fwd", &sparse_fwd);
