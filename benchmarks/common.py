@@ -258,6 +258,11 @@ def write_csv(rows: list[Row], path: str) -> None:
             w.writerow(asdict(r))
 
 
+def _colors(rows: list[Row]) -> list[str]:
+    """kl_ext's bars blue, its peers' gray."""
+    return ["tab:blue" if r.provider.startswith("kl_ext") else "tab:gray" for r in rows]
+
+
 def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> list[str]:
     """One PNG per (op, mode, dtype) of the large rows: effective GB/s per provider (higher is better), against V
     when the run swept shapes, else a bar per provider, with the copy's line; and one PNG of the small rows: time
@@ -278,7 +283,7 @@ def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> 
             sel = sorted(sel, key=lambda r: -r.gbps)
             fig, ax = plt.subplots(figsize=(10, 1.6 + 0.55 * len(sel)), dpi=100)
             bars = ax.barh([r.provider for r in sel], [r.gbps for r in sel],
-                           color=["tab:blue" if r.provider.startswith("kl_ext") else "tab:gray" for r in sel])
+                           color=_colors(sel))
             ax.bar_label(bars, labels=[f"{fmt_ms(r.ms)} ms, {r.pct_copy:.0f}% of a copy" for r in sel], padding=3)
             ax.axvline(copy_gbps, color="k", linestyle="--", label=f"memory copy ({copy_gbps:.0f} GB/s)")
             ax.invert_yaxis()
@@ -308,7 +313,7 @@ def plot(rows: list[Row], copy_gbps: float, out_dir: str, title_device: str) -> 
         fig, ax = plt.subplots(figsize=(10, 1.6 + 0.42 * len(sel)), dpi=100)
         labels = [f"{r.op}: {r.provider}" for r in sel]
         bars = ax.barh(labels, [r.ms * 1e3 for r in sel],
-                       color=["tab:blue" if r.provider.startswith("kl_ext") else "tab:gray" for r in sel])
+                       color=_colors(sel))
         ax.bar_label(bars, labels=[f"{r.ms * 1e3:.0f} us" for r in sel], padding=3, fontsize=9)
         ax.invert_yaxis()
         ax.set_xlim(0, max(r.ms for r in sel) * 1e3 * 1.25)

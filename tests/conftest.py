@@ -81,8 +81,7 @@ def emu():
     from torch.utils.cpp_extension import is_ninja_available
     if not is_ninja_available():  # requirements-dev.txt has it; a bare GPU box may not
         pytest.skip("building the emulated kernels needs ninja (pip install ninja)")
-    build_emulator(os.environ.get("KL_EXT_EMU_SANITIZE", ""))
-    ops = torch.ops.kl_ext_cuda_emu
+    ops = build_emulator(os.environ.get("KL_EXT_EMU_SANITIZE", ""))
     ops.set_device(1, True)
     return ops
 
@@ -215,8 +214,7 @@ def gloo_worlds(tmp_path_factory, worker):
 
 
 def _skip_reason(report) -> str:
-    """A skip's reason, its variable parts (backend names, shapes) kept: grouped by the text before the first colon
-    when it has one, which is how the suite words its reasons ("backend 'cuda' unavailable: ...")."""
+    """A skip's reason as the test gave it (without pytest's "Skipped: "), cut to 90 characters for the line."""
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     reason = reason.removeprefix("Skipped: ")
     return reason if len(reason) <= 90 else reason[:87] + "..."
