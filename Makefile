@@ -38,10 +38,12 @@ run: setup
 	$(PYTHON) examples/distill_demo.py --out demo_out
 	$(PYTHON) -m benchmarks.run --quick --out bench_out
 
-# The suite on every core (pytest-xdist); TEST_JOBS=0 runs it in this process.
+# The suite on every core (pytest-xdist); TEST_JOBS=0 runs it in this process; TEST_ARGS more pytest arguments
+# (e.g. TEST_ARGS='-m "not emulated"').
 TEST_JOBS ?= auto
+TEST_ARGS ?=
 test: dev-setup
-	$(PYTHON) -m pytest -q -n $(TEST_JOBS) tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) $(TEST_ARGS) tests
 
 # memcheck and racecheck without a GPU: the CPU and the emulated CUDA kernels under ASan + UBSan and TSan, and two
 # mutants they must report (scripts/sanitize.sh: three instrumented builds, then the tests; not yet in CI).

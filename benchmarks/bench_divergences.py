@@ -12,13 +12,14 @@ import types
 import torch
 import torch.nn.functional as F
 
-import kl_ext
-from kl_ext import reference
 from kl_ext._backends import _usable
+from kl_ext._registry import bind
 from benchmarks.bench_kl_div_with_logits import make_inputs
 
 BYTES_PER_ELEM = {"fwd": 2, "fwd+bwd": 3, "bwd": None}
 ALPHA = 0.1
+# The registry's divergences benchmarked here, with their parameters: kl_ext's functional and reference of each.
+TVD, SKEW = bind("tvd"), bind("skew_kl", alpha=ALPHA)
 
 
 def _ours(device, fn):
@@ -35,7 +36,7 @@ def tvd_formula(s, t):
 
 
 def tvd_providers(device: torch.device) -> dict:
-    out = _ours(device, kl_ext.tvd_with_logits)
+    out = _ours(device, TVD.functional())
     out["torch formula eager"] = tvd_formula
     out["torch formula compiled"] = torch.compile(tvd_formula, dynamic=False)
     if device.type == "cuda":
@@ -56,7 +57,7 @@ def skew_formula(s, t, alpha=ALPHA):
 
 
 def skew_providers(device: torch.device) -> dict:
-    out = _ours(device, lambda s, t, backend: kl_ext.skew_kl_div_with_logits(s, t, alpha=ALPHA, backend=backend))
+    out = _ours(device, SKEW.functional())
     out["DistiLLM formula eager"] = skew_formula
     out["DistiLLM formula compiled"] = torch.compile(skew_formula, dynamic=False)
     return out
@@ -64,9 +65,9 @@ def skew_providers(device: torch.device) -> dict:
 
 OPS = {
     "tvd": types.SimpleNamespace(OP="tvd", providers=tvd_providers, make_inputs=make_inputs,
-                                 reference_fn=lambda s, t: reference.tvd_with_logits(s, t),
+                                 reference_fn=lambda s, t: TVD.reference()(s, t),
                                  BYTES_PER_ELEM=BYTES_PER_ELEM, BASELINE="torch formula eager"),
     "skew": types.SimpleNamespace(OP="skew", providers=skew_providers, make_inputs=make_inputs,
-                                  reference_fn=lambda s, t: reference.skew_kl_div_with_logits(s, t, alpha=ALPHA),
+                                  reference_fn=lambda s, t: SKEW.reference()(s, t),
                                   BYTES_PER_ELEM=BYTES_PER_ELEM, BASELINE="DistiLLM formula eager"),
 }

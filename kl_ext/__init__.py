@@ -18,6 +18,19 @@ from kl_ext.linear_distillation_loss import (LinearDistillationFunction, LinearD
                                              linear_distillation_loss)
 from kl_ext.modules import BCEWithLogitsLoss, BernoulliKLDivWithLogitsLoss, KLDivWithLogitsLoss
 
+
+def __getattr__(name):
+    """A public name that was renamed keeps working, with a FutureWarning saying what replaces it."""
+    from kl_ext._divergence import RENAMED
+    if name in RENAMED:
+        import warnings
+        obj, instead = RENAMED[name]
+        warnings.warn(f"kl_ext.{name} is renamed and will be removed in a future release; use {instead}",
+                      FutureWarning, stacklevel=2)
+        return obj
+    raise AttributeError(f"module 'kl_ext' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 __all__ = ["kl_div_with_logits", "KLDivWithLogitsLoss", "KLDivWithLogitsFunction",
            "jsd_with_logits", "JSDWithLogitsLoss", "tvd_with_logits", "TVDWithLogitsLoss",

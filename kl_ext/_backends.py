@@ -139,5 +139,7 @@ def _register(backend: str) -> bool:
 
 
 def op(backend: str, name: str):
-    """The registered op `name` of a concrete kernel backend ("cpu", "cuda" or "triton")."""
+    """The registered op `name` of a concrete kernel backend ("cpu", "cuda" or "triton"), its module loaded (a
+    Function's apply() may come before any functional)."""
+    _register(backend)
     return getattr(torch.ops.kl_ext_triton if backend == "triton" else torch.ops.kl_ext, name)

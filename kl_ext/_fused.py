@@ -175,19 +175,6 @@ def _softmax_rows_forward(ctx, name, backend, input, target, mask, target_type, 
                          grad_target)
 
 
-# The divergences whose endpoint params are the KL op's directions (its kernels): {param: direction}.
-_KL_ENDPOINTS = {"jsd": {0: "forward", 1: "reverse"}, "skew_forward": {0: "forward"}, "skew_reverse": {0: "reverse"}}
-
-
-def divergence_op(divergence: str, param: float, temperature: float):
-    """(op name, its options after target_type) of a divergence of divergence_with_logits_fwd at param: the JSD
-    at beta 0 and 1 and the skew KL at alpha 0 are the KL op's directions (and its kernels), exactly."""
-    direction = _KL_ENDPOINTS.get(divergence, {}).get(param)
-    if direction is not None:
-        return "kl_div_with_logits_fwd", (temperature, direction)
-    return "divergence_with_logits_fwd", (temperature, divergence, float(param))
-
-
 class _EagerCtx:
     """What _keep_grads records when apply() runs a Function's forward without autograd.Function."""
     __slots__ = ("saved_tensors", "rerun")

@@ -119,17 +119,6 @@ def check_kl(input, target, mask, target_type, temperature, direction, reduction
     _mask(mask, input)
 
 
-def check_beta(beta) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-        raise ValueError(f"kl_ext: beta must be a number in [0, 1] (0: KL(teacher || student), 1: KL(student || "
-                         f"teacher), 0.5: the symmetric JSD), got {beta!r}")
-
-
-def check_jsd(input, target, mask, target_type, temperature, beta, reduction) -> None:
-    check_beta(beta)
-    check_kl(input, target, mask, target_type, temperature, "forward", reduction)
-
-
 TAILS = ("bucket", "renorm")
 
 
@@ -196,23 +185,17 @@ def validate_sparse_indices(target_indices: torch.Tensor, V: int) -> None:
                          "per row (the result is undefined otherwise): deduplicate, or merge their values")
 
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
 LINEAR_REDUCTIONS = ("none", "sum", "batchmean")
 
 
-def divergence_beta(divergence: str, beta: float) -> float:
-    """The generalized JSD's beta of a divergence name: "kl" is 0 (KL(teacher || student)), "reverse_kl" 1."""
-    return {"kl": 0.0, "reverse_kl": 1.0}.get(divergence, float(beta))
-
-
 def check_linear_distillation(input, weight, target, bias, t_weight, t_bias, t_indices, form, target_type, divergence,
-                              beta, tail, temperature, logit_scale, softcap, labels, hard_weight, soft_weight, mask,
+                              tail, temperature, logit_scale, softcap, labels, hard_weight, soft_weight, mask,
                               reduction, chunk_size) -> None:
+    """divergence: the _registry.Bound (its name and parameters already checked)."""
     if reduction == "mean":
         raise ValueError("kl_ext: reduction='mean' has no meaning for linear_distillation_loss (it would divide by "
                          "the vocabulary); use 'batchmean' (per counted row), 'sum' or 'none'")
     _option("reduction", reduction, LINEAR_REDUCTIONS)
-    _option("divergence", divergence, DIVERGENCES)
     _option("target_type", target_type, TARGET_TYPES)
     _option("tail", tail, TAILS)
     _temperature(temperature)
@@ -246,15 +229,15 @@ def check_linear_distillation(input, weight, target, bias, t_weight, t_bias, t_i
         if t_bias is not None and (t_bias.shape != (V,) or t_bias.dtype != target.dtype):
             raise ValueError(f"kl_ext: target_linear_bias must be ({V},) in the target's dtype")
     elif form == "sparse":
-        if divergence != "kl":
-            raise ValueError("kl_ext: a sparse (top-k) teacher supports divergence='kl' only")
+        if divergence.kl != "forward":
+            raise ValueError(f"kl_ext: a sparse (top-k) teacher supports divergence='kl' only (the KL(teacher || "
+                             f"student) over the teacher's support and tail bucket), got {divergence.name!r}; give "
+                             f"the teacher as dense rows or hidden states for the other divergences")
         check_sparse(torch.empty(lead + (V,), device="meta"), t_indices.to("meta"), target.to("meta"), None,
                      target_type, tail, temperature, "batchmean")
     elif target.shape[-1] != V:
         raise ValueError(f"kl_ext: a dense target must have V = {V} classes in its last dim (or give "
                          "target_linear_weight for teacher hidden states, or target_indices for a top-k teacher)")
-    if divergence == "jsd" and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1):
-        raise ValueError(f"kl_ext: beta must be a number in [0, 1], got {beta!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"kl_ext: softcap must be None or a number > 0, got {softcap!r}")
     if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool) or not math.isfinite(logit_scale):

@@ -9,10 +9,11 @@ Per call, on each rank's shard, with the fused kernels' vocab-parallel modes (cs
   2. all-reduce MAX of the log-masses, then all-reduce SUM of the masses relative to those maxima (the whole
      row's log-sum-exps) and, for the KL, of the shard KLs weighted by the shard's mass: by the chain rule of
      the KL, KL(p || q) = sum_r P_r KL(p_r || q_r) + sum_r P_r log(P_r / Q_r), the whole row's KL;
-  3. the JSD's mixture is not a function of shard statistics: a pass with the whole row's log-sum-exps gives
-     each shard's sums of its terms, and a third all-reduce SUM the row's loss;
+  3. the other divergences (JSD, TVD, skew KL: kl_ext/_registry.py) are not functions of shard statistics: a
+     pass with the whole row's log-sum-exps gives each shard's sums of its terms, and a third all-reduce SUM the
+     row's loss;
   4. when gradients are wanted, a finishing pass with the whole row's statistics writes them.
-Communication: 2 all-reduces (KL) or 3 (JSD) in the forward, of 2 - 3 values per row (float64) plus one
+Communication: 2 all-reduces (KL) or 3 (the others) in the forward, of 2 - 3 values per row (float64) plus one
 count; none in the backward; no host sync. Unless check_ranks=False, one more all-reduce (two values) and a host
 sync first check that the ranks agree on the shapes, dtypes and options (a mismatch is an error, not a hang).
 """
@@ -25,14 +26,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kl_ext.jsd_with_logits import jsd_with_logits
 from kl_ext._backends import op, resolve
+from kl_ext._divergence import divergence_with_logits
 from kl_ext._fused import (_flat_mask, _fused_backward, _grad_scale, _keep_grads, _reduce, _rows, _target, apply,
-                           divergence_op, kernel_backward)
-from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_jsd, check_linear_distillation, needs_grad
+                           kernel_backward)
+from kl_ext._registry import Bound, bind, kernel_bound
+from kl_ext._validation import DIRECTIONS, _option, acc_dtype, check_kl, check_linear_distillation, needs_grad
 
 __all__ = ["vocab_parallel_kl_div_with_logits", "vocab_parallel_jsd_with_logits",
-           "vocab_parallel_linear_distillation_loss", "VocabParallelLinearDistillationLoss"]
+           "vocab_parallel_divergence_with_logits", "vocab_parallel_linear_distillation_loss",
+           "VocabParallelLinearDistillationLoss"]
 
 def _unwrap(input, target, mask, group):
     """DTensor input and target placed Shard(-1) on a 1-D mesh -> their local shards and the mesh's group."""
@@ -107,11 +110,11 @@ def _shard_terms(kl_r, ls_r, lt_r, shift, logits, forward):
     return torch.where(w > 0, w * (kl_r + d), zero)
 
 
-def _whole_rows(run, rows, V_r, beta, target_type, group, acc, device):
+def _whole_rows(run, rows, V_r, divergence: Bound, target_type, group, acc, device):
     """The whole rows' loss (float64, per row; masked rows included) from this rank's shard, and the statistics
     the finishing pass takes (`given`, acc dtype), and V (the summed shard widths, a device scalar). run(row_stats)
     runs the fused op on the shard in a vocab-parallel mode (steps 1 - 3 of the module docstring)."""
-    jsd, forward, logits = 0 < beta < 1, beta == 0, target_type == "logits"
+    jsd, forward, logits = divergence.kl is None, divergence.kl == "forward", target_type == "logits"
     local = run(torch.empty((rows, 0), dtype=acc, device=device))[0].double()  # (rows, 3): shard loss, log-masses
     kl_r, ls_r, lt_r = local.unbind(1)
     shift, rel = _log_sum_exp(local[:, 1:], group)                                  # all-reduce 1
@@ -133,7 +136,7 @@ def _whole_rows(run, rows, V_r, beta, target_type, group, acc, device):
     return loss, given.to(acc), summed[-1]
 
 
-def shard_rows_loss(fn, x, t, mask, target_type, options, beta, group, grad, grad_scale):
+def shard_rows_loss(fn, x, t, mask, target_type, options, divergence, group, grad, grad_scale):
     """(loss per row in acc dtype, gradient w.r.t. x times grad_scale or None) of the whole rows whose shards
     are x, t on this rank: fn is the fused op (kl_div_with_logits_fwd / divergence_with_logits_fwd of a kernel
     backend) with its `options`. For linear_distillation_loss's vocab-parallel form, per chunk of rows."""
@@ -142,7 +145,7 @@ def shard_rows_loss(fn, x, t, mask, target_type, options, beta, group, grad, gra
     def run(row_stats, gi=False):
         return fn(x, t, mask, target_type, *options, gi, False, grad_scale if gi else None, row_stats)
 
-    loss, given, _ = _whole_rows(run, x.shape[0], x.shape[-1], beta, target_type, group, acc, x.device)
+    loss, given, _ = _whole_rows(run, x.shape[0], x.shape[-1], divergence, target_type, group, acc, x.device)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
     return loss.to(acc), (run(given, True)[1] if grad else None)
@@ -180,12 +183,14 @@ def shard_cross_entropy(z, local_labels, live, group, grad, grad_scale):
 
 
 class VocabParallelFunction(torch.autograd.Function):
-    """A row-softmax loss (KL or generalized JSD) over vocabulary shards; see the module docstring."""
+    """A divergence (by its kernels' name and parameter, as DivergenceWithLogitsFunction) over vocabulary shards;
+    see the module docstring."""
 
     @staticmethod
-    def forward(ctx, input, target, mask, beta, target_type, temperature, reduction, group, backend, grad_input,
-                grad_target):
-        name, options = divergence_op("jsd", beta, temperature)
+    def forward(ctx, input, target, mask, divergence, param, target_type, temperature, reduction, group, backend,
+                grad_input, grad_target):
+        bound = kernel_bound(divergence, param)
+        name, options = bound.op(temperature)
         acc = acc_dtype(input.dtype)
         rows, V_r = math.prod(input.shape[:-1]), input.shape[-1]
         x, t, m = _rows(input), _rows(_target(target, input)), _flat_mask(mask)
@@ -193,7 +198,7 @@ class VocabParallelFunction(torch.autograd.Function):
         def run(row_stats, gi=False, gt=False, grad_scale=None):
             return op(backend, name)(x, t, m, target_type, *options, gi, gt, grad_scale, row_stats)
 
-        loss, given, V = _whole_rows(run, rows, V_r, beta, target_type, group, acc, input.device)
+        loss, given, V = _whole_rows(run, rows, V_r, bound, target_type, group, acc, input.device)
         if mask is not None:
             loss = torch.where(m, loss, torch.zeros_like(loss))
         counted = m.sum() if mask is not None else rows
@@ -215,26 +220,29 @@ class VocabParallelFunction(torch.autograd.Function):
         return _fused_backward(ctx, grad_out)
 
 
-def _vocab_parallel(input, target, beta, group, target_type, temperature, reduction, mask, backend, check_ranks):
+def _vocab_parallel(input, target, divergence: Bound, group, target_type, temperature, reduction, mask, backend,
+                    check_ranks):
     input, target, mask, group = _unwrap(input, target, mask, group)
-    check_jsd(input, target, mask, target_type, temperature, beta, reduction)
+    check_kl(input, target, mask, target_type, temperature, "forward", reduction)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kl_ext: the vocab-parallel losses need torch.distributed initialized "
                            "(torch.distributed.init_process_group); on one process use kl_div_with_logits / "
                            "jsd_with_logits")
     if dist.get_world_size(group) == 1:  # exactly the single-process loss
-        return jsd_with_logits(input, target, beta=beta, target_type=target_type,
-                                           temperature=temperature, reduction=reduction, mask=mask, backend=backend)
+        return divergence_with_logits(input, target, divergence, target_type=target_type, temperature=temperature,
+                                      reduction=reduction, mask=mask, labels=None, ignore_index=-100,
+                                      backend=backend, validate=False)
     be = resolve(backend, input.device)
     if be == "torch":
         raise RuntimeError("kl_ext: the vocab-parallel losses run on the kernel backends ('cpu', 'cuda', "
                            "'triton'); the C++ extension is not built here (see README 'Install')")
     signature = (tuple(input.shape[:-1]), str(input.dtype), str(target.dtype), mask is not None, target_type,
-                 float(temperature), float(beta), reduction)
+                 float(temperature), divergence.kernel, divergence.param, reduction)
     if check_ranks:
         _check_ranks(group, signature, input.device)
-    return apply(VocabParallelFunction, input, target, mask, float(beta), target_type, float(temperature),
-                 reduction, group, backend=be, grad_input=needs_grad(input), grad_target=needs_grad(target))
+    return apply(VocabParallelFunction, input, target, mask, divergence.kernel, divergence.param, target_type,
+                 float(temperature), reduction, group, backend=be, grad_input=needs_grad(input),
+                 grad_target=needs_grad(target))
 
 
 def vocab_parallel_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, group=None,
@@ -250,8 +258,8 @@ def vocab_parallel_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor,
     values and a host sync per call; a mismatch is then an error on every rank instead of a hang); pass False
     once the training step is known to be consistent."""
     _option("direction", direction, DIRECTIONS)
-    return _vocab_parallel(input, target, 0.0 if direction == "forward" else 1.0, group, target_type, temperature,
-                           reduction, mask, backend, check_ranks)
+    return _vocab_parallel(input, target, bind("kl" if direction == "forward" else "reverse_kl"), group,
+                           target_type, temperature, reduction, mask, backend, check_ranks)
 
 
 def vocab_parallel_jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.5, group=None,
@@ -260,8 +268,20 @@ def vocab_parallel_jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *,
                                    backend: str = "auto", check_ranks: bool = True) -> torch.Tensor:
     """jsd_with_logits over vocabulary shards; arguments as vocab_parallel_kl_div_with_logits (beta 0 and 1 are
     the forward and reverse KL)."""
-    return _vocab_parallel(input, target, beta, group, target_type, temperature, reduction, mask, backend,
-                           check_ranks)
+    return _vocab_parallel(input, target, bind("jsd", beta=beta), group, target_type, temperature, reduction, mask,
+                           backend, check_ranks)
+
+
+def vocab_parallel_divergence_with_logits(input: torch.Tensor, target: torch.Tensor, *, divergence: str,
+                                          alpha: Optional[float] = None, beta: Optional[float] = None, group=None,
+                                          target_type: str = "logits", temperature: float = 1.0,
+                                          reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
+                                          backend: str = "auto", check_ranks: bool = True) -> torch.Tensor:
+    """Any divergence of the row losses by name over vocabulary shards: "kl", "reverse_kl", "jsd" (beta), "tvd",
+    "skew_kl", "skew_reverse_kl" (alpha), as linear_distillation_loss names them; arguments as
+    vocab_parallel_kl_div_with_logits."""
+    return _vocab_parallel(input, target, bind(divergence, alpha=alpha, beta=beta), group, target_type,
+                           temperature, reduction, mask, backend, check_ranks)
 
 
 def _local(x, name, dim):
@@ -286,7 +306,8 @@ def vocab_parallel_linear_distillation_loss(
         input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *, group=None,
         linear_bias: Optional[torch.Tensor] = None, target_linear_weight: Optional[torch.Tensor] = None,
         target_linear_bias: Optional[torch.Tensor] = None, target_indices: Optional[torch.Tensor] = None,
-        target_type: str = "logits", divergence: str = "kl", beta: float = 0.5, tail: str = "bucket",
+        target_type: str = "logits", divergence: str = "kl", alpha: Optional[float] = None,
+        beta: Optional[float] = None, tail: str = "bucket",
         temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
         labels: Optional[torch.Tensor] = None, ignore_index: int = -100, hard_weight: float = 0.0,
         soft_weight: float = 1.0, mask: Optional[torch.Tensor] = None, reduction: str = "batchmean",
@@ -299,12 +320,12 @@ def vocab_parallel_linear_distillation_loss(
     V_r may differ), or DTensors placed Shard(0) (a dense target: Shard(-1)) on a 1-D mesh. input (..., H), the
     teacher's hidden states, labels and mask are the same on every rank. Returns, on every rank, what
     linear_distillation_loss gives with the gathered weights; input's gradient is the whole one on every rank,
-    each weight's gradient is this rank's shard of the whole one. Divergences "kl", "reverse_kl", "jsd"; hard
+    each weight's gradient is this rank's shard of the whole one. Every divergence of linear_distillation_loss; hard
     labels (each held by the rank whose shard has it); reductions "batchmean", "sum", "none". A top-k teacher
     (target_indices) is not supported here.
 
     Per chunk of rows: this rank's GEMM; the row statistics combined with all-reduces of O(chunk) values (2 for
-    the KL, 3 for the JSD, 2 for the hard loss); the fused kernels' vocab-parallel modes; the gradient GEMMs, the
+    the KL, 3 for the other divergences, 2 for the hard loss); the fused kernels' vocab-parallel modes; the gradient GEMMs, the
     input gradient summed with one all-reduce of chunk x H. Before the chunks, one all-gather of the shard widths
     (and, with chunk_size=None, a host sync to agree on the chunk size from the whole V: pass chunk_size to avoid
     it). check_ranks as in vocab_parallel_kl_div_with_logits.
@@ -336,13 +357,14 @@ def vocab_parallel_linear_distillation_loss(
         raise ValueError("kl_ext: a top-k teacher (target_indices) over vocabulary shards is not supported; give the "
                          "teacher as hidden states + its head's shard, or as this rank's shard of dense rows")
     kw = dict(linear_bias=linear_bias, target_linear_weight=target_linear_weight,
-              target_linear_bias=target_linear_bias, target_type=target_type, divergence=divergence, beta=beta,
-              tail=tail, temperature=temperature, logit_scale=logit_scale, softcap=softcap, labels=labels,
+              target_linear_bias=target_linear_bias, target_type=target_type, divergence=divergence, alpha=alpha,
+              beta=beta, tail=tail, temperature=temperature, logit_scale=logit_scale, softcap=softcap, labels=labels,
               ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight, mask=mask,
               reduction=reduction, chunk_size=chunk_size)
     form = "hidden" if target_linear_weight is not None else "dense"
+    div = bind(divergence, alpha=alpha, beta=beta)
     check_linear_distillation(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias,
-                              None, form, target_type, divergence, beta, tail, temperature, logit_scale, softcap,
+                              None, form, target_type, div, tail, temperature, logit_scale, softcap,
                               labels, hard_weight, soft_weight, mask, reduction, chunk_size)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("kl_ext: the vocab-parallel losses need torch.distributed initialized "
@@ -355,8 +377,8 @@ def vocab_parallel_linear_distillation_loss(
                            "'triton'); the C++ extension is not built here (see README 'Install')")
     if check_ranks:
         signature = (tuple(input.shape), str(input.dtype), str(target.dtype), form,
-                     tuple(target.shape[:-1]) if form == "dense" else tuple(target.shape), target_type, divergence,
-                     float(beta), float(temperature), float(logit_scale), softcap, labels is not None,
+                     tuple(target.shape[:-1]) if form == "dense" else tuple(target.shape), target_type, div.kernel,
+                     div.param, float(temperature), float(logit_scale), softcap, labels is not None,
                      float(hard_weight), float(soft_weight), mask is not None, reduction, chunk_size,
                      linear_bias is not None, target_linear_bias is not None)
         _check_ranks(group, signature, input.device)
@@ -369,7 +391,7 @@ def vocab_parallel_linear_distillation_loss(
     if chunk_size is None:  # every rank must run the same chunks (their collectives pair up): from the whole V
         kw["chunk_size"] = default_chunk_size(rows, input.shape[-1], int(widths.sum()), cuda=input.is_cuda)
     return _fused(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, None, form,
-                  target_type, divergence, beta, tail, temperature, logit_scale, softcap, labels, ignore_index,
+                  target_type, div, tail, temperature, logit_scale, softcap, labels, ignore_index,
                   hard_weight, soft_weight, mask, reduction, kw["chunk_size"], be, group=group, label_offset=offset)
 
 
@@ -377,14 +399,15 @@ class VocabParallelLinearDistillationLoss(torch.nn.Module):
     """Module form of vocab_parallel_linear_distillation_loss: settings (and the group) in __init__, tensors in
     forward, as kl_ext.LinearDistillationLoss."""
 
-    def __init__(self, *, group=None, target_type: str = "logits", divergence: str = "kl", beta: float = 0.5,
-                 temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
+    def __init__(self, *, group=None, target_type: str = "logits", divergence: str = "kl",
+                 alpha: Optional[float] = None, beta: Optional[float] = None, temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
                  ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
                  reduction: str = "batchmean", chunk_size: Optional[int] = None, backend: str = "auto",
                  check_ranks: bool = True):
         super().__init__()
         self.group = group
-        self.settings = dict(target_type=target_type, divergence=divergence, beta=beta, temperature=temperature,
+        self.settings = dict(target_type=target_type, divergence=divergence, alpha=alpha, beta=beta,
+                             temperature=temperature,
                              logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
                              hard_weight=hard_weight, soft_weight=soft_weight, reduction=reduction,
                              chunk_size=chunk_size, backend=backend, check_ranks=check_ranks)

@@ -1,5 +1,6 @@
-"""Functional API and the autograd Functions of the KL, Bernoulli KL and BCE ops (kl_ext/_fused.py holds
-the shared fused forward / backward; newer ops have their own module, e.g. kl_ext/jsd_with_logits.py)."""
+"""Functional API of the KL (one more divergence: kl_ext/_divergence.py) and the autograd Functions of the
+Bernoulli KL and BCE ops (kl_ext/_fused.py holds the shared fused forward / backward; newer ops have their own
+module, e.g. kl_ext/jsd_with_logits.py)."""
 from __future__ import annotations
 
 import math
@@ -12,28 +13,14 @@ from torch.nn._reduction import legacy_get_string
 from kl_ext import reference
 from kl_ext._backends import _compile_constant, resolve
 from kl_ext._docs import with_args
-from kl_ext._fused import (_factor, _fused_backward, _fused_forward, _rows, _softmax_rows_forward, _target, apply,
-                           kernel_backward)
-from kl_ext._validation import (check_bce, check_bernoulli, check_kl, label_mask, needs_grad,
-                                validate_bernoulli_values, validate_kl_values)
+from kl_ext._divergence import KLDivWithLogitsFunction, divergence_with_logits
+from kl_ext._fused import _factor, _fused_backward, _fused_forward, _rows, _target, apply, kernel_backward
+from kl_ext._registry import bind
+from kl_ext._validation import (DIRECTIONS, _option, check_bce, check_bernoulli, needs_grad,
+                                validate_bernoulli_values)
 
 __all__ = ["kl_div_with_logits", "bernoulli_kl_div_with_logits", "binary_cross_entropy_with_logits",
            "KLDivWithLogitsFunction", "BernoulliKLDivWithLogitsFunction", "BCEWithLogitsFunction"]
-
-
-class KLDivWithLogitsFunction(torch.autograd.Function):
-    """Softmax KL from logits over the last dim; see kl_div_with_logits."""
-
-    @staticmethod
-    def forward(ctx, input, target, mask, target_type, temperature, direction, reduction, backend,
-                grad_input, grad_target):
-        return _softmax_rows_forward(ctx, "kl_div_with_logits_fwd", backend, input, target, mask, target_type,
-                                     (temperature, direction), reduction, grad_input, grad_target)
-
-    @staticmethod
-    @kernel_backward
-    def backward(ctx, grad_out):
-        return _fused_backward(ctx, grad_out)
 
 
 def _bernoulli_forward(ctx, input, target, weight, pos_weight, target_type, temperature, reduction, backend,
@@ -118,16 +105,10 @@ def kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type
     >>> kl_ext.kl_div_with_logits(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), reduction="none").shape
     torch.Size([2, 3])
     """
-    check_kl(input, target, mask, target_type, temperature, direction, reduction)
-    mask = label_mask(mask, labels, ignore_index, input)
-    be = resolve(backend, input.device)
-    if validate:
-        validate_kl_values(input, target, target_type)
-    if be == "torch":
-        return reference.kl_div_with_logits(input, target, target_type=target_type, temperature=temperature,
-                                            direction=direction, reduction=reduction, mask=mask)
-    return apply(KLDivWithLogitsFunction, input, target, mask, target_type, float(temperature), direction, reduction,
-                 backend=be, grad_input=needs_grad(input), grad_target=needs_grad(target))
+    _option("direction", direction, DIRECTIONS)
+    return divergence_with_logits(input, target, bind("kl" if direction == "forward" else "reverse_kl"),
+                                  target_type=target_type, temperature=temperature, reduction=reduction, mask=mask,
+                                  labels=labels, ignore_index=ignore_index, backend=backend, validate=validate)
 
 
 @with_args("backend", "validate")

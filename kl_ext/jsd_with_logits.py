@@ -9,16 +9,14 @@ convention of TRL and Liger). log m is a logaddexp, so entries where both distri
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
-from kl_ext import reference
 from kl_ext._divergence import divergence_with_logits
 from kl_ext._docs import with_args
-from kl_ext._validation import check_beta
+from kl_ext._registry import bind
 
 __all__ = ["jsd_with_logits", "JSDWithLogitsLoss"]
 
@@ -45,11 +43,9 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
     >>> bool(kl_ext.jsd_with_logits(student, teacher, beta=0.0) == kl_ext.kl_div_with_logits(student, teacher))
     True
     """
-    check_beta(beta)
-    return divergence_with_logits(input, target, "jsd", beta, target_type=target_type, temperature=temperature,
-                                  reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index,
-                                  backend=backend, validate=validate,
-                                  reference=functools.partial(reference.jsd_with_logits, beta=beta))
+    return divergence_with_logits(input, target, bind("jsd", beta=beta), target_type=target_type,
+                                  temperature=temperature, reduction=reduction, mask=mask, labels=labels,
+                                  ignore_index=ignore_index, backend=backend, validate=validate)
 
 
 class JSDWithLogitsLoss(nn.Module):

@@ -25,8 +25,9 @@ from torch import nn
 
 from kl_ext import reference
 from kl_ext._backends import op, resolve
-from kl_ext._fused import divergence_op, kernel_backward
-from kl_ext._validation import acc_dtype, check_linear_distillation, divergence_beta
+from kl_ext._fused import kernel_backward
+from kl_ext._registry import Bound, bind
+from kl_ext._validation import acc_dtype, check_linear_distillation
 
 __all__ = ["linear_distillation_loss", "LinearDistillationFunction", "LinearDistillationLoss", "default_chunk_size"]
 
@@ -68,7 +69,7 @@ class _Spec:
     backend: str
     form: str  # "hidden" (teacher hidden states + weight), "dense" (teacher rows over V), "sparse" (top-k)
     target_type: str
-    beta: float  # the generalized JSD's: 0 for "kl", 1 for "reverse_kl"
+    divergence: Bound
     tail: str
     temperature: float
     logit_scale: float
@@ -96,11 +97,11 @@ def _soft_op(spec, z, teacher, idx, live, grad, gs):
     if spec.form == "sparse":
         return op(be, "sparse_kl_div_with_logits_fwd")(z, idx, teacher, live, spec.target_type, spec.tail,
                                                         spec.temperature, grad, False, gs)[:2]
-    name, options = divergence_op("jsd", spec.beta, spec.temperature)
+    name, options = spec.divergence.op(spec.temperature)
     tt = "logits" if spec.form == "hidden" else spec.target_type
     if spec.group is not None:  # the whole rows' loss from this rank's shard (O(chunk) all-reduces)
         from kl_ext.distributed import shard_rows_loss
-        return shard_rows_loss(op(be, name), z, teacher, live, tt, options, spec.beta, spec.group, grad, gs)
+        return shard_rows_loss(op(be, name), z, teacher, live, tt, options, spec.divergence, spec.group, grad, gs)
     return op(be, name)(z, teacher, live, tt, *options, grad, False, gs)[:2]
 
 
@@ -222,7 +223,8 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
                              target_linear_weight: Optional[torch.Tensor] = None,
                              target_linear_bias: Optional[torch.Tensor] = None,
                              target_indices: Optional[torch.Tensor] = None, target_type: str = "logits",
-                             divergence: str = "kl", beta: float = 0.5, tail: str = "bucket",
+                             divergence: str = "kl", alpha: Optional[float] = None,
+                             beta: Optional[float] = None, tail: str = "bucket",
                              temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
                              labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
                              hard_weight: float = 0.0, soft_weight: float = 1.0, mask: Optional[torch.Tensor] = None,
@@ -234,8 +236,10 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
     when softcap=c. Teacher, one of: hidden states `target` (..., H_t) with `target_linear_weight` (V, H_t)
     (+ bias; same logit_scale and softcap); dense `target` (..., V) of target_type "logits" / "log_probs" /
     "probs"; or sparse: `target_indices` (..., k) with their values in `target` (see sparse_kl_div_with_logits).
-    Soft loss at temperature T: divergence "kl" = KL(teacher || student), "reverse_kl", or "jsd" (beta), as
-    kl_div_with_logits / jsd_with_logits / sparse_kl_div_with_logits define them (sparse: "kl" only). Hard loss
+    Soft loss at temperature T: any divergence of the row losses by name, with its parameter: "kl" =
+    KL(teacher || student), "reverse_kl", "jsd" (beta, default 0.5), "tvd", "skew_kl" and "skew_reverse_kl" (alpha,
+    default 0.1), as kl_div_with_logits / jsd_with_logits / tvd_with_logits / skew_kl_div_with_logits define them;
+    a sparse teacher: "kl" (or a parameter where the divergence is the KL, e.g. jsd at beta 0) only. Hard loss
     (labels (...) int64): cross-entropy of z at T = 1; rows whose label is ignore_index, or whose mask is False,
     count for nothing. Row loss = soft_weight * soft + hard_weight * hard; reduction "batchmean" (sum / rows
     counted), "sum" or "none". Gradients w.r.t. input, linear_weight and linear_bias; the teacher is constant.
@@ -255,26 +259,28 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
     torch.Size([4, 8])
     """
     form = "hidden" if target_linear_weight is not None else "sparse" if target_indices is not None else "dense"
+    div = bind(divergence, alpha=alpha, beta=beta)
     check_linear_distillation(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias,
-                              target_indices, form, target_type, divergence, beta, tail, temperature, logit_scale,
+                              target_indices, form, target_type, div, tail, temperature, logit_scale,
                               softcap, labels, hard_weight, soft_weight, mask, reduction, chunk_size)
     be = resolve(backend, input.device)
     if be == "torch":
         return reference.linear_distillation_loss(
             input, linear_weight, target, linear_bias=linear_bias, target_linear_weight=target_linear_weight,
             target_linear_bias=target_linear_bias, target_indices=target_indices, target_type=target_type,
-            divergence=divergence, beta=beta, tail=tail, temperature=temperature, logit_scale=logit_scale,
-            softcap=softcap, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
-            soft_weight=soft_weight, mask=mask, reduction=reduction)
+            divergence=divergence, alpha=alpha, beta=beta, tail=tail, temperature=temperature,
+            logit_scale=logit_scale, softcap=softcap, labels=labels, ignore_index=ignore_index,
+            hard_weight=hard_weight, soft_weight=soft_weight, mask=mask, reduction=reduction)
     return _fused(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, target_indices,
-                  form, target_type, divergence, beta, tail, temperature, logit_scale, softcap, labels, ignore_index,
+                  form, target_type, div, tail, temperature, logit_scale, softcap, labels, ignore_index,
                   hard_weight, soft_weight, mask, reduction, chunk_size, be)
 
 
 def _fused(input, linear_weight, target, linear_bias, target_linear_weight, target_linear_bias, target_indices, form,
-           target_type, divergence, beta, tail, temperature, logit_scale, softcap, labels, ignore_index, hard_weight,
+           target_type, divergence, tail, temperature, logit_scale, softcap, labels, ignore_index, hard_weight,
            soft_weight, mask, reduction, chunk_size, be, group=None, label_offset=None):
-    """The kernel backends' loss, on validated arguments. group: vocab-parallel (kl_ext.distributed), the weights
+    """The kernel backends' loss, on validated arguments (divergence: a _registry.Bound). group: vocab-parallel
+    (kl_ext.distributed), the weights
     and a dense teacher this rank's shard, its classes starting at label_offset (a device scalar)."""
     lead = input.shape[:-1]
     rows = math.prod(lead)
@@ -289,7 +295,7 @@ def _fused(input, linear_weight, target, linear_bias, target_linear_weight, targ
         lab = torch.where(keep, lab, torch.full_like(lab, -1))
         if label_offset is not None:
             lab = lab - label_offset  # this rank's classes: [0, V_r); ignored rows stay negative
-    spec = _Spec(be, form, target_type, divergence_beta(divergence, beta), tail,
+    spec = _Spec(be, form, target_type, divergence, tail,
                  float(temperature), float(logit_scale), None if softcap is None else float(softcap),
                  float(hard_weight), float(soft_weight), labels is not None, reduction, int(chunk), group)
     x = input.reshape(rows, input.shape[-1])
@@ -316,13 +322,13 @@ class LinearDistillationLoss(nn.Module):
     0.0
     """
 
-    def __init__(self, *, target_type: str = "logits", divergence: str = "kl", beta: float = 0.5,
-                 tail: str = "bucket", temperature: float = 1.0, logit_scale: float = 1.0,
+    def __init__(self, *, target_type: str = "logits", divergence: str = "kl", alpha: Optional[float] = None,
+                 beta: Optional[float] = None, tail: str = "bucket", temperature: float = 1.0, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, ignore_index: int = -100, hard_weight: float = 0.0,
                  soft_weight: float = 1.0, reduction: str = "batchmean", chunk_size: Optional[int] = None,
                  backend: str = "auto"):
         super().__init__()
-        self.settings = dict(target_type=target_type, divergence=divergence, beta=beta, tail=tail,
+        self.settings = dict(target_type=target_type, divergence=divergence, alpha=alpha, beta=beta, tail=tail,
                              temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                              ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
                              reduction=reduction, chunk_size=chunk_size, backend=backend)

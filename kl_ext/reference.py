@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kl_ext._validation import acc_dtype, divergence_beta
+from kl_ext._validation import acc_dtype
 
 __all__ = ["kl_div_with_logits", "jsd_with_logits", "tvd_with_logits", "skew_kl_div_with_logits",
            "sparse_kl_div_with_logits", "linear_distillation_loss",
@@ -133,17 +133,22 @@ def jsd_with_logits(input: torch.Tensor, target: torch.Tensor, *, beta: float = 
                                   direction="forward" if beta == 0 else "reverse", reduction=reduction, mask=mask)
     ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
     q = ls.exp()
-    lm = _log_mixture(ls, lt, q, p, beta)
+    lm = _log_mixture(ls, lt, q, p, beta, target_type)
     kl_pm = _p_log_ratio(p, lm) if target_type == "probs" else _weighted_log_ratio(p, lt, lm)
     row = (beta * kl_pm + (1 - beta) * _weighted_log_ratio(q, ls, lm)).sum(-1)
     return _finish_rows(row, reduction, mask, input.shape[-1])
 
 
-def _log_mixture(ls, lt, q, p, w):
+def _log_mixture(ls, lt, q, p, w, target_type):
     """log(w p + (1 - w) q) = logaddexp(log w + lt, log(1 - w) + ls), taken only where p or q > 0: where both
-    are 0 the entry contributes 0 and no gradient (logaddexp(-inf, -inf) would give NaN gradients)."""
+    are 0 the entry contributes 0 and no gradient (logaddexp(-inf, -inf) would give NaN gradients). A teacher given
+    as probabilities is mixed as they are: the gradient w.r.t. p is then w / m where p = 0 too (the one-sided
+    derivative; through log p it would be 0 * inf)."""
     live = (p > 0) | (q > 0)
     zero = torch.zeros_like(ls)
+    if target_type == "probs":
+        m = w * p + (1 - w) * q
+        return torch.log(torch.where(live, m, torch.ones_like(m)))
     return torch.logaddexp(torch.where(live, lt, zero) + math.log(w), torch.where(live, ls, zero) + math.log1p(-w))
 
 
@@ -167,10 +172,10 @@ def skew_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, alpha:
     ls, lt, p = _log_probs(input, target, target_type, temperature, mask)
     q = ls.exp()
     if direction == "forward":
-        lm = _log_mixture(ls, lt, q, p, alpha)
+        lm = _log_mixture(ls, lt, q, p, alpha, target_type)
         row = _p_log_ratio(p, lm) if target_type == "probs" else _weighted_log_ratio(p, lt, lm)
     else:
-        row = _weighted_log_ratio(q, ls, _log_mixture(ls, lt, q, p, 1 - alpha))
+        row = _weighted_log_ratio(q, ls, _log_mixture(ls, lt, q, p, 1 - alpha, target_type))
     return _finish_rows(row.sum(-1), reduction, mask, input.shape[-1])
 
 
@@ -241,7 +246,8 @@ def sparse_kl_div_with_logits(input: torch.Tensor, target_indices: torch.Tensor,
 def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                              linear_bias=None, target_linear_weight=None, target_linear_bias=None,
                              target_indices=None, target_type: str = "logits", divergence: str = "kl",
-                             beta: float = 0.5, tail: str = "bucket", temperature: float = 1.0,
+                             alpha: Optional[float] = None, beta: Optional[float] = None, tail: str = "bucket",
+                             temperature: float = 1.0,
                              logit_scale: float = 1.0, softcap=None, labels=None, ignore_index: int = -100,
                              hard_weight: float = 0.0, soft_weight: float = 1.0, mask=None,
                              reduction: str = "batchmean") -> torch.Tensor:
@@ -266,8 +272,9 @@ def linear_distillation_loss(input: torch.Tensor, linear_weight: torch.Tensor, t
         else:
             hidden = target_linear_weight is not None
             t = logits(target, target_linear_weight, target_linear_bias) if hidden else target.to(acc)
-            soft = jsd_with_logits(z, t, beta=divergence_beta(divergence, beta),
-                                   target_type="logits" if hidden else target_type, **kw)
+            from kl_ext._registry import bind  # (the registry names this module's functions)
+            soft = bind(divergence, alpha=alpha, beta=beta).reference()(
+                z, t, target_type="logits" if hidden else target_type, **kw)
         row = row + soft_weight * soft
     if labels is not None and hard_weight != 0:
         hard = -torch.log_softmax(z, -1).gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)

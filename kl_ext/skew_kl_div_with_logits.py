@@ -2,24 +2,17 @@
 kl_ext/_divergence.py; its per-element math: csrc/divergences.h, triton_kernels/divergences.py)."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
-from kl_ext import reference
 from kl_ext._divergence import divergence_with_logits
 from kl_ext._docs import with_args
+from kl_ext._registry import bind
 from kl_ext._validation import DIRECTIONS, _option
 
 __all__ = ["skew_kl_div_with_logits", "SkewKLDivWithLogitsLoss"]
-
-
-def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
-        raise ValueError(f"kl_ext: alpha must be a number in [0, 1) (the teacher's share of the mixture for "
-                         f"direction='forward', the student's for 'reverse'; 0 is kl_div_with_logits), got {alpha!r}")
 
 
 @with_args()
@@ -50,13 +43,11 @@ def skew_kl_div_with_logits(input: torch.Tensor, target: torch.Tensor, *, alpha:
     ...                     kl_ext.kl_div_with_logits(student, teacher)))   # alpha = 0: the KL
     True
     """
-    _check_alpha(alpha)
     _option("direction", direction, DIRECTIONS)
-    return divergence_with_logits(input, target, "skew_" + direction, alpha, target_type=target_type,
+    name = "skew_kl" if direction == "forward" else "skew_reverse_kl"
+    return divergence_with_logits(input, target, bind(name, alpha=alpha), target_type=target_type,
                                   temperature=temperature, reduction=reduction, mask=mask, labels=labels,
-                                  ignore_index=ignore_index, backend=backend, validate=validate,
-                                  reference=functools.partial(reference.skew_kl_div_with_logits, alpha=alpha,
-                                                              direction=direction))
+                                  ignore_index=ignore_index, backend=backend, validate=validate)
 
 
 class SkewKLDivWithLogitsLoss(nn.Module):

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kl_ext import reference
 from kl_ext._divergence import divergence_with_logits
 from kl_ext._docs import with_args
+from kl_ext._registry import bind
 
 __all__ = ["tvd_with_logits", "TVDWithLogitsLoss"]
 
@@ -33,9 +33,9 @@ def tvd_with_logits(input: torch.Tensor, target: torch.Tensor, *, target_type: s
     >>> round(float(kl_ext.tvd_with_logits(student, teacher)), 6)   # 1/2 (|0.5 - 0.25| + |0.5 - 0.75|)
     0.25
     """
-    return divergence_with_logits(input, target, "tvd", 0.0, target_type=target_type, temperature=temperature,
+    return divergence_with_logits(input, target, bind("tvd"), target_type=target_type, temperature=temperature,
                                   reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index,
-                                  backend=backend, validate=validate, reference=reference.tvd_with_logits)
+                                  backend=backend, validate=validate)
 
 
 class TVDWithLogitsLoss(nn.Module):

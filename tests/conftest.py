@@ -12,10 +12,22 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import kl_ext  # noqa: E402
+import kl_ext._registry  # noqa: E402
 from benchmarks.common import peak_tensor_bytes  # noqa: E402,F401  (re-exported for the tests)
 from kl_ext._backends import _register, _usable  # noqa: E402
 
 CPU = torch.device("cpu")
+
+# Every divergence of the registry (kl_ext/_registry.py), by name: the suites that take a divergence iterate it, so
+# a new one is tested everywhere by being registered. Its parameters at a value inside their range (not where the
+# divergence is the KL): divergence_params(name).
+DIVERGENCES = tuple(kl_ext._registry.REGISTRY)
+SPARSE_DIVERGENCES = tuple(n for n, d in kl_ext._registry.REGISTRY.items() if d.sparse)
+_PARAMS = {"alpha": 0.2, "beta": 0.3}
+
+
+def divergence_params(name):
+    return {p: _PARAMS[p] for p in kl_ext._registry.REGISTRY[name].params}
 
 
 def cpu_backends():
@@ -218,6 +230,14 @@ def _skip_reason(report) -> str:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     reason = reason.removeprefix("Skipped: ")
     return reason if len(reason) <= 90 else reason[:87] + "..."
+
+
+def pytest_collection_modifyitems(items):
+    """Every test of the emulated CUDA kernels is marked `emulated` (-m "not emulated" leaves them out: CI's run on
+    the lowest torch, where the kernels are the same C++ and only the Python side differs)."""
+    for item in items:
+        if "emu" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.emulated)
 
 
 def pytest_terminal_summary(terminalreporter):

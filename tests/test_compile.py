@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import kl_ext
-from conftest import backend_params
+from kl_ext._registry import bind
+from conftest import DIVERGENCES, backend_params, divergence_params
 
 REDUCTIONS = ["batchmean", "mean", "sum", "none"]
 
@@ -24,13 +25,19 @@ def _inputs(seed=0):
 
 
 def _losses(backend):
-    """name -> (step(x, t, other...) -> loss, the reductions it takes)."""
+    """name -> step(x, t, mask, reduction) -> loss: every registered divergence (the teacher's forms and
+    temperatures in turn), then the other losses."""
     kw = dict(backend=backend)
+    out = {}
+    for i, name in enumerate(DIVERGENCES):
+        fn = bind(name, **divergence_params(name)).functional()
+        tt, temperature = ("logits", "probs", "log_probs")[i % 3], (2.0, 1.0, 1.5)[i % 3]
+        teacher = {"logits": lambda t: t, "probs": lambda t: t.softmax(-1),
+                   "log_probs": lambda t: t.log_softmax(-1)}[tt]
+        out[name] = lambda x, t, m, r, fn=fn, tt=tt, T=temperature, teacher=teacher: fn(
+            x, teacher(t), target_type=tt, temperature=T, mask=m, reduction=r, **kw)
     return {
-        "kl_forward": lambda x, t, m, r: kl_ext.kl_div_with_logits(x, t, temperature=2.0, mask=m, reduction=r, **kw),
-        "kl_reverse_probs": lambda x, t, m, r: kl_ext.kl_div_with_logits(
-            x, t.softmax(-1), target_type="probs", direction="reverse", mask=m, reduction=r, **kw),
-        "jsd": lambda x, t, m, r: kl_ext.jsd_with_logits(x, t, beta=0.3, temperature=1.5, mask=m, reduction=r, **kw),
+        **out,
         "bernoulli": lambda x, t, m, r: kl_ext.bernoulli_kl_div_with_logits(x, t.sigmoid(), reduction=r, **kw),
         "bce": lambda x, t, m, r: kl_ext.binary_cross_entropy_with_logits(
             x, t.sigmoid(), pos_weight=torch.full((33,), 1.5, dtype=x.dtype), reduction=r, **kw),
@@ -54,8 +61,7 @@ def _compare(step, grad_inputs, other, compiler, tol=dict(rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("loss,reduction", [(loss, r) for loss in ("kl_forward", "kl_reverse_probs", "jsd", "bernoulli",
-                                                                  "bce") for r in REDUCTIONS
+@pytest.mark.parametrize("loss,reduction", [(loss, r) for loss in (*DIVERGENCES, "bernoulli", "bce") for r in REDUCTIONS
                                             if not (loss == "bce" and r == "batchmean")])  # torch's BCE has none
 def test_compiled_matches_eager(loss, reduction, backend, require_backend):
     require_backend(backend)
@@ -89,10 +95,15 @@ def _lm_inputs():
     return x, w, b, th, tw, labels, mask, dense, idx, lp
 
 
+# 'mean' raises for this loss. The dense teacher with every registered divergence, the reductions in turn.
+LM_CASES = [("hidden", "kl", r) for r in ("batchmean", "sum", "none")] + \
+    [("sparse", "kl", r) for r in ("batchmean", "sum", "none")] + \
+    [("dense", d, ("batchmean", "sum", "none")[i % 3]) for i, d in enumerate(DIVERGENCES)]
+
+
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])  # 'mean' raises for this loss
-@pytest.mark.parametrize("form", ["hidden", "dense", "sparse"])
-def test_compiled_matches_eager_linear_distillation(form, reduction, backend, require_backend):
+@pytest.mark.parametrize("form,divergence,reduction", LM_CASES)
+def test_compiled_matches_eager_linear_distillation(form, divergence, reduction, backend, require_backend):
     require_backend(backend)
     x, w, b, th, tw, labels, mask, dense, idx, lp = _lm_inputs()
     common = dict(labels=labels, hard_weight=0.5, mask=mask, reduction=reduction, chunk_size=4, backend=backend)
@@ -104,8 +115,8 @@ def test_compiled_matches_eager_linear_distillation(form, reduction, backend, re
         other = (th, tw)
     elif form == "dense":
         def step(a, ww, bb, t):
-            return kl_ext.linear_distillation_loss(a, ww, t, linear_bias=bb, divergence="jsd", beta=0.4,
-                                                   logit_scale=0.7, **common)
+            return kl_ext.linear_distillation_loss(a, ww, t, linear_bias=bb, divergence=divergence,
+                                                   **divergence_params(divergence), logit_scale=0.7, **common)
         other = (dense,)
     else:
         def step(a, ww, bb, v, i):
@@ -125,7 +136,7 @@ def test_inductor_matches_eager(backend, require_backend):
     def step(a, b, v, m, i):
         total = kl_ext.sparse_kl_div_with_logits(a[:, 1:], i[:, :-1], v[:, :-1], mask=m[:, 1:], backend=backend)
         for name, fn in losses.items():
-            total = total + fn(a[:, 1:], b[:, :-1], m[:, 1:], "mean" if name in ("bce", "jsd") else "batchmean")
+            total = total + fn(a[:, 1:], b[:, :-1], m[:, 1:], "mean" if name in ("bce", "tvd") else "batchmean")
         return total
     _compare(step, (x, t, vals), (mask, idx), "inductor")
     x, w, b, th, tw, labels, mask, _, _, _ = _lm_inputs()

@@ -5,29 +5,30 @@ import pytest
 import torch
 
 import kl_ext
-from conftest import backend_params
+from kl_ext._registry import bind
+from conftest import DIVERGENCES, backend_params, divergence_params
 
 B, V, K = 4, 11, 3
 
 
 def _losses():
-    """name -> (loss(x, t, reduction, backend) with t the op's differentiable target, make target)."""
+    """name -> (its autograd.Function's name, loss(x, t, reduction, backend) with t the op's differentiable target,
+    make target). Every registered divergence (one Function for all of them), then the other ops."""
     idx = torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(r))[:K] for r in range(B)])
+    losses = {name: ("DivergenceWithLogitsFunction", lambda x, t, r, be, fn=bind(name, **divergence_params(name))
+                     .functional(): fn(x, t, reduction=r, backend=be), lambda: torch.randn(B, V))
+              for name in DIVERGENCES}
     return {
-        "KLDivWithLogitsFunction": (
-            lambda x, t, r, be: kl_ext.kl_div_with_logits(x, t, reduction=r, backend=be), lambda: torch.randn(B, V)),
-        "DivergenceWithLogitsFunction": (
-            lambda x, t, r, be: kl_ext.jsd_with_logits(x, t, beta=0.3, reduction=r, backend=be),
-            lambda: torch.randn(B, V)),
-        "SparseKLDivWithLogitsFunction": (
+        **losses,
+        "sparse_kl": ("SparseKLDivWithLogitsFunction",
             lambda x, t, r, be: kl_ext.sparse_kl_div_with_logits(x, idx, t, target_type="logits", reduction=r,
                                                                  backend=be),
             lambda: torch.randn(B, K)),
-        "BernoulliKLDivWithLogitsFunction": (
+        "bernoulli_kl": ("BernoulliKLDivWithLogitsFunction",
             lambda x, t, r, be: kl_ext.bernoulli_kl_div_with_logits(x, t, target_type="logits", reduction=r,
                                                                     backend=be),
             lambda: torch.randn(B, V)),
-        "BCEWithLogitsFunction": (
+        "bce": ("BCEWithLogitsFunction",
             lambda x, t, r, be: kl_ext.binary_cross_entropy_with_logits(x, t, reduction="mean" if r == "batchmean"
                                                                         else r, backend=be),
             lambda: torch.rand(B, V)),
@@ -39,7 +40,7 @@ LOSSES = list(_losses())
 
 def _case(name, seed=0):
     torch.manual_seed(seed)
-    loss_of, make_t = _losses()[name]
+    _, loss_of, make_t = _losses()[name]
     return loss_of, torch.randn(B, V, requires_grad=True), make_t().requires_grad_()
 
 
@@ -49,7 +50,7 @@ def test_eager_backward_is_the_cpp_node(require_backend, backend, name):
     require_backend(backend)
     loss_of, x, t = _case(name)
     loss = loss_of(x, t, "batchmean", backend)
-    assert loss.grad_fn.name() == name + "Backward"
+    assert loss.grad_fn.name() == _losses()[name][0] + "Backward"
     assert not isinstance(loss.grad_fn, torch.autograd.function.BackwardCFunction)  # not the Python Function
 
 

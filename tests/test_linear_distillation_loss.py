@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import kl_ext
-from conftest import assert_close_rel, backend_params, peak_tensor_bytes
+from conftest import (DIVERGENCES, SPARSE_DIVERGENCES, assert_close_rel, backend_params, divergence_params,
+                      peak_tensor_bytes)
 
 N, H, HT, V = 10, 6, 5, 23
 
@@ -66,7 +67,7 @@ OPTIONS = [dict(), dict(softcap=3.0, logit_scale=0.7), dict(temperature=1.7, lab
 def test_matches_reference(backend, form, dtype, require_backend):
     require_backend(backend)
     x, w, b, forms, labels, mask = make(dtype)
-    divergences = ["kl"] if form == "sparse" else ["kl", "reverse_kl", "jsd"]
+    divergences = SPARSE_DIVERGENCES if form == "sparse" else DIVERGENCES
     # fp32 GEMMs against float64 ones: ~1e-6; bf16 GEMMs and logits: a few 1e-3, gradients of bf16 weights ~1e-2.
     tol = {torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
     if backend == "triton" and dtype == torch.bfloat16:
@@ -74,7 +75,7 @@ def test_matches_reference(backend, form, dtype, require_backend):
     # Every divergence x options; chunk sizes 1 / 7 / all rows, reductions and bias in turn.
     for i, (div, opts) in enumerate(itertools.product(divergences, OPTIONS)):
         chunk, reduction = (1, 7, None)[i % 3], ("batchmean", "sum", "none")[(i + i // 3) % 3]
-        kw = dict(forms[form], divergence=div, beta=0.3, chunk_size=chunk, reduction=reduction)
+        kw = dict(forms[form], divergence=div, **divergence_params(div), chunk_size=chunk, reduction=reduction)
         kw.update({k: (labels if k == "labels" else mask if k == "mask" else v) for k, v in opts.items()})
         bias = b if i % 2 else None
         got = run(x, w, bias, backend, **kw)
@@ -90,9 +91,11 @@ def test_matches_reference(backend, form, dtype, require_backend):
 def test_gradcheck_cpu(form, require_backend):
     require_backend("cpu")
     x, w, b, forms, labels, mask = make()
-    for div, reduction in (("kl", "batchmean"), ("jsd" if form != "sparse" else "kl", "none")):
-        kw = dict(forms[form], divergence=div, beta=0.4, softcap=2.5, logit_scale=0.8, temperature=1.3,
-                  labels=labels, hard_weight=0.5, mask=mask, reduction=reduction, chunk_size=3, backend="cpu")
+    divergences = SPARSE_DIVERGENCES if form == "sparse" else DIVERGENCES
+    for i, div in enumerate(divergences):
+        reduction = ("batchmean", "none")[i % 2]
+        kw = dict(forms[form], divergence=div, **divergence_params(div), softcap=2.5, logit_scale=0.8,
+                  temperature=1.3, labels=labels, hard_weight=0.5, mask=mask, reduction=reduction, chunk_size=3, backend="cpu")
         target = kw.pop("target")
 
         def fn(a, m, c):
@@ -138,6 +141,12 @@ def test_bad_input():
         f(x, w, forms["dense"]["target"].clone().requires_grad_())
     with pytest.raises(ValueError, match="divergence='kl' only"):
         f(x, w, forms["sparse"]["target"], target_indices=forms["sparse"]["target_indices"], divergence="jsd")
+    with pytest.raises(ValueError, match="divergence must be one of 'kl', 'reverse_kl', 'jsd', 'tvd'"):
+        f(x, w, forms["dense"]["target"], divergence="hellinger")
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\)"):
+        f(x, w, forms["dense"]["target"], divergence="skew_kl", alpha=1.0)
+    with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
+        f(x, w, forms["dense"]["target"], divergence="jsd", beta=True)
     with pytest.raises(ValueError, match="linear_weight must be"):
         f(x, w[:, :3], forms["dense"]["target"])
     with pytest.raises(ValueError, match="V = 23"):

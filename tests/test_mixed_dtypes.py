@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import kl_ext
 from kl_ext import reference
 from kl_ext._fused import _target
-from conftest import TOL, assert_close_rel, backend_params
+from kl_ext._registry import bind
+from conftest import DIVERGENCES, TOL, assert_close_rel, backend_params, divergence_params
 from test_row_layouts import _Ops
 
 MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
@@ -26,10 +27,9 @@ def _case(kind, xd, td, shape=(3, 5, 37)):
 
 
 def _call(mod, kind, x, t, **kw):
-    if kind == "kl":
-        return mod.kl_div_with_logits(x, t, temperature=1.5, **kw)
-    if kind == "jsd":
-        return mod.jsd_with_logits(x, t, beta=0.3, **kw)
+    if kind in DIVERGENCES:
+        div = bind(kind, **divergence_params(kind))
+        return (div.functional() if mod is kl_ext else div.reference())(x, t, temperature=1.5, **kw)
     if kind == "bernoulli":
         return mod.bernoulli_kl_div_with_logits(x, t, **kw)
     return mod.binary_cross_entropy_with_logits(x, t, **kw)
@@ -43,7 +43,7 @@ def _worst(*dtypes):
 # way, so the bfloat16 pairs there (the interpreter is slow in CI).
 @pytest.mark.parametrize("backend,xd,td", [("cpu", *p) for p in MIXED] + [("triton", *p) for p in MIXED[:2]],
                          ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("kind", ["kl", "jsd", "bernoulli", "bce"])
+@pytest.mark.parametrize("kind", [*DIVERGENCES, "bernoulli", "bce"])
 def test_mixed_pairs_read_in_place(require_backend, backend, kind, xd, td):
     require_backend(backend)
     x, t = _case(kind, xd, td)
@@ -70,10 +70,9 @@ def test_mixed_pairs_read_in_place(require_backend, backend, kind, xd, td):
                                    (torch.float32, torch.float64)], ids=str)
 def test_other_pairs_are_refused_with_the_fix(xd, td):
     x, t = _case("kl", xd, td)
-    with pytest.raises(TypeError, match="pair bfloat16 / float16 with float32"):
-        kl_ext.kl_div_with_logits(x, t)
-    with pytest.raises(TypeError, match="cast one of them"):
-        kl_ext.jsd_with_logits(x, t)
+    for kind in DIVERGENCES:
+        with pytest.raises(TypeError, match="pair bfloat16 / float16 with float32.*cast one of them"):
+            _call(kl_ext, kind, x, t)
 
 
 def test_only_pairs_outside_the_kernels_are_cast():

@@ -10,7 +10,8 @@ import torch
 
 from kl_ext import reference
 from kl_ext._backends import op
-from conftest import TOL, assert_close_rel
+from kl_ext._registry import bind
+from conftest import DIVERGENCES, TOL, assert_close_rel, divergence_params
 
 GS = 0.5  # the reduction's scale the kernels fold into their gradients
 
@@ -86,22 +87,16 @@ def _gs(x):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("xd,td", PAIRS, ids=str)
 @pytest.mark.parametrize("tt", ["probs", "log_probs"])
-def test_kl_and_jsd_with_zero_teacher_entries(backend, xd, td, tt, request):
+def test_divergences_with_zero_teacher_entries(backend, xd, td, tt, request):
     run = _runner(backend, request)
     x, t = _softmax_case(tt, xd, td)
-    for direction in ("forward", "reverse"):
-        exp = _reference_rows(reference.kl_div_with_logits, x, t, target_type=tt, direction=direction,
-                              temperature=1.5)
-        got = run("kl_div_with_logits_fwd", x, t, None, tt, 1.5, direction, True, True, _gs(x))
-        _check(got, exp, xd, td, f"KL {direction}")
-    for beta in (0.0, 0.5, 1.0):
-        exp = _reference_rows(reference.jsd_with_logits, x, t, target_type=tt, beta=beta)
-        if 0 < beta < 1:
-            got = run("divergence_with_logits_fwd", x, t, None, tt, 1.0, "jsd", beta, True, True, _gs(x))
-        else:  # beta 0 and 1 are the KL op's two directions (kl_ext._fused.divergence_op)
-            got = run("kl_div_with_logits_fwd", x, t, None, tt, 1.0, "forward" if beta == 0 else "reverse", True,
-                      True, _gs(x))
-        _check(got, exp, xd, td, f"JSD beta={beta}")
+    for i, name in enumerate(DIVERGENCES):  # each registered divergence on its op (the KL op where it is the KL)
+        div = bind(name, **divergence_params(name))
+        temperature = (1.0, 1.5)[i % 2]
+        exp = _reference_rows(div.reference(), x, t, target_type=tt, temperature=temperature)
+        op_name, options = div.op(temperature)
+        got = run(op_name, x, t, None, tt, *options, True, True, _gs(x))
+        _check(got, exp, xd, td, f"{name} {dict(div.params)}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,11 +9,13 @@ import torch.distributed as dist
 
 import gloo_rank
 import kl_ext
+from kl_ext._registry import REGISTRY
 from kl_ext.distributed import VocabParallelLinearDistillationLoss, vocab_parallel_linear_distillation_loss
 
 SPLITS = {2: {"V37": [19, 18]}, 3: {"V100": [34, 34, 32], "zero_shard": [7, 0, 6]}}
 TEACHERS = ("hidden", "logits", "log_probs", "probs")
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = tuple(REGISTRY)  # every registered divergence
+_PARAMS = {"alpha": 0.2, "beta": 0.3}  # as tests/conftest.py's divergence_params
 REDUCTIONS = ("batchmean", "sum", "none")
 CHUNKS = (1, 7, None)  # None: every row in one chunk here (the default for so few rows)
 LEAD, H, H_T = (2, 5), 8, 12
@@ -67,7 +69,8 @@ def make(c, V):
 
 
 def options(c):
-    return dict(divergence=c["divergence"], beta=0.5, temperature=c["temperature"], softcap=c["softcap"],
+    return dict(divergence=c["divergence"], **{p: _PARAMS[p] for p in REGISTRY[c["divergence"]].params},
+                temperature=c["temperature"], softcap=c["softcap"],
                 logit_scale=c["logit_scale"], hard_weight=0.5 if c["labels"] else 0.0, reduction=c["reduction"],
                 chunk_size=c["chunk"], backend="cpu")
 
@@ -93,11 +96,12 @@ def run_case(c, rank, world):
     V, lo = sum(sizes), sum(sizes[:rank])
     hi = lo + sizes[rank]
     x, w, b, t, labels, mask, row_w = make(c, V)
-    # Expected: the single-device loss on the whole head, in float64.
+    # Expected: the single-device loss on the whole head, materialized (the reference), in float64.
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     br = b.clone().requires_grad_() if b is not None else None
     ref = kl_ext.linear_distillation_loss(xr, wr, t["target"], linear_bias=br, labels=labels, mask=mask,
-                                          **{k: v for k, v in t.items() if k != "target"}, **options(c))
+                                          **{k: v for k, v in t.items() if k != "target"},
+                                          **{**options(c), "backend": "torch"})
     backward_of(ref, row_w).backward()
     # This rank: its shard of the head (and of a dense teacher), in the case's dtype.
     dt = c["dtype"]

@@ -8,11 +8,17 @@ import torch.distributed as dist
 
 import gloo_rank
 from kl_ext import reference
-from kl_ext.distributed import vocab_parallel_jsd_with_logits, vocab_parallel_kl_div_with_logits
+from kl_ext._registry import REGISTRY, bind
+from kl_ext.distributed import (vocab_parallel_divergence_with_logits, vocab_parallel_jsd_with_logits,
+                                vocab_parallel_kl_div_with_logits)
 
 SPLITS = {2: {"V37": [19, 18]}, 3: {"V1000": [334, 334, 332], "zero_shard": [7, 0, 6]}}
-KINDS = {"kl": {"direction": "forward"}, "kl_reverse": {"direction": "reverse"}, "jsd": {"beta": 0.5},
-         "jsd_beta0.3": {"beta": 0.3}}
+# Every registered divergence (its parameters inside their range, as tests/conftest.py's divergence_params), and
+# the named functions of the KL and the JSD.
+_PARAMS = {"alpha": 0.2, "beta": 0.3}
+KINDS = {name: {"divergence": name, **{p: _PARAMS[p] for p in d.params}} for name, d in REGISTRY.items()}
+KINDS.update({"kl_fn": {"direction": "forward"}, "kl_reverse_fn": {"direction": "reverse"},
+              "jsd_fn": {"beta": 0.5}})
 TARGET_TYPES = ("logits", "log_probs", "probs")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 LEAD = (2, 3)
@@ -63,9 +69,12 @@ def loss_fn(c, vocab_parallel):
     kw = dict(KINDS[c["kind"]], target_type=c["target_type"], temperature=c["temperature"],
               reduction=c["reduction"])
     if vocab_parallel:
-        fn = vocab_parallel_kl_div_with_logits if "direction" in kw else vocab_parallel_jsd_with_logits
+        fn = vocab_parallel_kl_div_with_logits if "direction" in kw else vocab_parallel_jsd_with_logits \
+            if "divergence" not in kw else vocab_parallel_divergence_with_logits
         return lambda x, t, mask: fn(x, t, mask=mask, backend=c["backend"], **kw)
-    fn = reference.kl_div_with_logits if "direction" in kw else reference.jsd_with_logits
+    name = kw.pop("divergence", None) or {"forward": "kl", "reverse": "reverse_kl"}.get(kw.pop("direction", None),
+                                                                                      "jsd")
+    fn = bind(name, alpha=kw.pop("alpha", None), beta=kw.pop("beta", None)).reference()
     return lambda x, t, mask: fn(x, t, mask=mask, **kw)
 
 
@@ -183,9 +192,10 @@ def special_cases(rank, world, group1):
     @case("identical_rows_give_zero")
     def _():
         xs = x[:, lo:hi].clone()
-        for fn in (vocab_parallel_kl_div_with_logits, vocab_parallel_jsd_with_logits):
-            got = fn(xs, xs.clone(), reduction="none")
-            assert torch.equal(got, torch.zeros_like(got)), got
+        for kind, kw in KINDS.items():
+            got = loss_fn(dict(kind=kind, target_type="logits", temperature=1.0, reduction="none", backend="cpu"),
+                          True)(xs, xs.clone(), None)
+            assert torch.equal(got, torch.zeros_like(got)), (kind, got)
 
     return out
 
