@@ -46,7 +46,7 @@ test: dev-setup
 	$(PYTHON) -m pytest -q -n $(TEST_JOBS) $(TEST_ARGS) tests
 
 # memcheck and racecheck without a GPU: the CPU and the emulated CUDA kernels under ASan + UBSan and TSan, and two
-# mutants they must report (scripts/sanitize.sh: three instrumented builds, then the tests; not yet in CI).
+# mutants they must report (scripts/sanitize.sh: three instrumented builds, then the tests; a CI stage).
 sanitize: dev-setup
 	bash scripts/sanitize.sh
 

@@ -62,7 +62,7 @@ def _want_cuda():
 # (it checks the package, not its speed; CI has 20 minutes on 2 cores).
 cxx_flags = [os.environ.get("KL_EXT_CXX_OPT", "-O3")]
 # at::parallel_for is an inline `#pragma omp parallel` in ATen's headers: without -fopenmp an extension's CPU
-# kernels silently run on one thread (kl_ext's did until 2026-11-23). Linking -fopenmp names libgomp.so.1, which
+# kernels silently run on one thread. Linking -fopenmp names libgomp.so.1, which
 # resolves to the copy torch has already loaded: one OpenMP runtime, torch.set_num_threads applies.
 link_flags = []
 if platform.system() == "Linux":

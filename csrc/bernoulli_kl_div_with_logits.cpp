@@ -41,7 +41,7 @@ inline Vec<T> sigmoid_from(const Vec<T>& z, const Vec<T>& e_abs) {
 }
 
 // n (<= L) values at src as one vector of acc_t (the rest 0). 16-bit values are widened in registers: a staging
-// pass over the row made the bf16 forward slower than fp32's (2026-11-23: 1.23x compiled's time, fp32 1.02x).
+// pass over the row made the bf16 forward slower than fp32's.
 template <typename acc_t, typename src_t>
 inline Vec<acc_t> load_acc(const src_t* src, int64_t n) {
   if constexpr (std::is_same_v<src_t, acc_t>) {
@@ -58,10 +58,9 @@ inline Vec<acc_t> load_acc(const src_t* src, int64_t n) {
   }
 }
 
-// A streaming read prefetched 1 KiB ahead. On the 2-core Intel VM of 2026-11-24 the hardware prefetchers left
-// this loop waiting on its loads (BCE 65536 x 1000 fp32 forward 72 -> 27 ms with it; rows ending in a partial
-// vector ran fast without it, for no reason found: the VM has no hardware counters). Past a row's end it is a
-// hint, never a fault.
+// A streaming read prefetched 1 KiB ahead: on a 2-core Intel VM the hardware prefetchers left this loop waiting
+// on its loads (the BCE forward ran 2.7x faster with it; BENCHMARKS.md). Past a row's end it is a hint, never a
+// fault.
 template <typename T>
 inline void prefetch_ahead(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + 1024);

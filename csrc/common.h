@@ -57,7 +57,7 @@ inline void check_row_tensor(const at::Tensor& t, const char* name) {
 
 // An output the kernel fills: a large one on the CPU is freshly mapped memory each call (glibc maps big blocks,
 // torch's CPU allocator keeps none), so the kernel's first writes fault once per 4 KiB page: over a quarter of a
-// 4096 x 32000 KL training step on the 2-core VM (2026-11-24: 225 -> 161 ms with this). Asking for transparent
+// large KL training step's time on a 2-core VM. Asking for transparent
 // huge pages before the first write makes that a fault per 2 MiB, as torch does for every allocation under
 // THP_MEM_ALLOC_ENABLE=1. A hint: nothing changes where THP is off, and the memory stays torch's to free.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -97,8 +97,15 @@ inline void check_rows(const at::Tensor& input, const at::Tensor& target) {
 
 // f(x, t) with default-constructed values of the input's and the target's C++ types, for a supported pair
 // (dtype_pair_supported): each tensor is read in its own dtype, so a mixed-precision call makes no casting pass.
+// KL_EXT_TWO_PAIRS: float32 and bfloat16 rows only (their two pack widths), other dtypes an error. For the
+// sanitizer builds of the emulated kernels (tests/conftest.py, build_emulator): they compile in a third of the time.
 template <typename F>
 void dispatch_pair(at::ScalarType x, at::ScalarType t, const F& f) {
+#ifdef KL_EXT_TWO_PAIRS
+  TORCH_CHECK(x == t && (x == at::kFloat || x == at::kBFloat16),
+              "kl_ext: this build (KL_EXT_TWO_PAIRS) takes float32 and bfloat16 rows only");
+  x == at::kFloat ? f(float(), float()) : f(c10::BFloat16(), c10::BFloat16());
+#else
   if (x == t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x, "kl_ext", [&] { f(scalar_t(), scalar_t()); });
   } else if (x == at::kFloat) {
@@ -106,6 +113,7 @@ void dispatch_pair(at::ScalarType x, at::ScalarType t, const F& f) {
   } else {
     x == at::kBFloat16 ? f(c10::BFloat16(), float()) : f(c10::Half(), float());
   }
+#endif
 }
 
 // Losses, weights and gradient scales are in the accumulation dtype: float64 for float64 inputs (so the

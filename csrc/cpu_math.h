@@ -1,6 +1,6 @@
 // Vector math for the CPU kernels that inlines where ATen's would call Sleef: a call per vector costs its own
-// time plus the spill of every live vector register around it (perf, 2026-11-24: Sleef's logf took 47% of the
-// Bernoulli KL forward).
+// time plus the spill of every live vector register around it (the Bernoulli KL's and the BCE's profiles:
+// BENCHMARKS.md).
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
@@ -57,14 +57,14 @@ inline at::vec::Vectorized<T> log1p_poly(const at::vec::Vectorized<T>& y) { retu
 template <typename T>
 inline at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& e) { return e.log1p(); }
 
-// log(x) within 1 ulp (checked over every positive float, 2026-11-24), special values as std::log.
+// log(x) within 1 ulp (checked over every positive float), special values as std::log.
 inline at::vec::Vectorized<float> log_poly(const at::vec::Vectorized<float>& x) {
   at::vec::Vectorized<float> kf, f;
   detail::log_reduce(x, kf, f);
   return detail::log_specials(x, detail::log_reduced(kf, f, at::vec::Vectorized<float>(0.f)));
 }
 
-// expm1(x) for x <= 0 (NaN stays NaN), within 1.4 ulp (every non-positive float, 2026-11-24): Taylor to x^11
+// expm1(x) for x <= 0 (NaN stays NaN), within 1.4 ulp (every non-positive float): Taylor to x^11
 // on [-1, 0] (the rest < 4e-9 relative), exp - 1 below (|result| > 0.63: exp_u20's error stays about an ulp).
 inline at::vec::Vectorized<float> expm1_nonpos(const at::vec::Vectorized<float>& x) {
   using VF = at::vec::Vectorized<float>;
@@ -76,7 +76,7 @@ inline at::vec::Vectorized<float> expm1_nonpos(const at::vec::Vectorized<float>&
   return VF::blendv(at::vec::fmadd(x * x, p, x), x.exp_u20() - VF(1.f), x < VF(-1.f));
 }
 
-// log1p(y) within 1 ulp (every float in [-1, 1], 2026-11-24), as musl's log1pf: where 1 + y lies in
+// log1p(y) within 1 ulp (every float in [-1, 1]), as musl's log1pf: where 1 + y lies in
 // [sqrt(1/2), sqrt(2)), f = y exactly; elsewhere u = 1 + y is reduced as for the log and (y - (u - 1)) / u adds
 // back what rounding u lost.
 inline at::vec::Vectorized<float> log1p_poly(const at::vec::Vectorized<float>& y) {
@@ -89,10 +89,9 @@ inline at::vec::Vectorized<float> log1p_poly(const at::vec::Vectorized<float>& y
   return detail::log_specials(u, detail::log_reduced(VF::blendv(kf, VF(0.f), near), VF::blendv(f, y, near), c));
 }
 
-// log1p(e) for e in [0, 1] (softplus's log1p(exp(-|z|))) within 3 ulp (every float there, 2026-11-24):
+// log1p(e) for e in [0, 1] (softplus's log1p(exp(-|z|))) within 3 ulp (every float there):
 // 2 atanh(s), s = e / (2 + e) <= 1/3, by atanh's odd series to s^13 (the rest < 1.6e-8 relative). About 10
-// vector ops, cheaper than log1p_poly where the range allows: Sleef's log1p took half of the BCE forward's time
-// (perf, 2026-11-23).
+// vector ops, cheaper than log1p_poly where the range allows (Sleef's log1p dominated the BCE forward).
 inline at::vec::Vectorized<float> log1p_unit(const at::vec::Vectorized<float>& e) {
   using VF = at::vec::Vectorized<float>;
   const VF s = e / (VF(2.f) + e), w = s * s;

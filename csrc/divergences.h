@@ -2,7 +2,7 @@
 // term f and partial derivatives gq = dL/dq, gp = dL/dp, from an element's student and teacher log-probs ls, lt
 // and probs q, p. The row drivers (CPU: csrc/divergences.cpp over ATen Vectorized; CUDA: DivergenceLoss in
 // csrc/cuda/kl_div_with_logits.cuh over scalars) make the loss and gradients from them. Adding a divergence: its
-// terms here, a case in with_divergence, its name in parse_divergence; the Python side: kl_ext/ARCHITECTURE.md.
+// terms here, a case in with_divergence, its name in parse_divergence; the rest: ARCHITECTURE.md, "Adding a loss".
 //
 // M is the backend's math over its value type M::T (a vector of, or one, accumulation-type value M::S):
 //   c(x) a constant; select_pos(d, a, b): a where d > 0, else b; lazy_select_pos(d, fa, fb): the same of

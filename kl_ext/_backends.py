@@ -100,8 +100,8 @@ def resolve(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"kl_ext: {ENV_VAR}={backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        # Triton first on GPUs: measured on an H100 (BENCHMARKS.md, 2026-11-23) it matched or beat the CUDA
-        # kernels on every large row (1.0 - 2.1x); the CUDA kernels stay selectable and are the fallback.
+        # Triton first on GPUs: it matched or beat the CUDA kernels on every large row (BENCHMARKS.md); the CUDA
+        # kernels stay selectable and are the fallback.
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         backend = next((b for b in order if _usable(b, device)[0]), "torch")
     else:

@@ -36,11 +36,11 @@ def default_chunk_size(rows: int, hidden: int, vocab: int, cuda: bool = False) -
     """Rows per chunk when chunk_size is None, at most all rows.
 
     CPU: a chunk's logits about as large as the input's hidden states, rows / ceil(V / H) rounded down to a power
-    of two (Liger's rule), but at least 256 rows (64-row chunks ran 1.3x slower at 2048 x 1024 x 32000 on a 2-core
-    CPU). CUDA: chunks of about 2^28 logits (512 MiB in bf16; 2048 rows at V = 128256), rounded down to a power of
-    two, at least 256 rows: each chunk reads and writes the fp32 weight-gradient accumulator (8·V·H bytes) and
-    runs GEMMs of 8·rows·V·H flops, so on an H100 (~700 TFLOP/s, ~3 TB/s) short chunks are accumulator-bound
-    (8192 x 4096 x 128256 bf16: GEMMs alone 136 ms at Liger's 256-row chunks, 56 ms at 2048, 49 ms unchunked).
+    of two (Liger's rule), but at least 256 rows (shorter chunks are slower: per-chunk overheads). CUDA: chunks of
+    about 2^28 logits (512 MiB in bf16; 2048 rows at V = 128256), rounded down to a power of two, at least 256 rows:
+    each chunk reads and writes the fp32 weight-gradient accumulator (8·V·H bytes) and runs GEMMs of 8·rows·V·H
+    flops, so on an H100 (~700 TFLOP/s, ~3 TB/s) short chunks are bound by the accumulator's traffic (the
+    measurements: BENCHMARKS.md).
     """
     if cuda:
         want = (1 << 28) // max(vocab, 1)

@@ -28,12 +28,12 @@ start=$SECONDS
 say() { echo "sanitize: $1 ($((SECONDS - start)) s)"; }
 mkdir -p build
 
-# Builds, the two cores busy: the CPU kernels (one compiler at a time: the emulator builds take the other core).
+# Builds, side by side on the two cores: the CPU kernels (two compilers) and the two emulator builds.
 cpu=build/sanitize-cpu
 rm -rf "$cpu" && mkdir -p "$cpu"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$cpu"
 (cd "$cpu" && KL_EXT_NO_CUDA=1 KL_EXT_CPU_CAPABILITIES=default KL_EXT_CXX_OPT=-O0 KL_EXT_SANITIZE=address,undefined \
-    MAX_JOBS=1 "$py" setup.py -q build_ext --inplace) > build/sanitize-cpu.log 2>&1 &
+    MAX_JOBS=2 "$py" setup.py -q build_ext --inplace) > build/sanitize-cpu.log 2>&1 &
 cpu_build=$!
 emulator() {  # build (and load, so under its runtime) the emulated kernels with sanitizer $1
     LD_PRELOAD="$2" KL_EXT_EMU_SANITIZE="$1" "$py" -c \
@@ -48,23 +48,29 @@ say "CPU kernels built with ASan + UBSan"
 
 CPU_TESTS="tests/test_kl_div_with_logits.py tests/test_jsd_with_logits.py tests/test_sparse_kl_div_with_logits.py
   tests/test_bernoulli_kl_div_with_logits.py tests/test_tvd_and_skew_kl.py tests/test_mixed_dtypes.py
-  tests/test_row_layouts.py tests/test_zero_targets.py tests/test_scale_grad.py"
+  tests/test_row_layouts.py tests/test_zero_targets.py tests/test_scale_grad.py tests/test_opcheck.py"
 # The emulated kernels: each kernel and launch path once (a CUDA thread is an OS thread, so a block is hundreds of
-# threads under the sanitizer, ~10x slower than plain: the whole emulated suite would take an hour). Both
-# sanitizers: clusters of 8 and 16 blocks and their distributed-shared-memory reductions, edge and unaligned rows,
-# the divergences' policy (bf16 packs), the sparse teacher, a vocab-parallel mode, Bernoulli / BCE (rows per warp
-# lane group and streamed). ASan also the KL's sweep: every shape and engine tune (held 1 - 8 packs, clusters of
-# 2 - 16, streamed, blocks looping over rows) in fp32.
+# threads under the sanitizer, 3 - 10x slower than plain: the whole emulated suite would take an hour). Both
+# sanitizers: the row engine's launch paths for the KL's policy and the divergences' (held in 1 - 8 packs, clusters
+# of 2 - 16 blocks and their distributed-shared-memory reductions, streamed, 1-element packs, blocks looping over
+# rows: test_each_launch_path, float32), edge rows, the sparse teacher, a vocab-parallel mode, Bernoulli / BCE (rows
+# per warp lane group and streamed). ASan also the bfloat16 packs (8 per 16 bytes) and the widest cluster (8 blocks
+# of 512 threads). Races do not depend on the pack width: TSan runs float32 only.
 E=tests/test_cuda_emulated.py
 EMU_TESTS=(
-    "$E::test_kl_kernels_widest_cluster" "$E::test_kl_kernels_edge_rows"
-    "$E::test_jsd_kernels_match_reference[torch.bfloat16-logits]"
+    "$E::test_each_launch_path[kl_div_with_logits_fwd-torch.float32]"
+    "$E::test_each_launch_path[divergence_with_logits_fwd-torch.float32]"
+    "$E::test_kl_kernels_edge_rows"
     "$E::test_sparse_kernels_forward_only_bad_indices_and_determinism"
     "$E::test_vocab_parallel_modes_match_cpu[resident-logits-divergence_with_logits_fwd]"
     "$E::test_bernoulli_kernels_match_reference[17-37-bce_pos_weight-torch.float32]"
     "$E::test_bernoulli_kernels_match_reference[4-1000-bce_pos_weight-torch.float32]"
 )
-ASAN_ONLY=("$E::test_kl_kernels_match_reference[forward-torch.float32-logits]")
+ASAN_ONLY=(
+    "$E::test_each_launch_path[kl_div_with_logits_fwd-torch.bfloat16]"
+    "$E::test_each_launch_path[divergence_with_logits_fwd-torch.bfloat16]"
+    "$E::test_kl_kernels_widest_cluster"
+)
 # Inductor would run its compiler under the runtime: the torch.compile tests stay in the ordinary suite.
 (cd "$cpu" && LD_PRELOAD="$asan" "$py" -m pytest -q -n 2 $CPU_TESTS \
     -k "cpu and not triton and not compile and not emu and not cuda")

@@ -216,16 +216,6 @@ def test_gradcheck_cpu(target_type, reduction, require_backend):
             backend="cpu"), (x, t))
 
 
-def test_opcheck_cpu(require_backend):
-    require_backend("cpu")
-    x, t = make_case((5, 9), "probs", torch.float32)
-    w = torch.rand(9)
-    for args in [(x, t, None, None, "probs", 1.0, True, True, True, True),
-                 (x, t, w, None, "logits", 2.0, True, False, True, False),
-                 (x, t, w, torch.rand(45), "probs", 1.0, False, False, False, True)]:
-        torch.library.opcheck(torch.ops.kl_ext.bernoulli_kl_div_with_logits_fwd.default, args)
-
-
 def test_compile_fullgraph_cpu(require_backend):
     require_backend("cpu")
     x, t = make_case((4, 3, 17), "probs", torch.float32)

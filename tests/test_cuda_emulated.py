@@ -41,6 +41,10 @@ def check_grads(got, exp, dtype, what):
 # 8, fp32 in blocks of 288 threads); float64 streams. 70 rows: blocks loop over rows (the emulated grid limit is 4).
 KL_SHAPES = [(3, 1), (5, 37), (70, 20), (24, 1000), (4, 64), (3, 2100), (3, 2101), (3, 4000), (3, 9000), (2, 33000),
              (2, 70000)]
+# The teacher's form changes the per-element math, not the launch: every shape for logits, and for log-probs and
+# probs one of each kind (1-element packs, blocks looping over rows, held in one block, over a cluster; with
+# ENGINE_TUNES: clusters of 2 - 16 and streamed). CI time.
+KL_SHAPES_FORMS = [(5, 37), (70, 20), (3, 4000), (3, 9000)]
 # Engine limits (KL_EXT_CUDA_ROWS) and whether the device has clusters: the defaults; no clusters (one block of up
 # to 512 threads, else streamed); blocks of 32 threads and 2 packs, which take clusters of 2 - 16 (16 opted into).
 ENGINE_TUNES = [(None, True), (None, False), ("threads=32,items=2,cluster=16", True)]
@@ -66,7 +70,7 @@ def engine_runs(emu, monkeypatch, dtype, V, call):
 @pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypatch):
-    for i, (N, V) in enumerate(KL_SHAPES):
+    for i, (N, V) in enumerate(KL_SHAPES if target_type == "logits" else KL_SHAPES_FORMS):
         x, t, _ = make_case((N, V), target_type, dtype, seed=i)
         mask = torch.arange(N) % 3 != 1
         gs = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -84,13 +88,15 @@ def test_kl_kernels_match_reference(emu, dtype, target_type, direction, monkeypa
 # The divergences (DivergenceLoss: csrc/divergences.h's terms) run the KL's row engine with one more reduction:
 # held (1, 2, 4, 8 packs; fp32 9000 and 33000 over clusters of 2 and 8) and streamed (1-element packs; float64).
 JSD_SHAPES = [(3, 1), (5, 37), (70, 20), (4, 1000), (3, 2101), (2, 9000), (2, 33000)]
+JSD_SHAPES_FORMS = [(5, 37), (70, 20), (4, 1000), (2, 9000)]  # log-probs and probs: as KL_SHAPES_FORMS
 
 
 def check_divergence_kernels(emu, dtype, target_type, divergence, params, ref):
-    """The emulated divergence_with_logits_fwd of `divergence` over JSD_SHAPES (params in turn) against
+    """The emulated divergence_with_logits_fwd of `divergence` over JSD_SHAPES (logits; the other teacher forms
+    JSD_SHAPES_FORMS), params in turn, against
     ref(x, t, param, **reference options) in float64; forward only, streamed; identical rows exactly 0. Each
     divergence's tests call it (the JSD here, the others in their own test files)."""
-    for i, (N, V) in enumerate(JSD_SHAPES):
+    for i, (N, V) in enumerate(JSD_SHAPES if target_type == "logits" else JSD_SHAPES_FORMS):
         x, t, _ = make_case((N, V), target_type, dtype, seed=i)
         mask = torch.arange(N) % 3 != 1
         param = params[i % len(params)]
@@ -260,6 +266,46 @@ def test_bernoulli_kernels_exactly_zero_when_matched(emu):
     loss, _, _ = emu.bernoulli_kl_div_with_logits_fwd(x, x, None, None, "logits", 1.0, True, False, False, False,
                                                       None)
     assert torch.equal(loss, torch.zeros(7))
+
+
+# Each launch path of the row engine once, at the smallest shape that takes it (scripts/sanitize.sh runs these under
+# AddressSanitizer and ThreadSanitizer, where a CUDA thread is an instrumented OS thread): (tune, clusters, rows, V,
+# what). Blocks of 32 threads and 2 packs make clusters of 2 - 16 blocks at V <= 8192.
+LAUNCH_PATHS = [
+    (None, True, 3, 1, "streamed, 1-element packs"), (None, True, 5, 37, "odd V: 1-element packs"),
+    (None, True, 70, 20, "blocks looping over rows"), (None, True, 6, 1000, "held, 1 pack per thread"),
+    (None, True, 3, 2100, "held, 2 - 4 packs"), (None, True, 3, 4000, "held, 2 - 4 packs"),
+    (None, True, 2, 9000, "held, 4 - 8 packs (fp32: a cluster of 2)"), (None, False, 2, 9000, "streamed"),
+    ("threads=32,items=2,cluster=16", True, 3, 1024, "a cluster of 2 - 4"),
+    ("threads=32,items=2,cluster=16", True, 2, 4096, "a cluster of 8 - 16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op_name", ["kl_div_with_logits_fwd", "divergence_with_logits_fwd"])
+def test_each_launch_path(emu, monkeypatch, op_name, dtype):
+    options = ("reverse",) if op_name == "kl_div_with_logits_fwd" else ("skew_reverse", 0.3)
+    for i, (tune, clusters, N, V, what) in enumerate(LAUNCH_PATHS):
+        x, t, _ = make_case((N, V), "logits", dtype, seed=i)
+        mask = torch.arange(N) % 3 != 1
+        if tune:
+            monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
+        else:
+            monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
+        emu.set_device(1, clusters)
+        try:
+            loss, gx, gt = getattr(emu, op_name)(x, t, mask, "logits", 1.5, *options, True, True, torch.tensor(0.5))
+        finally:
+            emu.set_device(1, True)
+        x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
+        ref = reference.kl_div_with_logits if len(options) == 1 else reference.skew_kl_div_with_logits
+        kw = dict(direction="reverse") if len(options) == 1 else dict(direction="reverse", alpha=0.3)
+        rows = ref(x64, t64, target_type="logits", temperature=1.5, reduction="none", mask=mask, **kw)
+        rgx, rgt = torch.autograd.grad(rows.sum() * 0.5, (x64, t64))
+        what = f"{N}x{V} {what} {tune=} {clusters=}"
+        assert_close_rel(loss, rows.detach(), TOL[dtype][0], "loss " + what, atol=1e-6)
+        check_grads(gx, rgx, dtype, "grad input " + what)
+        check_grads(gt, rgt, dtype, "grad target " + what)
 
 
 def test_kl_kernels_widest_cluster(emu):

@@ -159,30 +159,6 @@ def test_gradcheck_cpu(target_type, reduction, require_backend):
     assert torch.autograd.gradcheck(fn, (x, t))
 
 
-def _opcheck_samples():
-    out = []
-    for tt in TARGET_TYPES:
-        x, t, mask = make_case((4, 19), tt, torch.float32, masked=True)
-        out.append((x, t, mask, tt, 1.5, "jsd", 0.3, True, tt == "logits"))
-        out.append((x, t, None, tt, 1.0, "jsd", 0.5, False, False))
-    return out
-
-
-def test_opcheck_cpu(require_backend):
-    require_backend("cpu")
-    for args in _opcheck_samples():
-        torch.library.opcheck(torch.ops.kl_ext.divergence_with_logits_fwd.default, args)
-        if args[7]:
-            torch.library.opcheck(torch.ops.kl_ext.divergence_with_logits_fwd.default, (*args, torch.tensor(0.25)))
-
-
-def test_opcheck_triton_schema(require_backend):
-    require_backend("triton")
-    from kl_ext import triton_kernels  # noqa: F401  (registers the ops)
-    for args in _opcheck_samples()[:2]:
-        torch.library.opcheck(torch.ops.kl_ext_triton.divergence_with_logits_fwd.default, args, test_utils="test_schema")
-
-
 def test_compile_fullgraph_cpu(require_backend):
     require_backend("cpu")
     x, t, mask = make_case((4, 6, 33), "logits", torch.float32, masked=True)

@@ -321,31 +321,6 @@ def test_double_backward_is_refused_at_the_first_backward(require_backend, backe
     assert w.grad is not None
 
 
-def _opcheck_samples(dtype=torch.float32):
-    out = []
-    for tt in TARGET_TYPES:
-        for d in DIRECTIONS:
-            x, t, mask = make_case((4, 19), tt, dtype, masked=True)
-            out.append((x, t, mask, tt, 1.5, d, True, tt == "logits"))
-            out.append((x, t, None, tt, 1.0, d, False, False))
-    return out
-
-
-def test_opcheck_cpu(require_backend):
-    require_backend("cpu")
-    for args in _opcheck_samples():
-        torch.library.opcheck(torch.ops.kl_ext.kl_div_with_logits_fwd.default, args)
-        if args[6]:
-            torch.library.opcheck(torch.ops.kl_ext.kl_div_with_logits_fwd.default, (*args, torch.tensor(0.25)))
-
-
-def test_opcheck_triton_schema(require_backend):
-    # The schema here (the interpreter is slow); the full opcheck runs in tests/test_gpu.py.
-    require_backend("triton")
-    for args in _opcheck_samples()[:4]:
-        torch.library.opcheck(torch.ops.kl_ext_triton.kl_div_with_logits_fwd.default, args, test_utils="test_schema")
-
-
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_compile_fullgraph_cpu(reduction, require_backend):
     require_backend("cpu")

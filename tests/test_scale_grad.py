@@ -32,12 +32,9 @@ def test_scale_grad(backend, dtype, scale_numel, require_backend):
     torch.testing.assert_close(inplace, expected.to(dtype))
 
 
-def test_opcheck_cpu(require_backend):
+def test_scale_of_another_size_is_refused(require_backend):
     require_backend("cpu")
     g = torch.randn(5, 9)
-    for scale in [torch.rand(1), torch.rand(5), torch.rand(45)]:
-        torch.library.opcheck(torch.ops.kl_ext.scale_grad.default, (g, scale))
-        torch.library.opcheck(torch.ops.kl_ext.scale_grad_.default, (g.clone(), scale))
     with pytest.raises(RuntimeError, match="1, rows or rows\\*V"):
         torch.ops.kl_ext.scale_grad(g, torch.rand(3))
 

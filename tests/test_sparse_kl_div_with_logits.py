@@ -241,31 +241,6 @@ def test_gradcheck_cpu(target_type, tail, require_backend):
         assert torch.autograd.gradcheck(fn, (x, v))
 
 
-def _opcheck_samples():
-    out = []
-    for tt in TARGET_TYPES:
-        x, idx, v, mask = make_sparse((4, 19), 5, tt, torch.float32, masked=True)
-        out.append((x, idx, v, mask, tt, "bucket", 1.5, True, True))
-        out.append((x, idx, v, None, tt, "renorm", 1.0, False, False))
-    return out
-
-
-def test_opcheck_cpu(require_backend):
-    require_backend("cpu")
-    for args in _opcheck_samples():
-        torch.library.opcheck(torch.ops.kl_ext.sparse_kl_div_with_logits_fwd.default, args)
-        if args[7]:
-            torch.library.opcheck(torch.ops.kl_ext.sparse_kl_div_with_logits_fwd.default, (*args, torch.tensor(0.25)))
-
-
-def test_opcheck_triton_schema(require_backend):
-    require_backend("triton")
-    from kl_ext import triton_kernels  # noqa: F401  (registers the ops)
-    for args in _opcheck_samples()[:2]:
-        torch.library.opcheck(torch.ops.kl_ext_triton.sparse_kl_div_with_logits_fwd.default, args,
-                              test_utils="test_schema")
-
-
 def test_compile_fullgraph_cpu(require_backend):
     require_backend("cpu")
     x, idx, v, mask = make_sparse((4, 6, 33), 8, "log_probs", torch.float32, masked=True)

@@ -192,19 +192,6 @@ def test_gradcheck_cpu(name, target_type, require_backend):
                                                     temperature=1.7, backend="cpu", **opts), (x, t))
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_opcheck(backend, require_backend):
-    require_backend(backend)
-    from kl_ext._backends import op
-    for divergence, param in (("tvd", 0.0), ("skew_forward", 0.1), ("skew_reverse", 0.3)):
-        for tt in TARGET_TYPES:
-            x, t, mask = make_case((4, 19), tt, torch.float32, masked=True)
-            args = (x, t, mask, tt, 1.5, divergence, param, True, tt == "logits", torch.tensor(0.25))
-            torch.library.opcheck(op(backend, "divergence_with_logits_fwd"), args,
-                                  test_utils=("test_schema", "test_faketensor") if backend == "triton" else
-                                  ("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
 @pytest.mark.parametrize("name", ["tvd", "skew_reverse_0.1"])
 def test_compile_fullgraph_cpu(name, require_backend):
     require_backend("cpu")

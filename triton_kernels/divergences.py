@@ -2,8 +2,8 @@
 contract and formulas as csrc/divergences.cpp / csrc/divergences.h: one row kernel; a divergence is its per-element
 term f and derivatives gq = dL/dq, gp = dL/dp (`_jsd`, `_tvd`, `_skew`), chosen at compile time (DIVERGENCE).
 
-One program per row, on the KL kernel's row machinery (triton_kernels/kl_div_with_logits.py: loading,
-configs, online statistics): a row that fits one block is read once and its gradients come from registers;
+One program per row, on the row machinery the KL kernel shares (triton_kernels/_rows.py: loading, online
+statistics, vocab-parallel statistics; triton_kernels/_config.py: launch configs): a row that fits one block is read once and its gradients come from registers;
 a longer row is streamed for the log-sum-exps, again for the loss and the gradient sums, and (gradients only)
 once more for the gradients.
 """

@@ -891,7 +891,7 @@ void launch_kl(const KLArgs<scalar_t, target_t>& a, const KLDevice& dev, cudaStr
   KL_EXT_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(kWideThreads), stream, a);
 }
 // Both ops on device tensors of one dtype pair, after their checks (call, which says which loss). A template
-// of its own, so that the CUDA build compiles each pair in its own translation unit (softmax_rows_pairs.h).
+// of its own, so that the CUDA build compiles each pair in its own translation unit (softmax_rows_pairs.cuh).
 template <typename scalar_t, typename target_t>
 void softmax_rows_typed(const KLCall& call, const at::Tensor& input, const at::Tensor& target,
                         const c10::optional<at::Tensor>& mask, double temperature,
