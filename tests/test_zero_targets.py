@@ -20,7 +20,7 @@ PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torc
          (torch.float32, torch.float16), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
 
 
-BACKENDS = ["cpu", "triton", "emu", "cuda"]
+BACKENDS = ["cpu", "triton", pytest.param("emu", marks=pytest.mark.emulated), "cuda"]
 
 
 def _runner(backend, request):
