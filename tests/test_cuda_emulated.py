@@ -50,21 +50,26 @@ KL_SHAPES_FORMS = [(5, 37), (70, 20), (3, 4000), (3, 9000)]
 ENGINE_TUNES = [(None, True), (None, False), ("threads=32,items=2,cluster=16", True)]
 
 
+def tuned(emu, monkeypatch, tune, clusters, call):
+    """call() with the engine limits `tune` (KL_EXT_CUDA_ROWS; None: the defaults) on a device with or without
+    clusters."""
+    if tune:
+        monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
+    else:
+        monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
+    emu.set_device(1, clusters)
+    try:
+        return call()
+    finally:
+        emu.set_device(1, True)
+
+
 def engine_runs(emu, monkeypatch, dtype, V, call):
     """call() under every engine configuration of ENGINE_TUNES for the fp32 and bf16 kernels in 16-byte packs, the
     defaults only for the others (CI time): yields (what, call's result)."""
     tunes = ENGINE_TUNES if dtype in (torch.float32, torch.bfloat16) and V % 8 == 0 else ENGINE_TUNES[:1]
     for tune, clusters in tunes:
-        if tune:
-            monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
-        else:
-            monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
-        emu.set_device(1, clusters)
-        try:
-            out = call()
-        finally:
-            emu.set_device(1, True)
-        yield f"{tune=} {clusters=}", out
+        yield f"{tune=} {clusters=}", tuned(emu, monkeypatch, tune, clusters, call)
 
 
 @pytest.mark.parametrize("dtype,target_type", CASES, ids=str)
@@ -288,15 +293,8 @@ def test_each_launch_path(emu, monkeypatch, op_name, dtype):
     for i, (tune, clusters, N, V, what) in enumerate(LAUNCH_PATHS):
         x, t, _ = make_case((N, V), "logits", dtype, seed=i)
         mask = torch.arange(N) % 3 != 1
-        if tune:
-            monkeypatch.setenv("KL_EXT_CUDA_ROWS", tune)
-        else:
-            monkeypatch.delenv("KL_EXT_CUDA_ROWS", raising=False)
-        emu.set_device(1, clusters)
-        try:
-            loss, gx, gt = getattr(emu, op_name)(x, t, mask, "logits", 1.5, *options, True, True, torch.tensor(0.5))
-        finally:
-            emu.set_device(1, True)
+        loss, gx, gt = tuned(emu, monkeypatch, tune, clusters, lambda: getattr(emu, op_name)(
+            x, t, mask, "logits", 1.5, *options, True, True, torch.tensor(0.5)))
         x64, t64 = x.double().requires_grad_(), t.double().requires_grad_()
         ref = reference.kl_div_with_logits if len(options) == 1 else reference.skew_kl_div_with_logits
         kw = dict(direction="reverse") if len(options) == 1 else dict(direction="reverse", alpha=0.3)
