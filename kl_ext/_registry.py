@@ -107,17 +107,19 @@ def bind(name: str, **given) -> Bound:
     """The divergence `name` with its parameters (those in `given` that it takes; a None value: its default),
     checked. Parameters it does not take are ignored (linear_distillation_loss passes both alpha and beta)."""
     # Per call on small losses: the checks run once per distinct setting. A plain dict (Dynamo traces into
-    # functools.lru_cache wrappers, with a warning).
+    # functools.lru_cache wrappers, with a warning), looked up without hash() (which Dynamo on torch 2.11 cannot
+    # trace).
+    key = (name, *sorted((k, type(v), v) for k, v in given.items()))
     try:
-        key = (name, *sorted((k, type(v), v) for k, v in given.items()))
-        hash(key)
+        return _BOUND[key]
+    except KeyError:
+        pass
     except TypeError:  # an unhashable value: checked (and refused) below
         return _bind(name, given)
-    if key not in _BOUND:
-        if len(_BOUND) >= 256:
-            _BOUND.clear()
-        _BOUND[key] = _bind(name, given)
-    return _BOUND[key]
+    if len(_BOUND) >= 256:
+        _BOUND.clear()
+    _BOUND[key] = bound = _bind(name, given)
+    return bound
 
 
 _BOUND: dict = {}
