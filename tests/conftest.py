@@ -15,19 +15,15 @@ import kl_ext  # noqa: E402
 import kl_ext._registry  # noqa: E402
 from benchmarks.common import peak_tensor_bytes  # noqa: E402,F401  (re-exported for the tests)
 from kl_ext._backends import _register, _usable  # noqa: E402
+from gloo_rank import divergence_params  # noqa: E402,F401  (re-exported for the tests)
 
 CPU = torch.device("cpu")
 
 # Every divergence of the registry (kl_ext/_registry.py), by name: the suites that take a divergence iterate it, so
 # a new one is tested everywhere by being registered. Its parameters at a value inside their range (not where the
-# divergence is the KL): divergence_params(name).
+# divergence is the KL): divergence_params(name) (tests/gloo_rank.py, which the gloo workers share).
 DIVERGENCES = tuple(kl_ext._registry.REGISTRY)
 SPARSE_DIVERGENCES = tuple(n for n, d in kl_ext._registry.REGISTRY.items() if d.sparse)
-_PARAMS = {"alpha": 0.2, "beta": 0.3}
-
-
-def divergence_params(name):
-    return {p: _PARAMS[p] for p in kl_ext._registry.REGISTRY[name].params}
 
 
 def cpu_backends():

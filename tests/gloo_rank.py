@@ -8,6 +8,14 @@ import traceback
 
 import torch.distributed as dist
 
+from kl_ext._registry import REGISTRY
+
+
+def divergence_params(name):
+    """A registered divergence's parameters at a value inside their range (not where it is the KL): what every test
+    that iterates the registry passes (tests/conftest.py re-exports it; the workers here take it directly)."""
+    return {p: {"alpha": 0.2, "beta": 0.3}[p] for p in REGISTRY[name].params}
+
 
 def recorder(out):
     """@case(name) runs the decorated function at once, recording None or its traceback under name in out."""

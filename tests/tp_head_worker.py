@@ -15,7 +15,6 @@ from kl_ext.distributed import VocabParallelLinearDistillationLoss, vocab_parall
 SPLITS = {2: {"V37": [19, 18]}, 3: {"V100": [34, 34, 32], "zero_shard": [7, 0, 6]}}
 TEACHERS = ("hidden", "logits", "log_probs", "probs")
 DIVERGENCES = tuple(REGISTRY)  # every registered divergence
-_PARAMS = {"alpha": 0.2, "beta": 0.3}  # as tests/conftest.py's divergence_params
 REDUCTIONS = ("batchmean", "sum", "none")
 CHUNKS = (1, 7, None)  # None: every row in one chunk here (the default for so few rows)
 LEAD, H, H_T = (2, 5), 8, 12
@@ -69,7 +68,7 @@ def make(c, V):
 
 
 def options(c):
-    return dict(divergence=c["divergence"], **{p: _PARAMS[p] for p in REGISTRY[c["divergence"]].params},
+    return dict(divergence=c["divergence"], **gloo_rank.divergence_params(c["divergence"]),
                 temperature=c["temperature"], softcap=c["softcap"],
                 logit_scale=c["logit_scale"], hard_weight=0.5 if c["labels"] else 0.0, reduction=c["reduction"],
                 chunk_size=c["chunk"], backend="cpu")

@@ -13,10 +13,9 @@ from kl_ext.distributed import (vocab_parallel_divergence_with_logits, vocab_par
                                 vocab_parallel_kl_div_with_logits)
 
 SPLITS = {2: {"V37": [19, 18]}, 3: {"V1000": [334, 334, 332], "zero_shard": [7, 0, 6]}}
-# Every registered divergence (its parameters inside their range, as tests/conftest.py's divergence_params), and
+# Every registered divergence (its parameters inside their range, gloo_rank.divergence_params), and
 # the named functions of the KL and the JSD.
-_PARAMS = {"alpha": 0.2, "beta": 0.3}
-KINDS = {name: {"divergence": name, **{p: _PARAMS[p] for p in d.params}} for name, d in REGISTRY.items()}
+KINDS = {name: {"divergence": name, **gloo_rank.divergence_params(name)} for name in REGISTRY}
 KINDS.update({"kl_fn": {"direction": "forward"}, "kl_reverse_fn": {"direction": "reverse"},
               "jsd_fn": {"beta": 0.5}})
 TARGET_TYPES = ("logits", "log_probs", "probs")
